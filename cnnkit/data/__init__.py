@@ -1,0 +1,17 @@
+"""Finding, decoding and streaming labelled images."""
+
+from cnnkit.data.dataset import (
+    ClassSummary,
+    Dataset,
+    Sample,
+    SkippedFile,
+    load_dataset,
+    stratified_split,
+)
+from cnnkit.data.images import IMAGE_SUFFIXES, UnreadableImageError, load_image
+from cnnkit.data.pipeline import ImageStream
+
+__all__ = [
+    "ClassSummary", "Dataset", "IMAGE_SUFFIXES", "ImageStream", "Sample", "SkippedFile",
+    "UnreadableImageError", "load_dataset", "load_image", "stratified_split",
+]

@@ -1,0 +1,249 @@
+"""Finding labelled images: folder-per-class trees, train/val/test trees, CSV files.
+
+Every layout becomes one :class:`Dataset`: a list of (path, label) samples, the
+class names, the named splits the user gave (if any), and the files skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cnnkit.data.images import check_image_header
+from cnnkit.errors import CnnkitError
+
+SPLIT_NAMES = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image file."""
+
+    path: Path
+    label: int
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that was found but cannot be used, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class ClassSummary:
+    """Images per class and how unbalanced they are."""
+
+    counts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def min(self) -> int:
+        return min(self.counts.values(), default=0)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.counts.values()) if self.counts else 0.0
+
+    @property
+    def max(self) -> int:
+        return max(self.counts.values(), default=0)
+
+    @property
+    def imbalance(self) -> float:
+        """Largest class size over smallest (1.0 is perfectly balanced)."""
+        return self.max / self.min if self.min else float("inf")
+
+
+@dataclass
+class Dataset:
+    """Labelled images found under one source.
+
+    Attributes:
+        source: the folder or CSV file the data came from.
+        class_names: sorted class names; a sample's label indexes this list.
+        splits: the samples of each split, keyed "train", "val", "test". A
+            plain folder-per-class tree has only "train".
+        skipped: files found but not usable (not images, empty, corrupt).
+    """
+
+    source: Path
+    class_names: list[str]
+    splits: dict[str, list[Sample]]
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    @property
+    def samples(self) -> list[Sample]:
+        """All samples of every split."""
+        return [s for split in self.splits.values() for s in split]
+
+    def summary(self, split: str | None = None) -> ClassSummary:
+        """Images per class in one split, or in all of them."""
+        samples = self.splits.get(split, []) if split else self.samples
+        counts = {name: 0 for name in self.class_names}
+        for sample in samples:
+            counts[self.class_names[sample.label]] += 1
+        return ClassSummary(counts)
+
+
+def _is_candidate(path: Path) -> bool:
+    return path.is_file() and not any(part.startswith(".") for part in path.parts[-1:])
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _files_by_class(root: Path) -> dict[str, list[Path]]:
+    classes = _class_folders(root)
+    if not classes:
+        raise CnnkitError(
+            f"{root}: no class folders found; put each class's images in its own "
+            "subfolder (DATA/cat/*.jpg, DATA/dog/*.jpg) or pass a CSV of path,label"
+        )
+    return {c.name: sorted(p for p in c.rglob("*") if _is_candidate(p)) for c in classes}
+
+
+def _read_csv(csv_path: Path) -> dict[str, list[Path]]:
+    files: dict[str, list[Path]] = {}
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        for line_number, row in enumerate(csv.reader(handle), start=1):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) < 2:
+                raise CnnkitError(
+                    f"{csv_path}:{line_number}: expected 'path,label', got {','.join(row)!r}"
+                )
+            path_text, label = row[0].strip(), row[1].strip()
+            if line_number == 1 and (path_text.lower(), label.lower()) in {
+                ("path", "label"), ("filename", "label"), ("file", "label"), ("image", "label")
+            }:
+                continue
+            path = Path(path_text)
+            if not path.is_absolute():
+                path = csv_path.parent / path
+            files.setdefault(label, []).append(path)
+    if not files:
+        raise CnnkitError(f"{csv_path}: no rows; expected lines of 'path,label'")
+    return files
+
+
+def _check_headers(paths: list[Path]) -> dict[Path, str]:
+    """Return {path: reason} for files whose header is not a readable image."""
+    def check(path: Path) -> tuple[Path, str | None]:
+        if not path.exists():
+            return path, "no such file"
+        return path, check_image_header(path)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return {path: reason for path, reason in pool.map(check, paths) if reason}
+
+
+def load_dataset(source: str | Path, strict: bool = False) -> Dataset:
+    """Find the labelled images under ``source``.
+
+    ``source`` is a folder with one subfolder per class, a folder holding
+    ``train/`` (and optionally ``val/``, ``test/``) class trees, or a CSV file
+    of ``path,label`` rows (relative paths are relative to the CSV's folder).
+
+    Files whose header is not a readable image are skipped and listed in
+    ``Dataset.skipped``; truncated images are only found when decoded.
+
+    Raises:
+        CnnkitError: the source does not exist or holds no images, or with
+            ``strict`` when any file is unreadable.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise CnnkitError(f"{source}: no such file or folder")
+
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise CnnkitError(f"{source}: DATA must be a folder of class subfolders or a .csv of path,label")
+        trees = {"train": _read_csv(source)}
+    else:
+        split_dirs = {
+            _SPLIT_ALIASES[p.name.lower()]: p
+            for p in _class_folders(source)
+            if p.name.lower() in _SPLIT_ALIASES
+        }
+        if "train" in split_dirs:
+            trees = {name: _files_by_class(path) for name, path in split_dirs.items()}
+        elif split_dirs and len(split_dirs) == len(_class_folders(source)):
+            raise CnnkitError(
+                f"{source}: has {', '.join(sorted(split_dirs))} but no train/ folder; add train/"
+            )
+        else:
+            trees = {"train": _files_by_class(source)}
+
+    class_names = sorted(trees["train"])
+    for split, tree in trees.items():
+        unknown = sorted(set(tree) - set(class_names))
+        if unknown:
+            raise CnnkitError(
+                f"{source}: {split} has classes not in train: {', '.join(unknown)}; "
+                "every class needs training images"
+            )
+
+    all_paths = [p for tree in trees.values() for paths in tree.values() for p in paths]
+    bad = _check_headers(all_paths)
+    skipped = [SkippedFile(path, reason) for path, reason in bad.items()]
+    if strict and skipped:
+        first = skipped[0]
+        raise CnnkitError(
+            f"{first.path}: {first.reason} ({len(skipped)} unreadable file(s) in all; "
+            "remove them or drop --strict to skip them)"
+        )
+
+    index = {name: i for i, name in enumerate(class_names)}
+    splits = {
+        split: [
+            Sample(path, index[name])
+            for name in class_names
+            for path in tree.get(name, [])
+            if path not in bad
+        ]
+        for split, tree in trees.items()
+    }
+    if not splits["train"]:
+        raise CnnkitError(f"{source}: no readable images found")
+    return Dataset(source=source, class_names=class_names, splits=splits, skipped=skipped)
+
+
+def stratified_split(
+    samples: list[Sample], fraction: float, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
+    """Split samples in two, keeping each class's share, reproducibly.
+
+    Each class gives ``round(n * fraction)`` samples to the second part, but
+    at least one when it has two or more, and none when it has only one, so
+    that every class stays in the first (training) part.
+
+    Returns:
+        (first, second): e.g. (train, validation).
+    """
+    import numpy as np
+
+    if not 0.0 < fraction < 1.0:
+        raise CnnkitError(f"split fraction must be between 0 and 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    by_label: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_label.setdefault(sample.label, []).append(sample)
+    first: list[Sample] = []
+    second: list[Sample] = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        order = rng.permutation(len(group))
+        n_second = 0 if len(group) < 2 else min(len(group) - 1, max(1, round(len(group) * fraction)))
+        second.extend(group[i] for i in order[:n_second])
+        first.extend(group[i] for i in order[n_second:])
+    return first, second

@@ -1,0 +1,82 @@
+"""Streaming decoded images in batches with tf.data.
+
+Files are decoded by Pillow (so every format and mode in ``images.py`` works)
+in parallel tf.data map calls, batched and prefetched; the whole dataset is
+never held in memory. A file that fails to decode is recorded once in
+``ImageStream.failures`` and dropped from the stream.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit.data.dataset import SkippedFile
+from cnnkit.data.images import UnreadableImageError, load_image
+
+
+class ImageStream:
+    """Decode a fixed list of image files into batches.
+
+    Args:
+        paths: the files, in order; batches carry each image's index here.
+        image_size: side of the square images produced.
+        crop_pct: share of the shorter side kept by the centre crop.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], image_size: int, crop_pct: float = 1.0):
+        self.paths = [Path(p) for p in paths]
+        self.image_size = image_size
+        self.crop_pct = crop_pct
+        self._failures: dict[int, SkippedFile] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def failures(self) -> list[SkippedFile]:
+        """Files that could not be decoded so far, in path order."""
+        with self._lock:
+            return [self._failures[i] for i in sorted(self._failures)]
+
+    def _decode(self, index) -> tuple[np.ndarray, bool]:
+        index = int(index)
+        try:
+            return load_image(self.paths[index], self.image_size, self.crop_pct), True
+        except UnreadableImageError as error:
+            reason = str(error).removeprefix(f"{self.paths[index]}: ")
+            with self._lock:
+                self._failures[index] = SkippedFile(self.paths[index], reason)
+            return np.zeros((self.image_size, self.image_size, 3), np.uint8), False
+
+    def dataset(self, batch_size: int, labels: Sequence[int] | None = None,
+                shuffle_seed: int | None = None):
+        """A ``tf.data.Dataset`` of batches.
+
+        Yields ``(images, indices)``, or ``(images, labels)`` when ``labels``
+        is given. Images are ``uint8`` (B, S, S, 3) raw RGB; every cnnkit
+        model takes raw pixels and does its own preprocessing.
+        """
+        import tensorflow as tf
+
+        indices = np.arange(len(self.paths), dtype=np.int64)
+        ds = tf.data.Dataset.from_tensor_slices(indices)
+        if shuffle_seed is not None:
+            ds = ds.shuffle(len(indices), seed=shuffle_seed, reshuffle_each_iteration=True)
+        size = self.image_size
+
+        def decode(index):
+            image, ok = tf.numpy_function(self._decode, [index], [tf.uint8, tf.bool])
+            image.set_shape((size, size, 3))
+            ok.set_shape(())
+            return image, index, ok
+
+        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.filter(lambda image, index, ok: ok)
+        if labels is not None:
+            label_table = tf.constant(np.asarray(labels, dtype=np.int64))
+            ds = ds.map(lambda image, index, ok: (image, tf.gather(label_table, index)))
+        else:
+            ds = ds.map(lambda image, index, ok: (image, index))
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
