@@ -5,6 +5,7 @@ from cnnkit.data.dataset import (
     Dataset,
     Sample,
     SkippedFile,
+    find_images,
     load_dataset,
     stratified_split,
 )
@@ -13,5 +14,5 @@ from cnnkit.data.pipeline import ImageStream
 
 __all__ = [
     "ClassSummary", "Dataset", "IMAGE_SUFFIXES", "ImageStream", "Sample", "SkippedFile",
-    "UnreadableImageError", "load_dataset", "load_image", "stratified_split",
+    "UnreadableImageError", "find_images", "load_dataset", "load_image", "stratified_split",
 ]

@@ -247,3 +247,39 @@ def stratified_split(
         second.extend(group[i] for i in order[:n_second])
         first.extend(group[i] for i in order[n_second:])
     return first, second
+
+
+def find_images(inputs: list[str | Path]) -> tuple[list[Path], list[SkippedFile]]:
+    """Expand files, folders (searched recursively) and glob patterns to image files.
+
+    Returns:
+        (paths, problems): the files to read, in the order given (folders and
+        globs sorted), and the inputs that matched nothing.
+    """
+    import glob
+
+    from cnnkit.data.images import IMAGE_SUFFIXES
+
+    paths: list[Path] = []
+    problems: list[SkippedFile] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*")
+                if _is_candidate(p) and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                problems.append(SkippedFile(path, "folder holds no image files"))
+            paths.extend(found)
+        elif path.exists():
+            paths.append(path)
+        elif glob.has_magic(str(item)):
+            found = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file())
+            if not found:
+                problems.append(SkippedFile(path, "pattern matched no files"))
+            paths.extend(found)
+        else:
+            problems.append(SkippedFile(path, "no such file"))
+    unique = list(dict.fromkeys(paths))
+    return unique, problems

@@ -1,0 +1,110 @@
+"""What every command shares: consoles, option types, error handling.
+
+This package is the only place that prints. TensorFlow is never imported at
+module level here: ``cnnkit --help`` and usage errors must stay fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cnnkit.errors import CnnkitError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+BackboneOption = Annotated[
+    str, typer.Option("--backbone", "-b", help="Backbone name; see `cnnkit backbones`.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
+
+
+def quiet_tensorflow() -> None:
+    """Import TensorFlow with its C++ start-up chatter kept off the terminal.
+
+    TensorFlow logs oneDNN and CPU-feature notices from C++ before its log
+    level applies, so the process's stderr is pointed at a temporary file
+    during the import; the file is replayed only if the import fails.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if "tensorflow" in sys.modules:
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+            import keras  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a CnnkitError into one red line and exit code 2; Ctrl-C into 130."""
+    try:
+        yield
+    except CnnkitError as error:
+        err_console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red]")
+        raise typer.Exit(code=130) from None
+
+
+def progress_bar(quiet: bool):
+    """A Rich progress bar on stderr with images/s and ETA (disabled when quiet)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
+                               TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+        TextColumn("[cyan]{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
+        TimeRemainingColumn(), console=err_console, disable=quiet,
+    )
+
+
+def progress_callback(progress, description: str):
+    """A library progress function ``(done, total)`` that drives a Rich task."""
+    import time
+
+    task = progress.add_task(description, total=None, rate="")
+    start: list[float] = []
+
+    def update(done: int, total: int) -> None:
+        # The clock starts at the library's first call, after the model is built.
+        if not start:
+            start.append(time.perf_counter())
+        elapsed = time.perf_counter() - start[0]
+        rate = f"{done / elapsed:,.1f} img/s" if elapsed > 0 and done else ""
+        progress.update(task, completed=done, total=total, rate=rate)
+
+    return update

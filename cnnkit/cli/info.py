@@ -1,0 +1,68 @@
+"""`cnnkit info`: versions, devices, cache directory, weights on disk."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+from cnnkit.cli._common import JsonOption, console, print_json, quiet_tensorflow, user_errors
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect_info() -> dict:
+    """Everything `cnnkit info` reports, as plain data."""
+    quiet_tensorflow()
+    import tensorflow as tf
+
+    from cnnkit import __version__
+    from cnnkit.backbones import list_backbones
+    from cnnkit.paths import cache_dir
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return {
+        "cnnkit": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {
+            "tensorflow": tf.__version__,
+            **{p: _version(p) for p in ("keras", "numpy", "pillow", "scikit-learn", "typer", "rich")},
+        },
+        "devices": [d.name for d in tf.config.list_physical_devices()],
+        "gpu": bool(gpus),
+        "would_use": "GPU (mixed precision float16)" if gpus else "CPU (float32)",
+        "cache_dir": str(cache_dir()),
+        "weights_on_disk": [b.name for b in list_backbones() if b.weights_present()],
+    }
+
+
+def info(json_output: JsonOption = False) -> None:
+    """Versions, devices (CPU/GPU), cache directory, and which backbones have weights on disk."""
+    with user_errors():
+        data = collect_info()
+    if json_output:
+        print_json(data)
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("cnnkit", data["cnnkit"])
+    table.add_row("python", f"{data['python']} ({data['platform']})")
+    for package, version in data["versions"].items():
+        table.add_row(package, version)
+    table.add_row("devices", ", ".join(data["devices"]))
+    table.add_row("compute", data["would_use"])
+    table.add_row("cache dir", data["cache_dir"])
+    table.add_row("weights on disk", ", ".join(data["weights_on_disk"]) or "none")
+    console.print(table)
+
+
+def register(app) -> None:
+    app.command()(info)

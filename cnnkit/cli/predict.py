@@ -1,0 +1,70 @@
+"""`cnnkit predict IMAGE...`: top-k classes for image files, folders or globs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cnnkit.backbones.registry import DEFAULT_BACKBONE
+from cnnkit.cli._common import (BackboneOption, BatchSizeOption, JsonOption, QuietOption, console,
+                                print_json, progress_bar, progress_callback, quiet_tensorflow,
+                                user_errors, warn)
+from cnnkit.errors import CnnkitError
+
+
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="A trained run directory (from extract, finetune, train).")] = None,
+    backbone: BackboneOption = DEFAULT_BACKBONE,
+    weights: Annotated[str, typer.Option(help="'imagenet' or a weights file for --backbone.")] = "imagenet",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes shown per image.")] = 5,
+    batch_size: BatchSizeOption = 32,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Name what is in each image: the backbone's own ImageNet classifier, or a trained --model."""
+    quiet_tensorflow()
+    with user_errors(), progress_bar(quiet or json_output) as progress:
+        update = progress_callback(progress, "predicting")
+        if model is not None:
+            raise CnnkitError(
+                f"--model {model}: trained runs are not supported by this version yet; "
+                "leave out --model to use the backbone's ImageNet classifier"
+            )
+        from cnnkit.predict import predict_imagenet
+
+        report = predict_imagenet(images, backbone, top_k, batch_size, weights, progress=update)
+    for failure in report.failures:
+        warn(f"{failure.path}: {failure.reason} (skipped)")
+    if json_output:
+        print_json([p.to_dict() for p in report.predictions])
+    elif not quiet:
+        _print_table(report.predictions, top_k)
+    if report.failures and not quiet:
+        warn(f"{len(report.failures)} input(s) skipped, {len(report.predictions)} predicted")
+    if not report.predictions:
+        raise typer.Exit(code=2)
+
+
+def _print_table(predictions, top_k: int) -> None:
+    from rich.table import Table
+
+    table = Table(title=None, show_lines=False)
+    table.add_column("image", overflow="fold")
+    table.add_column("top-1", style="bold green")
+    table.add_column("score", justify="right")
+    if top_k > 1:
+        table.add_column(f"next {top_k - 1}", style="dim")
+    for prediction in predictions:
+        (label, score), rest = prediction.top[0], prediction.top[1:]
+        row = [str(prediction.path), label, f"{score:.3f}"]
+        if top_k > 1:
+            row.append(", ".join(f"{l} {s:.2f}" for l, s in rest))
+        table.add_row(*row)
+    console.print(table)
+
+
+def register(app) -> None:
+    app.command()(predict)

@@ -1,0 +1,79 @@
+"""Classifying image files: with a backbone's own ImageNet head, or a trained run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit.data import ImageStream, SkippedFile, find_images
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class Prediction:
+    """The top classes for one image, best first; scores are probabilities."""
+
+    path: Path
+    top: list[tuple[str, float]]
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "top": [{"label": l, "score": s} for l, s in self.top]}
+
+
+@dataclass
+class PredictionReport:
+    """Predictions for every readable image, and the inputs that were not."""
+
+    predictions: list[Prediction]
+    failures: list[SkippedFile] = field(default_factory=list)
+
+
+def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+    """The ``k`` most probable classes of each row, best first."""
+    k = min(k, probabilities.shape[1])
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [[(class_names[j], float(row[j])) for j in idx] for row, idx in zip(probabilities, order)]
+
+
+def run_classifier(model, inputs: Sequence[str | Path], class_names: Sequence[str], image_size: int,
+                   crop_pct: float, k: int = 5, batch_size: int = 32,
+                   progress: ProgressFn | None = None) -> PredictionReport:
+    """Classify image files with a Keras model that maps raw pixels to probabilities."""
+    paths, problems = find_images(list(inputs))
+    stream = ImageStream(paths, image_size, crop_pct)
+    predictions: dict[int, Prediction] = {}
+    done = 0
+    if progress:
+        progress(0, len(paths))
+    for images, indices in stream.dataset(batch_size):
+        probabilities = np.asarray(model.predict_on_batch(images))
+        for index, top in zip(indices.numpy(), top_k(probabilities, class_names, k)):
+            predictions[int(index)] = Prediction(paths[int(index)], top)
+        done += int(indices.shape[0])
+        if progress:
+            progress(done + len(stream.failures), len(paths))
+    ordered = [predictions[i] for i in sorted(predictions)]
+    return PredictionReport(ordered, problems + stream.failures)
+
+
+def predict_imagenet(inputs: Sequence[str | Path], backbone: str = "efficientnet_lite0", k: int = 5,
+                     batch_size: int = 32, weights: str | Path = "imagenet",
+                     progress: ProgressFn | None = None) -> PredictionReport:
+    """Name what is in each image with the backbone's own ImageNet classifier.
+
+    Args:
+        inputs: files, folders or glob patterns.
+        backbone: a registry name.
+        k: how many classes to return per image.
+        weights: "imagenet" or a weights file for the backbone.
+    """
+    from cnnkit.backbones import get_backbone, imagenet_class_names
+
+    spec = get_backbone(backbone)
+    model = spec.build(weights=weights, include_top=True)
+    return run_classifier(model, inputs, imagenet_class_names(), spec.input_size, spec.crop_pct,
+                          k, batch_size, progress)
