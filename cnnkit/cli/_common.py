@@ -96,15 +96,16 @@ def progress_callback(progress, description: str):
     """A library progress function ``(done, total)`` that drives a Rich task."""
     import time
 
-    task = progress.add_task(description, total=None, rate="")
-    start: list[float] = []
+    state: dict = {}
 
     def update(done: int, total: int) -> None:
-        # The clock starts at the library's first call, after the model is built.
-        if not start:
-            start.append(time.perf_counter())
-        elapsed = time.perf_counter() - start[0]
+        # The task and its clock start at the library's first call, after the
+        # model is built, so a bad flag never leaves an empty bar behind.
+        if not state:
+            state["task"] = progress.add_task(description, total=total, rate="")
+            state["start"] = time.perf_counter()
+        elapsed = time.perf_counter() - state["start"]
         rate = f"{done / elapsed:,.1f} img/s" if elapsed > 0 and done else ""
-        progress.update(task, completed=done, total=total, rate=rate)
+        progress.update(state["task"], completed=done, total=total, rate=rate)
 
     return update

@@ -1,0 +1,92 @@
+"""The command line as a user meets it: exit codes, messages, JSON."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from cnnkit.cli import app
+from conftest import PHOTOS, write_bad_files, write_odd_good_files
+
+runner = CliRunner()
+
+_IMPORT_CHECK = """
+import sys
+from cnnkit.cli import app
+try:
+    app(sys.argv[1:], standalone_mode=True)
+except SystemExit as exit:
+    code = exit.code
+print("TF_LOADED" if "tensorflow" in sys.modules else "TF_NOT_LOADED", code, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code", [
+    (["--help"], 0),
+    (["predict", "--help"], 0),
+    (["predict"], 2),
+    (["predict", "x.jpg", "--top-k", "zero"], 2),
+    (["no-such-command"], 2),
+])
+def test_help_and_usage_errors_do_not_import_tensorflow(args, code):
+    result = subprocess.run([sys.executable, "-c", _IMPORT_CHECK, *args],
+                            capture_output=True, text=True, timeout=60)
+    assert f"TF_NOT_LOADED {code}" in result.stderr, result.stderr
+
+
+def test_predict_json_on_real_photos():
+    result = runner.invoke(app, ["predict", str(PHOTOS / "coffee.png"), str(PHOTOS / "cat.png"),
+                                 "--json", "--top-k", "3"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["coffee.png", "cat.png"]
+    assert rows[0]["top"][0]["label"] == "espresso"
+    for row in rows:
+        scores = [t["score"] for t in row["top"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+        assert all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_predict_mixed_folder_names_every_bad_file_without_traceback(tmp_path):
+    good = write_odd_good_files(tmp_path / "mixed")
+    bad = write_bad_files(tmp_path / "mixed")
+    result = runner.invoke(app, ["predict", str(tmp_path / "mixed"), str(tmp_path / "mixed" / "notes.txt"),
+                                 "--json"])
+    assert result.exit_code == 0
+    predicted = sorted(r["path"].rsplit("/", 1)[-1] for r in json.loads(result.stdout))
+    assert predicted == good
+    for name in bad:
+        assert f"{name}: " in result.stderr, name
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_predict_with_nothing_readable_exits_2(tmp_path):
+    write_bad_files(tmp_path)
+    result = runner.invoke(app, ["predict", str(tmp_path / "empty.png"), str(tmp_path / "nope.jpg")])
+    assert result.exit_code == 2
+    assert "empty.png: empty file" in result.stderr and "nope.jpg: no such file" in result.stderr
+
+
+def test_unknown_backbone_is_one_line(tmp_path):
+    result = runner.invoke(app, ["predict", str(PHOTOS / "cat.png"), "--backbone", "alexnet"])
+    assert result.exit_code == 2
+    assert "unknown backbone 'alexnet'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_info_json():
+    result = runner.invoke(app, ["info", "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert "efficientnet_lite0" in data["weights_on_disk"]
+    assert data["would_use"].startswith(("CPU", "GPU"))
+
+
+def test_backbones_json_lists_stage_dims():
+    result = runner.invoke(app, ["backbones", "efficientnet_lite0", "--json"])
+    assert result.exit_code == 0
+    (row,) = json.loads(result.stdout)
+    assert row["stages"] == {"conv1": 16, "conv2": 24, "conv3": 40, "conv4": 112, "conv5": 1280}
+    assert row["params"] == 3_413_024 and row["weights_on_disk"]
