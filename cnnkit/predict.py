@@ -42,7 +42,13 @@ def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list
 def run_classifier(model, inputs: Sequence[str | Path], class_names: Sequence[str], image_size: int,
                    crop_pct: float, k: int = 5, batch_size: int = 32,
                    progress: ProgressFn | None = None) -> PredictionReport:
-    """Classify image files with a Keras model that maps raw pixels to probabilities."""
+    """Classify image files.
+
+    Args:
+        model: a callable mapping a batch of raw ``uint8`` images to class
+            probabilities (a run's classifier, or a Keras model's
+            ``predict_on_batch``).
+    """
     paths, problems = find_images(list(inputs))
     stream = ImageStream(paths, image_size, crop_pct)
     predictions: dict[int, Prediction] = {}
@@ -50,7 +56,7 @@ def run_classifier(model, inputs: Sequence[str | Path], class_names: Sequence[st
     if progress:
         progress(0, len(paths))
     for images, indices in stream.dataset(batch_size):
-        probabilities = np.asarray(model.predict_on_batch(images))
+        probabilities = np.asarray(model(images))
         for index, top in zip(indices.numpy(), top_k(probabilities, class_names, k)):
             predictions[int(index)] = Prediction(paths[int(index)], top)
         done += int(indices.shape[0])
@@ -75,5 +81,15 @@ def predict_imagenet(inputs: Sequence[str | Path], backbone: str = "efficientnet
 
     spec = get_backbone(backbone)
     model = spec.build(weights=weights, include_top=True)
-    return run_classifier(model, inputs, imagenet_class_names(), spec.input_size, spec.crop_pct,
+    return run_classifier(model.predict_on_batch, inputs, imagenet_class_names(), spec.input_size, spec.crop_pct,
                           k, batch_size, progress)
+
+
+def predict_run(inputs: Sequence[str | Path], run_path: str | Path, k: int = 5, batch_size: int = 32,
+                progress: ProgressFn | None = None) -> PredictionReport:
+    """Classify images with a trained run (from extract, finetune or train)."""
+    from cnnkit.runs import load_run
+
+    run = load_run(run_path)
+    return run_classifier(run.classifier(), inputs, run.class_names, run.image_size,
+                          run.manifest.get("crop_pct", 1.0), k, batch_size, progress)

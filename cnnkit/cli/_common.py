@@ -62,6 +62,14 @@ def warn(message: str) -> None:
     err_console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
 
+def report_skipped(skipped, quiet: bool = False) -> None:
+    """One warning line per unreadable file, then a count."""
+    for item in skipped:
+        warn(f"{item.path}: {item.reason} (skipped)")
+    if skipped and not quiet:
+        warn(f"{len(skipped)} file(s) skipped")
+
+
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()

@@ -10,8 +10,7 @@ import typer
 from cnnkit.backbones.registry import DEFAULT_BACKBONE
 from cnnkit.cli._common import (BackboneOption, BatchSizeOption, JsonOption, QuietOption, console,
                                 print_json, progress_bar, progress_callback, quiet_tensorflow,
-                                user_errors, warn)
-from cnnkit.errors import CnnkitError
+                                report_skipped, user_errors, warn)
 
 
 def predict(
@@ -28,16 +27,13 @@ def predict(
     quiet_tensorflow()
     with user_errors(), progress_bar(quiet or json_output) as progress:
         update = progress_callback(progress, "predicting")
-        if model is not None:
-            raise CnnkitError(
-                f"--model {model}: trained runs are not supported by this version yet; "
-                "leave out --model to use the backbone's ImageNet classifier"
-            )
-        from cnnkit.predict import predict_imagenet
+        from cnnkit.predict import predict_imagenet, predict_run
 
-        report = predict_imagenet(images, backbone, top_k, batch_size, weights, progress=update)
-    for failure in report.failures:
-        warn(f"{failure.path}: {failure.reason} (skipped)")
+        if model is not None:
+            report = predict_run(images, model, top_k, batch_size, progress=update)
+        else:
+            report = predict_imagenet(images, backbone, top_k, batch_size, weights, progress=update)
+    report_skipped(report.failures, quiet=True)
     if json_output:
         print_json([p.to_dict() for p in report.predictions])
     elif not quiet:

@@ -1,0 +1,56 @@
+"""`cnnkit evaluate RUN DATA`: accuracy, per-class report and confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cnnkit.cli._common import (BatchSizeOption, JsonOption, QuietOption, console, print_json,
+                                progress_bar, progress_callback, quiet_tensorflow, report_skipped,
+                                user_errors)
+
+
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run folder.", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="Labelled images: class folders or a CSV.", show_default=False)],
+    split: Annotated[str | None, typer.Option(help="train, val or test (default: test if DATA has it, else all).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write metrics.json, confusion.json/png (default RUN/eval/<DATA name>).")] = None,
+    batch_size: BatchSizeOption = 32,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Score a trained run on labelled images and write the confusion matrix."""
+    quiet_tensorflow()
+    from cnnkit.evaluation import evaluate_run, write_evaluation
+
+    with user_errors(), progress_bar(quiet or json_output) as progress:
+        evaluation = evaluate_run(run, data, split, batch_size, progress_callback(progress, "evaluating"))
+        written = write_evaluation(evaluation, out or run / "eval" / (data.stem or "data"))
+    report_skipped(evaluation.skipped, quiet)
+    result = evaluation.to_dict()
+    result["written_to"] = str(written)
+    if json_output:
+        print_json(result)
+        return
+    if quiet:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{run} on {data}: {result['images']} images")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in result["per_class"].items():
+        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                      str(row["support"]))
+    console.print(table)
+    line = f"accuracy [bold green]{result['accuracy']:.3f}[/bold green]"
+    if "top5_accuracy" in result:
+        line += f"   top-5 {result['top5_accuracy']:.3f}"
+    console.print(line)
+    console.print(f"confusion matrix: {written / 'confusion.png'}, {written / 'confusion.json'}")
+
+
+def register(app) -> None:
+    app.command()(evaluate)

@@ -1,0 +1,86 @@
+"""`cnnkit extract DATA`: pretrained features -> PCA -> SVM / k-NN / logistic head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cnnkit.backbones.registry import DEFAULT_BACKBONE
+from cnnkit.cli._common import (BackboneOption, BatchSizeOption, JsonOption, QuietOption, console,
+                                print_json, progress_bar, progress_callback, quiet_tensorflow,
+                                report_skipped, user_errors)
+
+
+def extract(
+    data: Annotated[Path, typer.Argument(help="Folder of class subfolders (optionally train/ val/ test/), or a CSV of path,label.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/extract"),
+    backbone: BackboneOption = DEFAULT_BACKBONE,
+    layer: Annotated[str, typer.Option("--layer", "-l", help="Stage(s) to take pooled features from: conv1..conv5, top, or a list like conv4,top.")] = "top",
+    head: Annotated[str, typer.Option(help="Classifier: logreg, svm (RBF), linear-svm, knn.")] = "logreg",
+    pca: Annotated[str, typer.Option(help="PCA components: a number, 'auto' (picked by cross-validation) or 'none'.")] = "auto",
+    whiten: Annotated[bool, typer.Option(help="Whiten the PCA components.")] = False,
+    l2: Annotated[bool, typer.Option("--l2", help="L2-normalise each feature vector before scaling.")] = False,
+    pool: Annotated[str, typer.Option(help="Global pooling of each stage: avg or max.")] = "avg",
+    flip: Annotated[bool, typer.Option(help="Average the features of each image and its mirror image.")] = False,
+    cv: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the hyper-parameters.")] = 5,
+    val_split: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of train held out for validation when DATA has no val/ (0: none).")] = 0.2,
+    image_size: Annotated[int | None, typer.Option(min=32, help="Input size in pixels (default: the backbone's).")] = None,
+    weights: Annotated[str, typer.Option(help="'imagenet', 'none' or a weights file.")] = "imagenet",
+    batch_size: BatchSizeOption = 32,
+    seed: Annotated[int, typer.Option(help="Seed for the split and cross-validation.")] = 0,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image (exit 2).")] = False,
+    force: Annotated[bool, typer.Option(help="Replace --out if it is an existing run.")] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Use a pretrained CNN as a fixed feature extractor and fit a classical head on its features."""
+    quiet_tensorflow()
+    from cnnkit.extraction import ExtractOptions, run_extract
+
+    options = ExtractOptions(backbone=backbone, layers=layer, weights=weights, image_size=image_size,
+                             pool=pool, flip=flip, l2_normalize=l2, pca=pca, whiten=whiten, head=head,
+                             cv=cv, val_split=val_split, seed=seed, batch_size=batch_size,
+                             use_cache=not no_cache, strict=strict)
+    with user_errors(), progress_bar(quiet or json_output) as progress:
+        result = run_extract(data, options, out, force, progress=progress_callback(progress, "features"))
+    report_skipped(result.skipped, quiet)
+    summary = {
+        "run": str(result.run_path), "backbone": backbone, "layers": result.layers,
+        "feature_dims": result.feature_dims, "head": head, "best_params": result.fitted.best_params,
+        "images": result.counts, "computed": result.computed, "seconds": result.seconds, **result.metrics,
+    }
+    if json_output:
+        print_json(summary)
+    elif not quiet:
+        _print_summary(summary)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _print_summary(s: dict) -> None:
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("features", f"{s['backbone']} {','.join(s['layers'])} ({s['feature_dims']} dims); "
+                  f"{s['computed']} image(s) through the network, the rest from cache")
+    table.add_row("images", ", ".join(f"{k} {v}" for k, v in s["images"].items()))
+    table.add_row("head", f"{s['head']} {s['best_params']}")
+    table.add_row("cv accuracy", _fmt(s["cv_accuracy"]))
+    table.add_row("train accuracy", _fmt(s["train_accuracy"]))
+    for name in ("val", "test"):
+        if f"{name}_accuracy" in s:
+            table.add_row(f"{name} accuracy", f"[bold green]{_fmt(s[f'{name}_accuracy'])}[/bold green]")
+    table.add_row("time", f"features {s['seconds']['features']:.1f}s, head {s['seconds']['head']:.1f}s")
+    table.add_row("saved", s["run"])
+    console.print(table)
+
+
+def register(app) -> None:
+    app.command()(extract)

@@ -1,0 +1,149 @@
+"""Evaluating a run on labelled images: accuracy, top-5, per-class report, confusion matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit.data import ImageStream, SkippedFile, load_dataset
+from cnnkit.errors import CnnkitError
+
+
+@dataclass
+class Evaluation:
+    """Scores of a run on a dataset."""
+
+    class_names: list[str]
+    labels: np.ndarray
+    probabilities: np.ndarray
+    paths: list[Path]
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.predictions == self.labels))
+
+    def top_k_accuracy(self, k: int) -> float:
+        top = np.argsort(-self.probabilities, axis=1)[:, :k]
+        return float(np.mean((top == self.labels[:, None]).any(axis=1)))
+
+    def confusion(self) -> np.ndarray:
+        from sklearn.metrics import confusion_matrix
+
+        return confusion_matrix(self.labels, self.predictions, labels=range(len(self.class_names)))
+
+    def per_class(self) -> dict[str, dict[str, float]]:
+        from sklearn.metrics import precision_recall_fscore_support
+
+        p, r, f, support = precision_recall_fscore_support(
+            self.labels, self.predictions, labels=range(len(self.class_names)), zero_division=0)
+        return {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                       "support": int(support[i])} for i, name in enumerate(self.class_names)}
+
+    def to_dict(self) -> dict:
+        data = {"accuracy": self.accuracy, "images": int(len(self.labels)),
+                "skipped": len(self.skipped), "per_class": self.per_class(),
+                "class_names": self.class_names, "confusion_matrix": self.confusion().tolist()}
+        if len(self.class_names) > 5:
+            data["top5_accuracy"] = self.top_k_accuracy(5)
+        return data
+
+
+def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = None, batch_size: int = 32,
+                 progress: Callable[[int, int], None] | None = None) -> Evaluation:
+    """Classify every labelled image of ``data`` with the run and score it.
+
+    Args:
+        split: "train", "val" or "test"; by default the test split when the
+            data has one, else every image.
+    """
+    from cnnkit.runs import load_run
+
+    run = load_run(run_path)
+    dataset = load_dataset(data)
+    if split is None:
+        samples = dataset.splits.get("test") or dataset.samples
+    elif split in dataset.splits:
+        samples = dataset.splits[split]
+    else:
+        raise CnnkitError(f"--split {split}: {data} has only {', '.join(dataset.splits)}")
+    unknown = sorted(set(dataset.class_names) - set(run.class_names))
+    if unknown:
+        raise CnnkitError(f"{data}: classes {', '.join(unknown)} are not among the run's classes "
+                          f"({', '.join(run.class_names)})")
+    to_run_label = {i: run.class_names.index(name) for i, name in enumerate(dataset.class_names)}
+    classifier = run.classifier()
+    stream = ImageStream([s.path for s in samples], run.image_size, run.manifest.get("crop_pct", 1.0))
+    probabilities, kept = [], []
+    if progress:
+        progress(0, len(samples))
+    for images, indices in stream.dataset(batch_size):
+        probabilities.append(classifier(images))
+        kept.extend(indices.numpy().tolist())
+        if progress:
+            progress(len(kept) + len(stream.failures), len(samples))
+    if not kept:
+        raise CnnkitError(f"{data}: no readable images to evaluate")
+    labels = np.array([to_run_label[samples[i].label] for i in kept])
+    return Evaluation(run.class_names, labels, np.concatenate(probabilities),
+                      [samples[i].path for i in kept], dataset.skipped + stream.failures)
+
+
+def write_evaluation(evaluation: Evaluation, out: str | Path) -> Path:
+    """Write metrics.json, confusion.json and confusion.png into ``out`` (replaced atomically)."""
+    import shutil
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        data = evaluation.to_dict()
+        (tmp / "metrics.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
+        (tmp / "confusion.json").write_text(json.dumps(
+            {"class_names": evaluation.class_names, "matrix": data["confusion_matrix"],
+             "rows": "true class", "columns": "predicted class"}, indent=2, ensure_ascii=False))
+        plot_confusion(evaluation.confusion(), evaluation.class_names, tmp / "confusion.png")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> None:
+    """A confusion matrix heat map with counts, true classes down, predictions across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    size = max(4.0, 0.5 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        top = matrix.max() or 1
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if matrix[i, j] > top / 2 else "black")
+    ax.set_title(f"accuracy {np.trace(matrix) / max(matrix.sum(), 1):.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,69 @@
+"""Turning a saved run into a classifier of raw images, whatever its strategy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cnnkit.errors import CnnkitError
+
+
+class FeatureHeadClassifier:
+    """Pretrained backbone features -> a fitted scikit-learn head (extract runs)."""
+
+    def __init__(self, run):
+        from cnnkit.features import FeatureConfig, FeatureExtractor
+        from cnnkit.heads import load_head
+
+        m = run.manifest
+        self.layers = list(m["layers"])
+        self.head = load_head(run.file("head.skops"))
+        self.extractor = FeatureExtractor(FeatureConfig(m["backbone"], m.get("weights", "imagenet"),
+                                                        m["image_size"], m.get("pool", "avg"),
+                                                        bool(m.get("flip", False))))
+        expected = len(run.class_names)
+        if len(getattr(self.head, "classes_", [])) != expected:
+            raise CnnkitError(f"{run.path}: head and manifest disagree on the classes; re-create the run")
+
+    def features(self, images) -> np.ndarray:
+        from cnnkit.features import _stage_key
+
+        stage_features = self.extractor(images)
+        return np.concatenate([stage_features[_stage_key(l)] for l in self.layers], axis=1)
+
+    def __call__(self, images) -> np.ndarray:
+        return self.head.predict_proba(self.features(images))
+
+
+class NetworkClassifier:
+    """A whole Keras network from raw pixels to probabilities (finetune/train runs)."""
+
+    def __init__(self, run):
+        import keras
+
+        import cnnkit.backbones.preprocessing  # noqa: F401 - registers the Preprocess layer
+
+        path = run.file("model.keras")
+        try:
+            self.model = keras.saving.load_model(path, safe_mode=True, compile=False)
+        except Exception as error:  # noqa: BLE001 - Keras raises many kinds on a bad file
+            raise CnnkitError(f"{path}: cannot load the model safely ({error})") from None
+        self._features = None
+
+    def features(self, images) -> np.ndarray:
+        import keras
+
+        if self._features is None:
+            self._features = keras.Model(self.model.input, self.model.get_layer("features").output)
+        return np.asarray(self._features.predict_on_batch(images))
+
+    def __call__(self, images) -> np.ndarray:
+        return np.asarray(self.model.predict_on_batch(images))
+
+
+def load_classifier(run):
+    """The classifier of a run (see ``Run.classifier``)."""
+    if run.strategy == "extract":
+        return FeatureHeadClassifier(run)
+    if run.strategy in ("finetune", "train"):
+        return NetworkClassifier(run)
+    raise CnnkitError(f"{run.path}: unknown strategy {run.strategy!r}; upgrade cnnkit")
