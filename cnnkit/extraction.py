@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnkit.errors import CnnkitError
 from cnnkit.data import Dataset, Sample, SkippedFile, load_dataset, stratified_split
 from cnnkit.features import FeatureConfig, compute_features, parse_layers
-from cnnkit.heads import FittedHead, fit_head, parse_pca, save_head
+from cnnkit.heads import HEADS, FittedHead, fit_head, parse_pca, save_head
 
 
 @dataclass
@@ -91,6 +92,8 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
         check_destination(Path(out), force)
     spec = get_backbone(options.backbone)
     layers = parse_layers(spec, options.layers)
+    if options.head not in HEADS:
+        raise CnnkitError(f"--head {options.head!r}: choose from {', '.join(HEADS)}")
     pca = parse_pca(options.pca)
     config = FeatureConfig(options.backbone, options.weights, options.image_size, options.pool,
                            options.flip).resolved()
@@ -104,8 +107,6 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
                              options.use_cache, progress=progress)
     timings["features"] = time.perf_counter() - started
     if options.strict and table.failures:
-        from cnnkit.errors import CnnkitError
-
         first = table.failures[0]
         raise CnnkitError(f"{first.path}: {first.reason} (drop --strict to skip unreadable files)")
 

@@ -80,6 +80,25 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def inference_fn(model):
+    """``model`` as one traced function that accepts any batch size without retracing."""
+    import tensorflow as tf
+
+    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+
+def build_backbone(spec: BackboneSpec, weights: str | None, image_size: int | None,
+                   include_top: bool = False):
+    """Build a backbone; ``weights`` "none" means random initialisation with a fixed seed,
+    so that an untrained network gives the same features in every process."""
+    if weights in (None, "none"):
+        import keras
+
+        keras.utils.set_random_seed(0)
+        return spec.build(weights=None, input_size=image_size, include_top=include_top)
+    return spec.build(weights=weights, input_size=image_size, include_top=include_top)
+
+
 class FeatureExtractor:
     """A backbone cut at every stage, each stage globally pooled.
 
@@ -92,6 +111,7 @@ class FeatureExtractor:
         self.spec = get_backbone(self.config.backbone)
         self.stages = [s for s in self.spec.layer_choices if s != "top"]
         self._model = None
+        self._predict = None
 
     @property
     def model(self):
@@ -99,22 +119,23 @@ class FeatureExtractor:
         if self._model is None:
             import keras
 
-            weights = None if self.config.weights == "none" else self.config.weights
-            base = self.spec.build(weights=weights, input_size=self.config.image_size)
+            base = build_backbone(self.spec, self.config.weights, self.config.image_size)
             pool = (keras.layers.GlobalAveragePooling2D if self.config.pool == "avg"
                     else keras.layers.GlobalMaxPooling2D)
             outputs = {s: pool(name=f"pool_{s}")(self.spec.stage_layer(base, s).output)
                        for s in self.stages}
             self._model = keras.Model(base.input, outputs, name=f"{self.spec.name}_features")
+            self._predict = inference_fn(self._model)
         return self._model
 
     def __call__(self, images) -> dict[str, np.ndarray]:
         """Pooled features of a batch of raw ``uint8`` images."""
-        out = self.model.predict_on_batch(images)
+        self.model  # noqa: B018 - builds the model and its traced function once
+        out = {s: np.asarray(v, dtype=np.float32) for s, v in self._predict(images).items()}
         if self.config.flip:
-            flipped = self.model.predict_on_batch(np.ascontiguousarray(np.asarray(images)[:, :, ::-1]))
-            out = {s: (out[s] + flipped[s]) / 2 for s in out}
-        return {s: np.asarray(v, dtype=np.float32) for s, v in out.items()}
+            mirrored = self._predict(np.ascontiguousarray(np.asarray(images)[:, :, ::-1]))
+            out = {s: (out[s] + np.asarray(mirrored[s], dtype=np.float32)) / 2 for s in out}
+        return out
 
     def extract(self, paths: Sequence[Path], batch_size: int = 32,
                 progress: Callable[[int, int], None] | None = None

@@ -53,8 +53,9 @@ def _classifier(head: str, seed: int, calibration_folds: int):
     if head == "logreg":
         return LogisticRegression(C=1.0, max_iter=3000, class_weight="balanced"), "C", [0.01, 0.1, 1.0, 10.0]
     if head == "svm":
-        return (SVC(C=10.0, kernel="rbf", gamma="scale", probability=True, class_weight="balanced",
-                    random_state=seed), "C", [1.0, 10.0, 100.0])
+        svm = SVC(C=10.0, kernel="rbf", gamma="scale", class_weight="balanced", random_state=seed)
+        return (CalibratedClassifierCV(svm, cv=calibration_folds, method="sigmoid", ensemble=False),
+                "estimator__C", [1.0, 10.0, 100.0])
     if head == "linear-svm":
         svm = LinearSVC(C=0.1, class_weight="balanced", max_iter=5000, random_state=seed)
         return (CalibratedClassifierCV(svm, cv=calibration_folds, method="sigmoid"),
@@ -92,9 +93,9 @@ def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca
         raise CnnkitError("a classifier needs at least two classes with images")
     folds = int(min(cv, counts.min()))
     classifier, param, values = _classifier(head, seed, calibration_folds=max(2, min(3, folds - 1)))
-    if head == "linear-svm" and counts.min() < 3:
-        raise CnnkitError("--head linear-svm needs at least 3 images per class for calibration; "
-                          "use --head logreg")
+    if head in ("svm", "linear-svm") and counts.min() < 3:
+        raise CnnkitError(f"--head {head} needs at least 3 images per class to calibrate its "
+                          "probabilities; use --head logreg or knn")
 
     max_components = min(features.shape[1], int(len(labels) * (folds - 1) / max(folds, 2)) if folds >= 2
                          else len(labels))

@@ -78,10 +78,11 @@ def predict_imagenet(inputs: Sequence[str | Path], backbone: str = "efficientnet
         weights: "imagenet" or a weights file for the backbone.
     """
     from cnnkit.backbones import get_backbone, imagenet_class_names
+    from cnnkit.features import inference_fn
 
     spec = get_backbone(backbone)
     model = spec.build(weights=weights, include_top=True)
-    return run_classifier(model.predict_on_batch, inputs, imagenet_class_names(), spec.input_size, spec.crop_pct,
+    return run_classifier(inference_fn(model), inputs, imagenet_class_names(), spec.input_size, spec.crop_pct,
                           k, batch_size, progress)
 
 

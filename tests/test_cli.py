@@ -90,3 +90,45 @@ def test_backbones_json_lists_stage_dims():
     (row,) = json.loads(result.stdout)
     assert row["stages"] == {"conv1": 16, "conv2": 24, "conv3": 40, "conv4": 112, "conv5": 1280}
     assert row["params"] == 3_413_024 and row["weights_on_disk"]
+
+
+def test_extract_predict_evaluate_similar_from_the_command_line(tmp_path):
+    from conftest import make_class_tree
+
+    data = make_class_tree(tmp_path / "data", {"a": 6, "b": 6})
+    run = tmp_path / "run"
+    common = ["--backbone", "tiny_cnn", "--weights", "none", "--image-size", "32"]
+    result = runner.invoke(app, ["extract", str(data), "--out", str(run), "--layer", "conv4,top",
+                                 "--head", "knn", "--cv", "3", "--json", *common])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["layers"] == ["conv4", "top"] and summary["computed"] == 12
+
+    again = runner.invoke(app, ["extract", str(data), "--out", str(run), *common])
+    assert again.exit_code == 2 and "already exists" in again.stderr
+
+    predicted = runner.invoke(app, ["predict", "--model", str(run), str(data / "a"), "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    assert {r["top"][0]["label"] for r in json.loads(predicted.stdout)} <= {"a", "b"}
+
+    evaluated = runner.invoke(app, ["evaluate", str(run), str(data), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(evaluated.stdout)
+    assert 0 <= metrics["accuracy"] <= 1 and (run / "eval" / "data" / "confusion.png").exists()
+
+    neighbours = runner.invoke(app, ["similar", str(run), str(data / "b" / "000.png"), "-k", "2", "--json"])
+    assert neighbours.exit_code == 0, neighbours.output
+    assert len(json.loads(neighbours.stdout)) == 2
+
+
+def test_extract_bad_flags_are_one_line_errors(tmp_path):
+    from conftest import make_class_tree
+
+    data = make_class_tree(tmp_path / "data", {"a": 3, "b": 3})
+    for flags, message in ((["--layer", "conv9"], "unknown stage 'conv9'"),
+                           (["--head", "forest"], "--head 'forest'"),
+                           (["--pca", "-3"], "--pca '-3'")):
+        result = runner.invoke(app, ["extract", str(data), "--out", str(tmp_path / "r"),
+                                     "--backbone", "tiny_cnn", "--weights", "none", *flags])
+        assert result.exit_code == 2, (flags, result.output)
+        assert message in result.stderr and "Traceback" not in result.stderr
