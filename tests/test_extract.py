@@ -30,7 +30,8 @@ def run(tmp_path, data):
     return run_extract(data, options, tmp_path / "run")
 
 
-def test_feature_cache_computes_each_image_once(data, tmp_path):
+def test_feature_cache_computes_each_image_once(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path / "own_cache"))
     config = FeatureConfig(**TINY)
     paths = sorted(data.rglob("*.png"))
     first = compute_features(paths[:-1], config)
