@@ -129,17 +129,13 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
 
     run_path = None
     if out is not None:
-        train_paths = [str(samples[i].path) for i in table.kept[kept_split == "train"]]
-        index = x_train / np.maximum(np.linalg.norm(x_train, axis=1, keepdims=True), 1e-12)
+        train_paths = [samples[i].path for i in table.kept[kept_split == "train"]]
 
         def write_files(folder: Path) -> None:
-            import json
+            from cnnkit.similarity import write_index
 
             save_head(fitted.pipeline, folder / "head.skops")
-            (folder / "index").mkdir()
-            np.save(folder / "index" / "features.npy", index.astype(np.float32))
-            np.save(folder / "index" / "labels.npy", y_train)
-            (folder / "index" / "paths.json").write_text(json.dumps(train_paths, ensure_ascii=False))
+            write_index(folder, x_train, y_train, train_paths)
 
         manifest = {
             "strategy": "extract",

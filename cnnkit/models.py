@@ -47,17 +47,22 @@ class NetworkClassifier:
             self.model = keras.saving.load_model(path, safe_mode=True, compile=False)
         except Exception as error:  # noqa: BLE001 - Keras raises many kinds on a bad file
             raise CnnkitError(f"{path}: cannot load the model safely ({error})") from None
+        from cnnkit.features import inference_fn
+
+        self._predict = inference_fn(self.model)
         self._features = None
 
     def features(self, images) -> np.ndarray:
         import keras
 
+        from cnnkit.features import inference_fn
+
         if self._features is None:
-            self._features = keras.Model(self.model.input, self.model.get_layer("features").output)
-        return np.asarray(self._features.predict_on_batch(images))
+            self._features = inference_fn(keras.Model(self.model.input, self.model.get_layer("features").output))
+        return np.asarray(self._features(images))
 
     def __call__(self, images) -> np.ndarray:
-        return np.asarray(self.model.predict_on_batch(images))
+        return np.asarray(self._predict(images))
 
 
 def load_classifier(run):

@@ -19,6 +19,17 @@ from cnnkit.data import load_image
 from cnnkit.errors import CnnkitError
 
 
+def write_index(folder: Path, features: np.ndarray, labels, paths) -> None:
+    """Write a retrieval index into a run folder being written: unit rows, labels, paths."""
+    import json
+
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    (folder / "index").mkdir(exist_ok=True)
+    np.save(folder / "index" / "features.npy", unit.astype(np.float32))
+    np.save(folder / "index" / "labels.npy", np.asarray(labels, np.int64))
+    (folder / "index" / "paths.json").write_text(json.dumps([str(p) for p in paths], ensure_ascii=False))
+
+
 @dataclass
 class Neighbour:
     path: str

@@ -1,0 +1,169 @@
+"""`cnnkit finetune DATA --freeze conv4` and `cnnkit train DATA`: training networks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cnnkit.backbones.registry import DEFAULT_BACKBONE
+from cnnkit.cli._common import (BackboneOption, JsonOption, QuietOption, console, err_console, print_json,
+                                quiet_tensorflow, report_skipped, user_errors)
+
+Epochs = Annotated[int, typer.Option(min=1, help="Epochs of the main phase.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per step (the notes: 32-256).")]
+Lr = Annotated[float, typer.Option("--lr", min=0.0, help="Base learning rate.")]
+Optimizer = Annotated[str, typer.Option(help="sgd (momentum 0.9), adam or adamw.")]
+Schedule = Annotated[str, typer.Option(help="Rate decay per epoch: exp (x0.97), step (/10 at 1/2, 3/4), inv (1/t), cosine, constant.")]
+Warmup = Annotated[int, typer.Option(min=0, help="Epochs of linear warm-up.")]
+WeightDecay = Annotated[float, typer.Option(min=0.0, help="Weight decay (L2).")]
+Dropout = Annotated[float, typer.Option(min=0.0, max=0.9, help="Dropout before the classifier.")]
+Augment = Annotated[str, typer.Option(help="none, light (flip, crop) or strong (+ rotation, colour jitter).")]
+LabelSmoothing = Annotated[float, typer.Option(min=0.0, max=0.5, help="Label smoothing.")]
+ValSplit = Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of train held out for validation when DATA has no val/.")]
+Patience = Annotated[int, typer.Option(min=1, help="Stop after this many epochs without a better validation accuracy.")]
+Seed = Annotated[int, typer.Option(help="Seed for the split, initialisation, data order and augmentation.")]
+Deterministic = Annotated[bool, typer.Option(help="Deterministic TensorFlow ops (slower).")]
+Device = Annotated[str, typer.Option(help="auto, cpu or gpu (mixed precision; several GPUs are mirrored).")]
+Tensorboard = Annotated[bool, typer.Option(help="Write TensorBoard logs into the work folder.")]
+Sanity = Annotated[bool, typer.Option(help="First overfit two batches; the loss must fall near zero.")]
+ImageSize = Annotated[int | None, typer.Option(min=16, help="Input size in pixels (default: the backbone's).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")]
+Resume = Annotated[Path | None, typer.Option(help="Continue an interrupted run (its folder) from its last epoch.")]
+Force = Annotated[bool, typer.Option(help="Replace --out if it is an existing run.")]
+Strict = Annotated[bool, typer.Option(help="Stop at the first unreadable image (exit 2).")]
+Data = Annotated[Path, typer.Argument(help="Folder of class subfolders (optionally train/ val/ test/), or a CSV of path,label.", show_default=False)]
+
+
+def _run(data, options, out, force, resume, json_output, quiet):
+    quiet_tensorflow()
+    from cnnkit.training import resume_options, run_training
+
+    if resume is not None:
+        out = resume
+    rows = []
+
+    def report(row):
+        rows.append(row)
+        if not (quiet or json_output):
+            err_console.print(
+                f"[dim]{row['phase']:>8}[/dim] epoch {row['epoch']:>3}  loss {row.get('loss', 0):.4f}  "
+                f"acc {row.get('accuracy', 0):.3f}  val_loss {row.get('val_loss', 0):.4f}  "
+                f"[bold]val_acc {row.get('val_accuracy', 0):.3f}[/bold]  lr {row.get('learning_rate', 0):.2g}  "
+                f"{row['seconds']:.0f}s  {row['images_per_s']:.0f} img/s")
+
+    def say(message):
+        if not (quiet or json_output):
+            err_console.print(f"[cyan]{message}[/cyan]")
+
+    with user_errors():
+        if resume is not None:
+            options = resume_options(resume)
+        result = run_training(data, options, out, force=force, resume=resume is not None, report=report,
+                              progress=say)
+    report_skipped(result.skipped, quiet)
+    summary = {"run": str(result.run_path), "interrupted": result.interrupted, "images": result.counts,
+               **result.metrics, "diagnosis": result.diagnosis, "sanity": result.sanity}
+    if json_output:
+        print_json(summary)
+    elif not quiet:
+        for line in result.diagnosis:
+            console.print(f"[yellow]diagnosis:[/yellow] {line}")
+        line = f"best val accuracy [bold green]{summary['val_accuracy'] or 0:.3f}[/bold green] (epoch {summary['best_epoch']})"
+        if summary.get("test_accuracy") is not None:
+            line += f", test accuracy [bold green]{summary['test_accuracy']:.3f}[/bold green]"
+        console.print(line)
+        console.print(f"saved {result.run_path}" + (" (interrupted; continue with --resume)" if result.interrupted else ""))
+    if result.interrupted:
+        raise typer.Exit(code=130)
+
+
+def finetune(
+    data: Data,
+    out: Out = Path("runs/finetune"),
+    backbone: BackboneOption = DEFAULT_BACKBONE,
+    freeze: Annotated[str, typer.Option(help="Freeze the stem through this stage: conv1..conv5, or none.")] = "conv4",
+    epochs: Epochs = 10,
+    head_epochs: Annotated[int, typer.Option(min=0, help="Epochs training only the new head first (0: skip).")] = 2,
+    batch_size: BatchSize = 32,
+    lr: Lr = 0.01,
+    optimizer: Optimizer = "sgd",
+    schedule: Schedule = "exp",
+    warmup: Warmup = 0,
+    weight_decay: WeightDecay = 1e-4,
+    dropout: Dropout = 0.2,
+    augment: Augment = "light",
+    label_smoothing: LabelSmoothing = 0.0,
+    val_split: ValSplit = 0.2,
+    patience: Patience = 5,
+    image_size: ImageSize = None,
+    weights: Annotated[str, typer.Option(help="'imagenet' or a weights file.")] = "imagenet",
+    seed: Seed = 0,
+    deterministic: Deterministic = False,
+    device: Device = "auto",
+    tensorboard: Tensorboard = False,
+    sanity: Sanity = False,
+    resume: Resume = None,
+    force: Force = False,
+    strict: Strict = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Replace the classifier, freeze the stages up to --freeze, train the rest (head first)."""
+    from cnnkit.training.fit import TrainOptions
+
+    options = TrainOptions(
+        mode="finetune", backbone=backbone, weights=weights, freeze=freeze, image_size=image_size,
+        epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        schedule=schedule, warmup=warmup, weight_decay=weight_decay, dropout=dropout, augment=augment,
+        label_smoothing=label_smoothing, val_split=val_split, patience=patience, seed=seed,
+        deterministic=deterministic, device=device, tensorboard=tensorboard, sanity=sanity, strict=strict)
+    _run(data, options, out, force, resume, json_output, quiet)
+
+
+def train(
+    data: Data,
+    out: Out = Path("runs/train"),
+    backbone: BackboneOption = "small_resnet",
+    weights: Annotated[str, typer.Option(help="'imagenet' (start from pretrained weights), 'none' (from scratch) or a file.")] = "none",
+    epochs: Epochs = 20,
+    batch_size: BatchSize = 64,
+    lr: Lr = 0.05,
+    optimizer: Optimizer = "sgd",
+    schedule: Schedule = "cosine",
+    warmup: Warmup = 1,
+    weight_decay: WeightDecay = 5e-4,
+    dropout: Dropout = 0.2,
+    augment: Augment = "light",
+    label_smoothing: LabelSmoothing = 0.0,
+    val_split: ValSplit = 0.1,
+    patience: Patience = 8,
+    image_size: ImageSize = None,
+    seed: Seed = 0,
+    deterministic: Deterministic = False,
+    device: Device = "auto",
+    tensorboard: Tensorboard = False,
+    sanity: Sanity = False,
+    resume: Resume = None,
+    force: Force = False,
+    strict: Strict = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train every layer: from pretrained weights, or from scratch (default: the compact small_resnet)."""
+    from cnnkit.training.fit import TrainOptions
+
+    options = TrainOptions(
+        mode="train", backbone=backbone, weights=weights, freeze="none", image_size=image_size,
+        epochs=epochs, head_epochs=0, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+        warmup=warmup, weight_decay=weight_decay, dropout=dropout, augment=augment,
+        label_smoothing=label_smoothing, val_split=val_split, patience=patience, plateau_patience=3,
+        seed=seed, deterministic=deterministic, device=device, tensorboard=tensorboard, sanity=sanity,
+        strict=strict)
+    _run(data, options, out, force, resume, json_output, quiet)
+
+
+def register(app) -> None:
+    app.command()(finetune)
+    app.command()(train)

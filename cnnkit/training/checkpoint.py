@@ -1,0 +1,82 @@
+"""Per-epoch bookkeeping that makes training resumable and repeatable."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import keras
+import numpy as np
+
+CHECKPOINT_FORMAT = 1
+
+
+def _seed_generators(model):
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        yield from getattr(layer, "_seed_generators", [])
+
+
+class EpochSync(keras.callbacks.Callback):
+    """Makes an epoch's randomness a function of (seed, epoch) alone.
+
+    At each epoch start it sets the data-order variable, re-seeds every random
+    layer (dropout, augmentation), and lets the learning-rate policy set the
+    rate for the phase's own epoch count. A resumed run therefore sees exactly
+    the data order and random draws an uninterrupted run would have.
+    """
+
+    def __init__(self, epoch_var, policy, offset: int, seed: int):
+        super().__init__()
+        self.epoch_var, self.policy, self.offset, self.seed = epoch_var, policy, offset, seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_var.assign(epoch)
+        for i, generator in enumerate(_seed_generators(self.model)):
+            generator.state.assign(np.array([self.seed * 1000 + i, epoch], dtype="int64"))
+        self.policy.set_model(self.model)
+        self.policy.on_epoch_begin(epoch - self.offset, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.policy.on_epoch_end(epoch - self.offset, logs)
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """After each epoch: last weights, optimizer state, policy and history; best weights on a new best."""
+
+    def __init__(self, folder: Path, options, phase: str, policy, record: dict, ratio_monitor):
+        super().__init__()
+        self.folder, self.options, self.phase, self.policy = folder, options, phase, policy
+        self.record, self.ratio_monitor = record, ratio_monitor
+
+    def on_epoch_end(self, epoch, logs=None):
+        record = self.record
+        for key, value in (logs or {}).items():
+            record["history"].setdefault(key, []).append(float(value))
+        record["history"].setdefault("phase", []).append(self.phase)
+        if self.ratio_monitor.history:
+            record["update_ratios"].append(self.ratio_monitor.history[-1])
+        if (logs or {}).get("val_accuracy", -1.0) > record["best"]["val_accuracy"]:
+            record["best"] = {"val_accuracy": float(logs["val_accuracy"]), "epoch": epoch + 1}
+            self.model.save_weights(self.folder / "best.weights.h5")
+        self.model.save_weights(self.folder / "last.weights.h5")
+        np.savez(self.folder / "optimizer.npz",
+                 **{f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(self.model.optimizer.variables)})
+        state = {"format": CHECKPOINT_FORMAT, "options": asdict(self.options), "phase": self.phase,
+                 "next_epoch": epoch + 1, "policy": self.policy.state(), **record}
+        tmp = self.folder / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.folder / "state.json")
+
+
+def restore_optimizer(model, path: Path) -> None:
+    """Put saved optimizer variables (momentum, step count) back into a compiled model."""
+    from cnnkit.errors import CnnkitError
+
+    with np.load(path, allow_pickle=False) as saved:
+        values = [saved[f"v{i}"] for i in range(len(saved.files))]
+    variables = model.optimizer.variables
+    if len(values) != len(variables):
+        raise CnnkitError("the checkpoint's optimizer state does not fit the model; start a new run")
+    for variable, value in zip(variables, values):
+        variable.assign(value)
