@@ -132,3 +132,16 @@ def test_extract_bad_flags_are_one_line_errors(tmp_path):
                                      "--backbone", "tiny_cnn", "--weights", "none", *flags])
         assert result.exit_code == 2, (flags, result.output)
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_from_the_command_line_and_bad_flags(tmp_path):
+    from conftest import make_class_tree
+
+    data = make_class_tree(tmp_path / "data", {"a": 6, "b": 6}, size=32)
+    result = runner.invoke(app, ["train", str(data), "--backbone", "tiny_cnn", "--out", str(tmp_path / "run"),
+                                 "--epochs", "2", "--batch-size", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["best_epoch"] >= 1 and summary["diagnosis"]
+    bad = runner.invoke(app, ["finetune", str(data), "--freeze", "conv7", "--out", str(tmp_path / "r2")])
+    assert bad.exit_code == 2 and "conv7" in bad.stderr and "Traceback" not in bad.stderr

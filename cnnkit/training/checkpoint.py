@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,11 +27,14 @@ class EpochSync(keras.callbacks.Callback):
     the data order and random draws an uninterrupted run would have.
     """
 
-    def __init__(self, epoch_var, policy, offset: int, seed: int):
+    def __init__(self, epoch_var, policy, offset: int, seed: int, images_per_epoch: int):
         super().__init__()
         self.epoch_var, self.policy, self.offset, self.seed = epoch_var, policy, offset, seed
+        self.images_per_epoch = images_per_epoch
+        self._start = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
         self.epoch_var.assign(epoch)
         for i, generator in enumerate(_seed_generators(self.model)):
             generator.state.assign(np.array([self.seed * 1000 + i, epoch], dtype="int64"))
@@ -38,6 +42,11 @@ class EpochSync(keras.callbacks.Callback):
         self.policy.on_epoch_begin(epoch - self.offset, logs)
 
     def on_epoch_end(self, epoch, logs=None):
+        # This callback runs first, so every later one (and history.csv) sees these.
+        seconds = time.perf_counter() - self._start
+        if logs is not None:
+            logs["seconds"] = seconds
+            logs["images_per_s"] = self.images_per_epoch / seconds if seconds else 0.0
         self.policy.on_epoch_end(epoch - self.offset, logs)
 
 

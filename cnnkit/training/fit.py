@@ -363,9 +363,11 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
             say(f"phase {phase}: {'backbone frozen' if freeze == 'all' else 'frozen through ' + freeze}, "
                 f"lr {rate:g}, epochs {max(start_epoch, offset) + 1}-{end}")
             ratio_monitor = UpdateRatioMonitor(groups, steps)
-            callbacks = [EpochSync(epoch_var, policy, offset, options.seed), ratio_monitor,
-                         EpochReporter(report or (lambda row: None), len(train), phase),
+            # The checkpoint is written before the epoch is reported, so an interrupt
+            # seen while reporting never loses a finished epoch.
+            callbacks = [EpochSync(epoch_var, policy, offset, options.seed, len(train)), ratio_monitor,
                          Checkpointer(work / "checkpoints", options, phase, policy, record, ratio_monitor),
+                         EpochReporter(report or (lambda row: None), phase),
                          keras.callbacks.EarlyStopping("val_accuracy", patience=options.patience, mode="max")]
             if options.tensorboard:
                 callbacks.append(keras.callbacks.TensorBoard(str(work / "tensorboard")))

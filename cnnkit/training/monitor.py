@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import keras
@@ -12,26 +11,16 @@ TARGET_UPDATE_RATIO = 1e-3
 
 
 class EpochReporter(keras.callbacks.Callback):
-    """Passes each finished epoch's numbers (plus seconds and images/s) to ``report``."""
+    """Passes each finished epoch's numbers to ``report`` (a table row in the CLI)."""
 
-    def __init__(self, report: Callable[[dict], None], images_per_epoch: int, phase: str):
+    def __init__(self, report: Callable[[dict], None], phase: str):
         super().__init__()
         self.report = report
-        self.images_per_epoch = images_per_epoch
         self.phase = phase
-        self._start = 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - self._start
-        row = {"phase": self.phase, "epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
-               "seconds": seconds, "images_per_s": self.images_per_epoch / seconds if seconds else 0.0}
-        if logs is not None:
-            logs["seconds"] = seconds
-            logs["images_per_s"] = row["images_per_s"]
-        self.report(row)
+        self.report({"phase": self.phase, "epoch": epoch + 1,
+                     **{k: float(v) for k, v in (logs or {}).items()}})
 
 
 class UpdateRatioMonitor(keras.callbacks.Callback):

@@ -1,0 +1,122 @@
+"""Fine-tuning and training: freezing by stage, resume, interruption, monitoring output."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from cnnkit.backbones import get_backbone
+from cnnkit.errors import CnnkitError
+from cnnkit.predict import predict_run
+from cnnkit.runs import load_run
+from cnnkit.training import TrainOptions, run_training
+from cnnkit.training.network import stage_index
+from cnnkit.training.schedule import schedule_factor
+from conftest import make_class_tree
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_class_tree(tmp_path / "data", {"a": 8, "b": 8}, size=32)
+
+
+def _tiny(**overrides):
+    options = dict(mode="train", backbone="tiny_cnn", weights="none", freeze="none", image_size=32, epochs=4,
+                   head_epochs=0, batch_size=4, lr=0.05, augment="strong", dropout=0.3, val_split=0.25,
+                   deterministic=True, patience=10)
+    options.update(overrides)
+    return TrainOptions(**options)
+
+
+def test_freeze_conv4_keeps_every_weight_up_to_conv4_bit_identical(data, tmp_path):
+    import keras
+
+    options = TrainOptions(mode="finetune", backbone="efficientnet_lite0", freeze="conv4", image_size=32,
+                           epochs=1, head_epochs=0, batch_size=8, lr=1.0, augment="light", val_split=0.25)
+    result = run_training(data, options, tmp_path / "run")
+    trained = keras.saving.load_model(result.run_path / "model.keras", compile=False).get_layer("backbone")
+    spec = get_backbone("efficientnet_lite0")
+    pretrained = spec.build(weights="imagenet", input_size=32)
+    cut = stage_index(spec, pretrained, "conv4")
+    frozen_checked = changed = 0
+    for i, (before, after) in enumerate(zip(pretrained.layers, trained.layers)):
+        for w0, w1 in zip(before.weights, after.weights):  # includes BatchNorm moving statistics
+            if i <= cut:
+                assert np.array_equal(w0.numpy(), w1.numpy()), before.name
+                frozen_checked += 1
+            elif not np.array_equal(w0.numpy(), w1.numpy()):
+                changed += 1
+    assert frozen_checked > 100 and changed > 10
+    assert result.history["phase"] == ["finetune"]
+
+
+def test_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
+    whole = run_training(data, _tiny(), tmp_path / "whole")
+
+    def interrupt_after_epoch_2(row):
+        if row["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM is handled like Ctrl-C
+
+    part = run_training(data, _tiny(), tmp_path / "part", report=interrupt_after_epoch_2)
+    assert part.interrupted and len(part.history["loss"]) == 2
+    manifest = load_run(part.run_path).manifest
+    assert manifest["interrupted"] and "checkpoints/state.json" in manifest["files"]
+    assert len(predict_run([data / "a"], part.run_path).predictions) == 8  # usable as it is
+
+    epochs_seen = []
+    resumed = run_training(data, TrainOptions(), tmp_path / "part", resume=True,
+                           report=lambda row: epochs_seen.append(row["epoch"]))
+    assert epochs_seen == [3, 4]
+    assert not resumed.interrupted
+    np.testing.assert_allclose(resumed.history["loss"], whole.history["loss"], rtol=1e-5)
+    np.testing.assert_allclose(resumed.history["val_accuracy"], whole.history["val_accuracy"])
+    assert not (tmp_path / ".part.training").exists()
+
+
+def test_run_writes_history_plots_and_works_with_predict_and_similar(data, tmp_path):
+    from cnnkit.evaluation import evaluate_run
+    from cnnkit.similarity import similar_images
+
+    result = run_training(data, _tiny(epochs=2, sanity=True), tmp_path / "run")
+    run = result.run_path
+    header = (run / "history.csv").read_text().splitlines()[0].split(",")
+    for column in ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate",
+                   "seconds", "images_per_s"):
+        assert column in header
+    for plot in ("loss.png", "accuracy.png", "update_ratio.png", "first_layer_filters.png"):
+        assert (run / "plots" / plot).stat().st_size > 500, plot
+    report = json.loads((run / "report.json").read_text())
+    assert report["diagnosis"] and report["sanity"]["steps"] >= 1
+    assert set(report["update_ratios"][0]) == {"conv1", "conv2", "conv3", "conv4", "conv5"}
+    assert 0.0 <= evaluate_run(run, data).accuracy <= 1.0
+    assert len(similar_images(run, data / "a" / "000.png", k=3)) == 3
+
+
+def test_sanity_check_overfits_two_batches(data, tmp_path):
+    result = run_training(data, _tiny(epochs=1, sanity=True, augment="none"), tmp_path / "run")
+    assert result.sanity["passed"], result.sanity
+    assert result.sanity["final_loss"] < 0.05 < result.sanity["initial_loss"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mode": "finetune", "freeze": "conv9", "weights": "imagenet", "backbone": "efficientnet_lite0"}, "conv9"),
+    ({"optimizer": "rmsprop"}, "--optimizer 'rmsprop'"),
+    ({"schedule": "sawtooth"}, "--schedule 'sawtooth'"),
+    ({"augment": "extreme"}, "--augment 'extreme'"),
+    ({"mode": "finetune", "freeze": "conv4"}, "use `cnnkit train --weights none`"),
+])
+def test_bad_options_fail_before_any_work(data, tmp_path, overrides, message):
+    with pytest.raises(CnnkitError, match=message):
+        run_training(data, _tiny(**overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_schedules():
+    assert schedule_factor("exp", 2, 10) == pytest.approx(0.97 ** 2)
+    assert schedule_factor("step", 5, 10) == pytest.approx(0.1)
+    assert schedule_factor("step", 8, 10) == pytest.approx(0.01)
+    assert schedule_factor("inv", 2, 10) == pytest.approx(0.5)
+    assert schedule_factor("cosine", 0, 10, warmup=2) == pytest.approx(1 / 3)
+    assert schedule_factor("cosine", 2, 10, warmup=2) == pytest.approx(1.0)
