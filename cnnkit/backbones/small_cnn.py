@@ -14,7 +14,7 @@ def _conv_bn_relu(x, filters, stride, name):
     from keras import layers
 
     x = layers.Conv2D(filters, 3, stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
@@ -24,15 +24,15 @@ def _residual_block(x, filters, stride, name):
     shortcut = x
     y = _conv_bn_relu(x, filters, stride, f"{name}_a")
     y = layers.Conv2D(filters, 3, 1, padding="same", use_bias=False, name=f"{name}_b_conv")(y)
-    y = layers.BatchNormalization(name=f"{name}_b_bn")(y)
+    y = layers.BatchNormalization(momentum=0.9, name=f"{name}_b_bn")(y)
     if stride != 1 or shortcut.shape[-1] != filters:
         shortcut = layers.Conv2D(filters, 1, stride, use_bias=False, name=f"{name}_proj_conv")(x)
-        shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+        shortcut = layers.BatchNormalization(momentum=0.9, name=f"{name}_proj_bn")(shortcut)
     y = layers.Add(name=f"{name}_add")([y, shortcut])
     return layers.ReLU(name=f"{name}_out")(y)
 
 
-def build_small_resnet(input_size: int = 32, widths=(64, 128, 256), blocks_per_stage: int = 2):
+def build_small_resnet(input_size: int = 32, widths=(32, 64, 128), blocks_per_stage: int = 2):
     """A ResNet with a stride-1 stem and three stride-2 stages (conv1..conv3)."""
     import keras
 

@@ -17,6 +17,8 @@ import numpy as np
 from cnnkit.data.dataset import SkippedFile
 from cnnkit.data.images import UnreadableImageError, load_image
 
+_CHUNK = 32
+
 
 class ImageStream:
     """Decode a fixed list of image files into batches.
@@ -50,9 +52,35 @@ class ImageStream:
                 self._failures[index] = SkippedFile(self.paths[index], reason)
             return np.zeros((self.image_size, self.image_size, 3), np.uint8), False
 
-    def dataset(self, batch_size: int, labels: Sequence[int] | None = None,
-                shuffle_seed: int | None = None):
-        """A ``tf.data.Dataset`` of batches.
+    def _decode_chunk(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        decoded = [self._decode(i) for i in indices]
+        size = self.image_size
+        images = np.stack([d[0] for d in decoded]) if decoded else np.zeros((0, size, size, 3), np.uint8)
+        return images, np.array([d[1] for d in decoded], dtype=bool)
+
+    def decoded(self, indices):
+        """Map a ``tf.data.Dataset`` of file indices to ``(image, index)`` elements.
+
+        Files are decoded in chunks of 32 per Python call (a call per image
+        costs more than decoding a small PNG) and several chunks in
+        parallel; unreadable files are dropped. Element order is kept.
+        """
+        import tensorflow as tf
+
+        size = self.image_size
+
+        def decode(chunk):
+            images, ok = tf.numpy_function(self._decode_chunk, [chunk], [tf.uint8, tf.bool])
+            images.set_shape((None, size, size, 3))
+            ok.set_shape((None,))
+            return images, chunk, ok
+
+        ds = indices.batch(_CHUNK).map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.unbatch()
+        return ds.filter(_is_ok).map(_drop_flag)
+
+    def dataset(self, batch_size: int, labels: Sequence[int] | None = None):
+        """A ``tf.data.Dataset`` of batches, in file order.
 
         Yields ``(images, indices)``, or ``(images, labels)`` when ``labels``
         is given. Images are ``uint8`` (B, S, S, 3) raw RGB; every cnnkit
@@ -60,23 +88,16 @@ class ImageStream:
         """
         import tensorflow as tf
 
-        indices = np.arange(len(self.paths), dtype=np.int64)
-        ds = tf.data.Dataset.from_tensor_slices(indices)
-        if shuffle_seed is not None:
-            ds = ds.shuffle(len(indices), seed=shuffle_seed, reshuffle_each_iteration=True)
-        size = self.image_size
-
-        def decode(index):
-            image, ok = tf.numpy_function(self._decode, [index], [tf.uint8, tf.bool])
-            image.set_shape((size, size, 3))
-            ok.set_shape(())
-            return image, index, ok
-
-        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.filter(lambda image, index, ok: ok)
+        ds = self.decoded(tf.data.Dataset.range(len(self.paths)))
         if labels is not None:
             label_table = tf.constant(np.asarray(labels, dtype=np.int64))
-            ds = ds.map(lambda image, index, ok: (image, tf.gather(label_table, index)))
-        else:
-            ds = ds.map(lambda image, index, ok: (image, index))
+            ds = ds.map(lambda image, index: (image, tf.gather(label_table, index)))
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _is_ok(image, index, ok):
+    return ok
+
+
+def _drop_flag(image, index, ok):
+    return image, index

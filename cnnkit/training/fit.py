@@ -157,15 +157,8 @@ def _training_dataset(paths, labels, num_classes, image_size, batch_size, seed, 
             indices, seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch_var.read_value(), tf.int64)]))
         return tf.data.Dataset.from_tensor_slices(order)
 
-    def decode(index):
-        image, ok = tf.numpy_function(stream._decode, [index], [tf.uint8, tf.bool])
-        image.set_shape((image_size, image_size, 3))
-        ok.set_shape(())
-        return image, tf.one_hot(tf.gather(labels_table, index), num_classes), ok
-
-    ds = tf.data.Dataset.from_tensors(0).flat_map(epoch_order)
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.filter(lambda image, label, ok: ok).map(lambda image, label, ok: (image, label))
+    ds = stream.decoded(tf.data.Dataset.from_tensors(0).flat_map(epoch_order))
+    ds = ds.map(lambda image, index: (image, tf.one_hot(tf.gather(labels_table, index), num_classes)))
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE), stream
 
 
