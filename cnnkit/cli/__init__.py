@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cnnkit.cli import backbones, evaluate, extract, finetune, info, predict, similar
+from cnnkit.cli import advise, backbones, evaluate, extract, finetune, info, predict, similar
 
 app = typer.Typer(
     name="cnnkit",
@@ -15,7 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-for module in (info, backbones, predict, extract, finetune, evaluate, similar):
+for module in (advise, info, backbones, predict, extract, finetune, evaluate, similar):
     module.register(app)
 
 

@@ -1,0 +1,307 @@
+"""Choosing the cell of the notes' table by measuring the data.
+
+|                   | very similar to ImageNet  | very different                      |
+|-------------------|---------------------------|-------------------------------------|
+| very little data  | linear classifier on top  | linear classifiers from other stages|
+| quite a lot       | fine-tune a few layers    | fine-tune more layers               |
+
+Size is counted. Similarity to ImageNet is measured on a sample with three
+signals, each compared with a stated threshold (see ``Thresholds`` and
+docs/advise.md for the experiments behind them):
+
+1. domain shift: how far the sample's activation statistics at every BatchNorm
+   layer sit from the ImageNet statistics the layer carries (its moving mean
+   and variance), as the mean per-channel KL divergence;
+2. the backbone's own ImageNet classifier: its mean top-1 confidence;
+3. linear probes: cross-validated accuracy of a logistic regression at
+   conv3, conv4 and top; an intermediate stage beating top means the top
+   features are too ImageNet-specific for this data.
+
+The domain is "different" when at least two signals say so.
+"""
+
+from __future__ import annotations
+
+import shlex
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit.data import Dataset, Sample, load_dataset
+from cnnkit.errors import CnnkitError
+
+STRATEGIES = ("linear-top", "linear-stages", "finetune-few", "finetune-many", "train-scratch")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where the table's cells split; every one can be overridden.
+
+    Attributes:
+        little_data: below this many images per class (median) the data is
+            "little": feature extraction beats fine-tuning there on our
+            benchmarks (docs/advise.md).
+        scratch_data: at or above this many images per class, with small
+            images of a different domain, training from scratch is chosen.
+        scratch_image_side: "small images" means a median side at most this.
+        shift: domain-shift (KL) above this says "different".
+        confidence: ImageNet top-1 confidence below this says "different".
+        probe_margin: an intermediate stage beating top by more than this
+            (accuracy) says "different".
+    """
+
+    little_data: int = 300
+    scratch_data: int = 2000
+    scratch_image_side: int = 64
+    shift: float = 1.0
+    confidence: float = 0.35
+    probe_margin: float = 0.0
+
+
+@dataclass
+class Advice:
+    """Measurements, the chosen cell and strategy, and the command that runs it."""
+
+    images_per_class: dict[str, float]
+    image_side: float
+    similarity: dict[str, dict]
+    cell: dict[str, str]
+    strategy: str
+    layer: str | None
+    freeze: str | None
+    command: str
+    reasons: list[str]
+    thresholds: dict
+    seconds: float = 0.0
+    probes: dict[str, float] = field(default_factory=dict)
+    forward_images_per_s: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_dataset(dataset: Dataset, per_class: int, seed: int = 0) -> list[Sample]:
+    """Up to ``per_class`` training images of each class, chosen reproducibly."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[int, list[Sample]] = {}
+    for sample in dataset.splits["train"]:
+        by_label.setdefault(sample.label, []).append(sample)
+    chosen = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        for i in sorted(rng.permutation(len(group))[:per_class]):
+            chosen.append(group[i])
+    return chosen
+
+
+def _median_side(samples: list[Sample], limit: int = 200) -> float:
+    from PIL import Image
+
+    sides = []
+    for sample in samples[:limit]:
+        try:
+            with Image.open(sample.path) as image:
+                sides.append(min(image.size))
+        except OSError:
+            continue
+    return float(statistics.median(sides)) if sides else 0.0
+
+
+def domain_shift(spec, images: np.ndarray, batch_size: int = 16) -> dict[str, float]:
+    """Mean per-channel KL(data || ImageNet) at the BatchNorm layers of each stage.
+
+    The ImageNet side is each BatchNorm layer's moving mean and variance; the
+    data side is the mean and variance of the same layer's input over the
+    sample. Returns {stage: median KL over the stage's BatchNorm layers} and
+    "mean" over stages.
+    """
+    import keras
+    from keras import ops
+
+    from cnnkit.training.network import stage_groups
+
+    backbone = spec.build(weights="imagenet")
+    groups = stage_groups(spec, backbone)
+    bns = [(stage, layer) for stage, layers in groups.items() for layer in layers
+           if isinstance(layer, keras.layers.BatchNormalization)]
+    if not bns:
+        return {}
+    outputs = []
+    for _, layer in bns:
+        x = ops.cast(layer.input, "float32")
+        outputs += [ops.mean(x, axis=(1, 2)), ops.mean(x * x, axis=(1, 2))]
+    probe = keras.Model(backbone.input, outputs)
+    sums = None
+    for start in range(0, len(images), batch_size):
+        batch = probe.predict_on_batch(images[start:start + batch_size])
+        batch = [np.asarray(b, np.float64).sum(axis=0) for b in batch]
+        sums = batch if sums is None else [a + b for a, b in zip(sums, batch)]
+    n = len(images)
+    per_stage: dict[str, list[float]] = {}
+    for k, (stage, layer) in enumerate(bns):
+        mean = sums[2 * k] / n
+        var = np.maximum(sums[2 * k + 1] / n - mean ** 2, 1e-6)
+        ref_mean = np.asarray(layer.moving_mean.numpy(), np.float64)
+        ref_var = np.maximum(np.asarray(layer.moving_variance.numpy(), np.float64), 1e-6)
+        kl = 0.5 * (var / ref_var + (mean - ref_mean) ** 2 / ref_var - 1.0 + np.log(ref_var / var))
+        per_stage.setdefault(stage, []).append(float(np.mean(kl)))
+    result = {stage: float(np.median(values)) for stage, values in per_stage.items()}
+    result["mean"] = float(np.mean(list(result.values())))
+    return result
+
+
+def imagenet_confidence(spec, images: np.ndarray, batch_size: int = 32) -> dict[str, float] | None:
+    """Mean top-1 probability and normalised entropy of the backbone's ImageNet classifier."""
+    try:
+        classifier = spec.build(weights="imagenet", include_top=True, input_size=images.shape[1])
+    except CnnkitError:
+        return None
+    probabilities = np.concatenate([np.asarray(classifier.predict_on_batch(images[i:i + batch_size]))
+                                    for i in range(0, len(images), batch_size)])
+    entropy = -(probabilities * np.log(np.maximum(probabilities, 1e-12))).sum(axis=1) / np.log(1000)
+    return {"top1": float(probabilities.max(axis=1).mean()), "entropy": float(entropy.mean())}
+
+
+def linear_probes(features: dict[str, np.ndarray], labels: np.ndarray, stages: list[str],
+                  seed: int = 0, fractions=(1.0,)) -> dict[str, dict[str, float]]:
+    """Cross-validated logistic-regression accuracy of each stage (and of data fractions)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = int(min(5, np.bincount(labels)[np.bincount(labels) > 0].min()))
+    if folds < 2:
+        return {}
+    result: dict[str, dict[str, float]] = {}
+    rng = np.random.default_rng(seed)
+    for stage in stages:
+        x = features["conv5" if stage == "top" else stage]
+        result[stage] = {}
+        for fraction in fractions:
+            keep = np.sort(rng.permutation(len(labels))[: max(int(len(labels) * fraction), 2 * folds)])
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+            cv = StratifiedKFold(min(folds, int(np.bincount(labels[keep]).min()) or 2), shuffle=True,
+                                 random_state=seed)
+            result[stage][f"{int(fraction * 100)}%"] = float(cross_val_score(model, x[keep], labels[keep], cv=cv).mean())
+    return result
+
+
+def decide(per_class_median: float, image_side: float, similarity: dict, probes: dict,
+           thresholds: Thresholds) -> tuple[dict[str, str], str, list[str]]:
+    """Map measurements to the table's cell and a strategy, with the reasons in words."""
+    votes, reasons = [], []
+    shift = similarity.get("shift", {}).get("mean")
+    if shift is not None:
+        different = shift > thresholds.shift
+        votes.append(different)
+        reasons.append(f"activation statistics {'far from' if different else 'close to'} ImageNet's "
+                       f"(shift {shift:.2f} {'>' if different else '<='} {thresholds.shift})")
+    confidence = similarity.get("imagenet_classifier", {}) or {}
+    if "top1" in confidence:
+        different = confidence["top1"] < thresholds.confidence
+        votes.append(different)
+        reasons.append(f"the ImageNet classifier is {'unsure' if different else 'confident'} on these images "
+                       f"(mean top-1 {confidence['top1']:.2f} {'<' if different else '>='} {thresholds.confidence})")
+    full = {stage: values.get("100%") for stage, values in probes.items() if values}
+    if "top" in full and len(full) > 1:
+        best_stage = max(full, key=full.get)
+        margin = full[best_stage] - full["top"]
+        different = best_stage != "top" and margin > thresholds.probe_margin
+        votes.append(different)
+        reasons.append(f"linear probe: {best_stage} {full[best_stage]:.3f} vs top {full['top']:.3f}"
+                       + (" -- an intermediate stage wins" if different else " -- the top layer is best"))
+    different = votes[0] if len(votes) == 1 else sum(votes) >= 2
+    domain = "different" if different else "similar"
+    data = "little" if per_class_median < thresholds.little_data else "lot"
+    reasons.insert(0, f"{per_class_median:g} images per class (median) is "
+                      f"{'below' if data == 'little' else 'at or above'} {thresholds.little_data}: {data} data")
+    if data == "little":
+        strategy = "linear-top" if domain == "similar" else "linear-stages"
+    elif (domain == "different" and per_class_median >= thresholds.scratch_data
+          and 0 < image_side <= thresholds.scratch_image_side):
+        strategy = "train-scratch"
+        reasons.append(f"{per_class_median:g} small images per class ({image_side:g} px) of a different domain: "
+                       "a compact network trained from scratch fits them best")
+    else:
+        strategy = "finetune-few" if domain == "similar" else "finetune-many"
+    return {"data": data, "domain": domain}, strategy, reasons
+
+
+def strategy_command(strategy: str, data: str | Path, backbone: str, layer: str | None,
+                     freeze: str | None, image_side: float) -> str:
+    data = shlex.quote(str(data))
+    if strategy in ("linear-top", "linear-stages"):
+        return f"cnnkit extract {data} --backbone {backbone} --layer {layer} --head logreg"
+    if strategy == "train-scratch":
+        size = max(int(image_side), 28) if image_side else 32
+        return f"cnnkit train {data} --backbone small_resnet --image-size {size}"
+    return f"cnnkit finetune {data} --backbone {backbone} --freeze {freeze}"
+
+
+def advise(data: str | Path, backbone: str = "efficientnet_lite0", per_class: int = 20, max_images: int = 400,
+           thresholds: Thresholds | None = None, seed: int = 0, batch_size: int = 32,
+           dataset: Dataset | None = None) -> Advice:
+    """Measure ``data`` and choose a strategy (see the module docstring).
+
+    Args:
+        per_class: images per class in the measurement sample (at most
+            ``max_images`` in all); the sample bounds the time taken.
+    """
+    from cnnkit.backbones import get_backbone
+    from cnnkit.features import FeatureConfig, compute_features
+
+    started = time.perf_counter()
+    thresholds = thresholds or Thresholds()
+    spec = get_backbone(backbone)
+    if not spec.pretrained:
+        raise CnnkitError(f"--backbone {backbone} has no pretrained weights; advise needs an ImageNet backbone")
+    dataset = dataset or load_dataset(data)
+    summary = dataset.summary("train")
+    counts = [c for c in summary.counts.values()]
+    n_classes = len(counts)
+    per_class = max(2, min(per_class, max_images // max(n_classes, 1)))
+    sample = sample_dataset(dataset, per_class, seed)
+
+    # One forward pass over the sample gives the probe features (and fills the cache).
+    forward_started = time.perf_counter()
+    table = compute_features([s.path for s in sample], FeatureConfig(backbone), batch_size)
+    forward_seconds = time.perf_counter() - forward_started
+    kept = [sample[i] for i in table.kept]
+    labels = np.array([s.label for s in kept])
+    from cnnkit.data import load_image
+
+    images = np.stack([load_image(s.path, spec.input_size) for s in kept[:200]])
+    similarity = {"shift": domain_shift(spec, images)}
+    confidence = imagenet_confidence(spec, images)
+    if confidence is not None:
+        similarity["imagenet_classifier"] = confidence
+    probe_stages = [s for s in ("conv3", "conv4", "top") if s in spec.layer_choices]
+    probes = linear_probes(table.features, labels, probe_stages, seed, fractions=(0.5, 1.0))
+    similarity["probes"] = probes
+
+    median = float(statistics.median(counts)) if counts else 0.0
+    side = _median_side(kept)
+    cell, strategy, reasons = decide(median, side, similarity, probes, thresholds)
+    full = {stage: v.get("100%", 0.0) for stage, v in probes.items()}
+    layer = freeze = None
+    if strategy == "linear-top":
+        layer = "top"
+    elif strategy == "linear-stages":
+        best = max(full, key=full.get) if full else "conv4"
+        layer = best if best == "top" else f"{best},top"
+    elif strategy == "finetune-few":
+        freeze = "conv4"
+    elif strategy == "finetune-many":
+        freeze = "conv2"
+    command = strategy_command(strategy, data, backbone, layer, freeze, side)
+    return Advice(
+        images_per_class={"min": float(min(counts, default=0)), "median": median, "total": float(sum(counts)),
+                          "classes": float(n_classes)},
+        image_side=side, similarity=similarity, cell=cell, strategy=strategy, layer=layer, freeze=freeze,
+        command=command, reasons=reasons, thresholds=asdict(thresholds),
+        seconds=time.perf_counter() - started, probes=full,
+        forward_images_per_s=table.computed / forward_seconds if table.computed > 20 else None)

@@ -1,0 +1,119 @@
+"""`cnnkit advise DATA` and `cnnkit auto DATA`: pick the strategy by measurement, and run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cnnkit.backbones.registry import DEFAULT_BACKBONE
+from cnnkit.cli._common import (BackboneOption, JsonOption, QuietOption, console, err_console, print_json,
+                                quiet_tensorflow, user_errors)
+
+Data = Annotated[Path, typer.Argument(help="Folder of class subfolders (optionally train/ val/ test/), or a CSV of path,label.", show_default=False)]
+LittleData = Annotated[int | None, typer.Option(help="Override: images per class below which data is 'little'.")]
+Shift = Annotated[float | None, typer.Option(help="Override: domain-shift score above which the domain is 'different'.")]
+Confidence = Annotated[float | None, typer.Option(help="Override: ImageNet top-1 confidence below which the domain is 'different'.")]
+
+
+def _thresholds(little_data, shift, confidence):
+    from dataclasses import replace
+
+    from cnnkit.advise import Thresholds
+
+    changes = {k: v for k, v in (("little_data", little_data), ("shift", shift), ("confidence", confidence))
+               if v is not None}
+    return replace(Thresholds(), **changes)
+
+
+def _print_advice(advice) -> None:
+    from rich.table import Table
+
+    table = Table(title="measurements", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    ipc = advice.images_per_class
+    table.add_row("images per class", f"min {ipc['min']:g}, median {ipc['median']:g} "
+                  f"({ipc['classes']:g} classes, {ipc['total']:g} images)")
+    table.add_row("image side (median)", f"{advice.image_side:g} px")
+    shift = advice.similarity.get("shift", {})
+    if shift:
+        table.add_row("domain shift", f"{shift['mean']:.3f}  (" + ", ".join(
+            f"{k} {v:.2f}" for k, v in shift.items() if k != "mean") + ")")
+    confidence = advice.similarity.get("imagenet_classifier")
+    if confidence:
+        table.add_row("ImageNet top-1 confidence", f"{confidence['top1']:.3f}")
+    for stage, accuracy in advice.probes.items():
+        table.add_row(f"linear probe {stage}", f"{accuracy:.3f}")
+    console.print(table)
+    console.print(f"cell: [bold]{advice.cell['data']} data, {advice.cell['domain']} domain[/bold] -> "
+                  f"strategy [bold green]{advice.strategy}[/bold green]")
+    for reason in advice.reasons:
+        console.print(f"  - {reason}")
+    console.print(f"run: [bold]{advice.command}[/bold]")
+
+
+def advise(
+    data: Data,
+    backbone: BackboneOption = DEFAULT_BACKBONE,
+    per_class: Annotated[int, typer.Option(min=2, help="Images per class in the measurement sample.")] = 20,
+    little_data: LittleData = None,
+    shift: Shift = None,
+    confidence: Confidence = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    json_output: JsonOption = False,
+) -> None:
+    """Measure data size and similarity to ImageNet, pick the table's cell, say why and what to run."""
+    quiet_tensorflow()
+    from cnnkit.advise import advise as measure
+
+    with user_errors():
+        advice = measure(data, backbone, per_class, thresholds=_thresholds(little_data, shift, confidence),
+                         seed=seed)
+    if json_output:
+        print_json(advice.to_dict())
+    else:
+        _print_advice(advice)
+
+
+def auto(
+    data: Data,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/auto"),
+    backbone: BackboneOption = DEFAULT_BACKBONE,
+    budget: Annotated[float, typer.Option(min=1.0, help="Minutes to aim for (sets the training epochs).")] = 10.0,
+    little_data: LittleData = None,
+    shift: Shift = None,
+    confidence: Confidence = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling, splits and training.")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace --out if it is an existing run.")] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Advise, run the chosen strategy, evaluate, and write a report of what was measured, tried and chosen."""
+    quiet_tensorflow()
+    from cnnkit.auto import run_auto
+
+    def say(message):
+        if not (quiet or json_output):
+            err_console.print(f"[cyan]{message}[/cyan]")
+
+    with user_errors():
+        result = run_auto(data, out, backbone, budget, _thresholds(little_data, shift, confidence), seed, force, say)
+    if json_output:
+        print_json({"run": str(result.run_path), "report": str(result.report_path), "strategy": result.advice.strategy,
+                    "cell": result.advice.cell, "chosen": result.chosen, "metrics": result.metrics,
+                    "seconds": result.seconds})
+        return
+    if quiet:
+        return
+    _print_advice(result.advice)
+    for key in ("cv_accuracy", "val_accuracy", "test_accuracy"):
+        if result.metrics.get(key) is not None:
+            console.print(f"{key.replace('_', ' ')}: [bold green]{result.metrics[key]:.3f}[/bold green]")
+    console.print(f"model: {result.run_path}   report: {result.report_path}   ({result.seconds:.0f} s)")
+
+
+def register(app) -> None:
+    app.command()(advise)
+    app.command()(auto)

@@ -1,0 +1,86 @@
+"""Choosing the table's cell: the decision on measurements, and advise/auto end to end."""
+
+import json
+
+import pytest
+
+from cnnkit.advise import Thresholds, decide
+from cnnkit.auto import run_auto
+from cnnkit.predict import predict_run
+from conftest import PHOTOS, make_class_tree
+
+SIMILAR = {"shift": {"mean": 0.3}, "imagenet_classifier": {"top1": 0.7}}
+DIFFERENT = {"shift": {"mean": 3.0}, "imagenet_classifier": {"top1": 0.1}}
+TOP_WINS = {"conv3": {"100%": 0.6}, "conv4": {"100%": 0.7}, "top": {"100%": 0.8}}
+MIDDLE_WINS = {"conv3": {"100%": 0.6}, "conv4": {"100%": 0.8}, "top": {"100%": 0.7}}
+
+
+@pytest.mark.parametrize("median, side, similarity, probes, cell, strategy", [
+    (10, 224, SIMILAR, TOP_WINS, {"data": "little", "domain": "similar"}, "linear-top"),
+    (10, 28, DIFFERENT, MIDDLE_WINS, {"data": "little", "domain": "different"}, "linear-stages"),
+    (1000, 224, SIMILAR, TOP_WINS, {"data": "lot", "domain": "similar"}, "finetune-few"),
+    (1000, 224, DIFFERENT, MIDDLE_WINS, {"data": "lot", "domain": "different"}, "finetune-many"),
+    (6000, 28, DIFFERENT, MIDDLE_WINS, {"data": "lot", "domain": "different"}, "train-scratch"),
+])
+def test_every_cell_is_reachable(median, side, similarity, probes, cell, strategy):
+    got_cell, got_strategy, reasons = decide(median, side, similarity, probes, Thresholds())
+    assert (got_cell, got_strategy) == (cell, strategy)
+    assert len(reasons) >= 3 and all(isinstance(r, str) for r in reasons)
+
+
+def test_two_of_three_signals_decide_the_domain():
+    mixed = {"shift": {"mean": 3.0}, "imagenet_classifier": {"top1": 0.7}}
+    assert decide(10, 224, mixed, TOP_WINS, Thresholds())[0]["domain"] == "similar"
+    assert decide(10, 224, mixed, MIDDLE_WINS, Thresholds())[0]["domain"] == "different"
+
+
+def test_thresholds_can_be_overridden():
+    assert decide(100, 224, SIMILAR, TOP_WINS, Thresholds(little_data=50))[0]["data"] == "lot"
+    assert decide(100, 224, SIMILAR, TOP_WINS, Thresholds(shift=0.1, confidence=0.9))[0]["domain"] == "different"
+
+
+def test_advise_json_from_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cnnkit.cli import app
+
+    data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=40)
+    result = CliRunner().invoke(app, ["advise", str(data), "--per-class", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    advice = json.loads(result.stdout)
+    for key in ("images_per_class", "similarity", "cell", "strategy", "command"):
+        assert key in advice
+    assert advice["cell"]["data"] == "little" and advice["images_per_class"]["median"] == 6
+    assert advice["strategy"] in ("linear-top", "linear-stages")
+    assert advice["layer"] and advice["command"].startswith("cnnkit extract")
+    assert set(advice["similarity"]) >= {"shift", "imagenet_classifier", "probes"}
+
+
+def test_auto_runs_the_choice_and_the_run_works_everywhere(tmp_path):
+    data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=40)
+    result = run_auto(data, tmp_path / "run", budget_minutes=5)
+    assert result.chosen["command"] == "extract"
+    assert result.tried and all("cv_accuracy" in t or "error" in t for t in result.tried)
+    report = result.report_path.read_text()
+    assert "## Measured" in report and "## Chosen" in report and result.advice.strategy in report
+    assert len(predict_run([data], result.run_path).predictions) == 12
+
+
+@pytest.mark.slow
+def test_crops_of_real_photos_are_a_similar_domain(tmp_path):
+    """Natural photos: crops of the sample photos, one class per photo."""
+    from PIL import Image
+
+    from cnnkit.advise import advise
+
+    for photo in ("cat.png", "coffee.png", "rocket.jpg", "motorcycle.png", "astronaut.png"):
+        image = Image.open(PHOTOS / photo).convert("RGB")
+        folder = tmp_path / "photos" / photo.split(".")[0]
+        folder.mkdir(parents=True)
+        w, h = image.size
+        for i in range(6):
+            side = int(min(w, h) * (0.6 + 0.05 * i))
+            left, top = (w - side) * i // 6, (h - side) * (5 - i) // 6
+            image.crop((left, top, left + side, top + side)).save(folder / f"{i}.png")
+    advice = advise(tmp_path / "photos", per_class=6)
+    assert advice.cell["domain"] == "similar", advice.reasons
