@@ -56,7 +56,7 @@ class Thresholds:
     little_data: int = 300
     scratch_data: int = 2000
     scratch_image_side: int = 64
-    shift: float = 1.0
+    shift: float = 0.15
     confidence: float = 0.35
     probe_margin: float = 0.0
 
@@ -173,20 +173,26 @@ def linear_probes(features: dict[str, np.ndarray], labels: np.ndarray, stages: l
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    folds = int(min(5, np.bincount(labels)[np.bincount(labels) > 0].min()))
-    if folds < 2:
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() < 2:
         return {}
     result: dict[str, dict[str, float]] = {}
     rng = np.random.default_rng(seed)
+    subsets = {}
+    for fraction in fractions:
+        # The same share of every class, at least two images each.
+        keep = np.concatenate([
+            rng.permutation(np.flatnonzero(labels == c))[: max(2, int(round(counts[c] * fraction)))]
+            for c in np.flatnonzero(counts)])
+        subsets[f"{int(fraction * 100)}%"] = np.sort(keep)
     for stage in stages:
         x = features["conv5" if stage == "top" else stage]
         result[stage] = {}
-        for fraction in fractions:
-            keep = np.sort(rng.permutation(len(labels))[: max(int(len(labels) * fraction), 2 * folds)])
+        for name, keep in subsets.items():
+            folds = int(min(5, np.bincount(labels[keep])[np.bincount(labels[keep]) > 0].min()))
             model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-            cv = StratifiedKFold(min(folds, int(np.bincount(labels[keep]).min()) or 2), shuffle=True,
-                                 random_state=seed)
-            result[stage][f"{int(fraction * 100)}%"] = float(cross_val_score(model, x[keep], labels[keep], cv=cv).mean())
+            cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+            result[stage][name] = float(cross_val_score(model, x[keep], labels[keep], cv=cv).mean())
     return result
 
 
