@@ -213,13 +213,13 @@ def decide(per_class_median: float, image_side: float, similarity: dict, probes:
         reasons.append(f"the ImageNet classifier is {'unsure' if different else 'confident'} on these images "
                        f"(mean top-1 {confidence['top1']:.2f} {'<' if different else '>='} {thresholds.confidence})")
     full = {stage: values.get("100%") for stage, values in probes.items() if values}
-    if "top" in full and len(full) > 1:
-        best_stage = max(full, key=full.get)
-        margin = full[best_stage] - full["top"]
-        different = best_stage != "top" and margin > thresholds.probe_margin
+    middle = {stage: accuracy for stage, accuracy in full.items() if stage != "top"}
+    if "top" in full and middle:
+        best_middle = max(middle, key=middle.get)
+        different = middle[best_middle] - full["top"] > thresholds.probe_margin
         votes.append(different)
-        reasons.append(f"linear probe: {best_stage} {full[best_stage]:.3f} vs top {full['top']:.3f}"
-                       + (" -- an intermediate stage wins" if different else " -- the top layer is best"))
+        reasons.append(f"linear probe: {best_middle} {middle[best_middle]:.3f} vs top {full['top']:.3f} -- "
+                       + ("an intermediate stage wins" if different else "the top layer is at least as good"))
     different = votes[0] if len(votes) == 1 else sum(votes) >= 2
     domain = "different" if different else "similar"
     data = "little" if per_class_median < thresholds.little_data else "lot"
@@ -297,8 +297,10 @@ def advise(data: str | Path, backbone: str = "efficientnet_lite0", per_class: in
     if strategy == "linear-top":
         layer = "top"
     elif strategy == "linear-stages":
-        best = max(full, key=full.get) if full else "conv4"
-        layer = best if best == "top" else f"{best},top"
+        # The cell says: try other stages. The best intermediate stage goes beside top;
+        # `auto` then cross-validates the alternatives.
+        middle = {stage: accuracy for stage, accuracy in full.items() if stage != "top"}
+        layer = f"{max(middle, key=middle.get) if middle else 'conv4'},top"
     elif strategy == "finetune-few":
         freeze = "conv4"
     elif strategy == "finetune-many":

@@ -95,7 +95,9 @@ def run_auto(data: str | Path, out: str | Path, backbone: str = "efficientnet_li
                                  val_split=0.0)
         result = run_extract(data, options, out, force, dataset=dataset)
         chosen = {"strategy": advice.strategy, "command": "extract", "layers": best["layers"],
-                  "head": best["head"]}
+                  "head": best["head"],
+                  "equivalent": f"cnnkit extract {data} --backbone {backbone} --layer {best['layers']} "
+                                f"--head {best['head']} --val-split 0"}
         metrics, run_path = result.metrics, result.run_path
     else:
         from cnnkit.training import TrainOptions, run_training
@@ -118,7 +120,10 @@ def run_auto(data: str | Path, out: str | Path, backbone: str = "efficientnet_li
         say(f"about {epoch_seconds:.0f}s per epoch: {options.epochs} epoch(s) fit the budget")
         result = run_training(data, options, out, force=force, report=report, progress=say, dataset=dataset)
         chosen = {"strategy": advice.strategy, "command": options.mode, "freeze": options.freeze,
-                  "backbone": options.backbone, "epochs": options.epochs}
+                  "backbone": options.backbone, "epochs": options.epochs,
+                  "equivalent": f"cnnkit {options.mode} {data} --backbone {options.backbone} "
+                                + (f"--freeze {options.freeze} " if options.mode == "finetune" else "")
+                                + f"--epochs {options.epochs}"}
         metrics, run_path = result.metrics, result.run_path
 
     auto = AutoResult(advice, run_path, tried, chosen, metrics, time.perf_counter() - started)
@@ -160,7 +165,7 @@ def write_report(result: AutoResult) -> Path:
     for key, value in result.metrics.items():
         if isinstance(value, float):
             lines.append(f"- {key.replace('_', ' ')}: {value:.3f}")
-    lines += ["", f"Equivalent command: `{advice.command}`", ""]
+    lines += ["", f"Equivalent command: `{result.chosen.get('equivalent', advice.command)}`", ""]
     path = result.run_path / "report.md"
     path.write_text("\n".join(lines))
     (result.run_path / "auto.json").write_text(json.dumps(

@@ -27,7 +27,7 @@ def _thresholds(little_data, shift, confidence):
     return replace(Thresholds(), **changes)
 
 
-def _print_advice(advice) -> None:
+def _print_advice(advice, ran: str | None = None) -> None:
     from rich.table import Table
 
     table = Table(title="measurements", show_header=False)
@@ -51,7 +51,10 @@ def _print_advice(advice) -> None:
                   f"strategy [bold green]{advice.strategy}[/bold green]")
     for reason in advice.reasons:
         console.print(f"  - {reason}")
-    console.print(f"run: [bold]{advice.command}[/bold]")
+    if ran:
+        console.print(f"ran: [bold]{ran}[/bold]")
+    else:
+        console.print(f"run: [bold]{advice.command}[/bold]")
 
 
 def advise(
@@ -107,7 +110,7 @@ def auto(
         return
     if quiet:
         return
-    _print_advice(result.advice)
+    _print_advice(result.advice, ran=result.chosen.get("equivalent"))
     for key in ("cv_accuracy", "val_accuracy", "test_accuracy"):
         if result.metrics.get(key) is not None:
             console.print(f"{key.replace('_', ' ')}: [bold green]{result.metrics[key]:.3f}[/bold green]")
