@@ -10,7 +10,6 @@ content hash, so adding images computes only the new ones. It is plain files:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -23,7 +22,7 @@ import numpy as np
 from cnnkit.backbones import BackboneSpec, get_backbone
 from cnnkit.data import ImageStream, SkippedFile
 from cnnkit.errors import CnnkitError
-from cnnkit.paths import cache_dir
+from cnnkit.paths import cache_dir, file_digest
 
 POOLINGS = ("avg", "max")
 _FORMAT = 1
@@ -72,12 +71,8 @@ class FeatureConfig:
 
 
 def file_hash(path: Path) -> str:
-    """SHA-1 of a file's bytes (content identity, not security)."""
-    digest = hashlib.sha1()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """SHA-1 of a file's bytes: the cache's content identity (not a security check)."""
+    return file_digest(path, "sha1")
 
 
 def inference_fn(model):

@@ -1,5 +1,6 @@
-"""Where cnnkit keeps files it builds once: converted weights, feature caches."""
+"""Where cnnkit keeps files it builds once, and identifying files by content."""
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -14,3 +15,12 @@ def cache_dir() -> Path:
         return Path(os.environ["CNNKIT_HOME"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg).expanduser() / "cnnkit"
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm)
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

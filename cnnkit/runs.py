@@ -19,7 +19,6 @@ from the files.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -31,17 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from cnnkit.errors import CnnkitError
+from cnnkit.paths import file_digest
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def check_destination(out: Path, force: bool) -> None:
