@@ -36,7 +36,7 @@ def predict(
     report_skipped(report.failures, quiet=True)
     if json_output:
         print_json([p.to_dict() for p in report.predictions])
-    elif not quiet:
+    elif not quiet and report.predictions:
         _print_table(report.predictions, top_k)
     if report.failures and not quiet:
         warn(f"{len(report.failures)} input(s) skipped, {len(report.predictions)} predicted")
@@ -48,7 +48,7 @@ def _print_table(predictions, top_k: int) -> None:
     from rich.table import Table
 
     table = Table(title=None, show_lines=False)
-    table.add_column("image", overflow="fold")
+    table.add_column("image", overflow="fold", min_width=24)
     table.add_column("top-1", style="bold green")
     table.add_column("score", justify="right")
     if top_k > 1:
