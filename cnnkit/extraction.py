@@ -134,8 +134,10 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
         def write_files(folder: Path) -> None:
             from cnnkit.similarity import write_index
 
+            from cnnkit.models import embed_features
+
             save_head(fitted.pipeline, folder / "head.skops")
-            write_index(folder, x_train, y_train, train_paths)
+            write_index(folder, embed_features(fitted.pipeline, x_train), y_train, train_paths)
 
         manifest = {
             "strategy": "extract",

@@ -30,6 +30,10 @@ class FeatureHeadClassifier:
         stage_features = self.extractor(images)
         return np.concatenate([stage_features[_stage_key(l)] for l in self.layers], axis=1)
 
+    def embed(self, images) -> np.ndarray:
+        """The retrieval embedding: features after the head's own scaling and PCA."""
+        return embed_features(self.head, self.features(images))
+
     def __call__(self, images) -> np.ndarray:
         return self.head.predict_proba(self.features(images))
 
@@ -52,7 +56,8 @@ class NetworkClassifier:
         self._predict = inference_fn(self.model)
         self._features = None
 
-    def features(self, images) -> np.ndarray:
+    def embed(self, images) -> np.ndarray:
+        """The retrieval embedding: the pooled features before the classifier."""
         import keras
 
         from cnnkit.features import inference_fn
@@ -63,6 +68,16 @@ class NetworkClassifier:
 
     def __call__(self, images) -> np.ndarray:
         return np.asarray(self._predict(images))
+
+
+def embed_features(head, features: np.ndarray) -> np.ndarray:
+    """Features as the head sees them before its classifier (standardised, PCA-projected).
+
+    Raw pooled activations are all positive and share a large common
+    component, so their cosine similarities bunch near 1; the head's
+    standardisation centres them and makes neighbours meaningful.
+    """
+    return np.asarray(head[:-1].transform(features), dtype=np.float32)
 
 
 def load_classifier(run):

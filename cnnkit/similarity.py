@@ -71,7 +71,7 @@ def similar_images(run_path: str | Path, image: str | Path, k: int = 5) -> list[
     if len(index) != len(labels) or len(index) != len(paths):
         raise CnnkitError(f"{run_path}: the retrieval index is inconsistent; re-create the run")
     pixels = load_image(image, run.image_size, run.manifest.get("crop_pct", 1.0))
-    query = run.classifier().features(pixels[None])
+    query = run.classifier().embed(pixels[None])
     if query.shape[1] != index.shape[1]:
         raise CnnkitError(f"{run_path}: index has {index.shape[1]} dims, the model gives {query.shape[1]}")
     rows, scores = nearest(index, query, k)
