@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 def _seed_generators(model):
@@ -67,15 +69,26 @@ class Checkpointer(keras.callbacks.Callback):
             record["update_ratios"].append(self.ratio_monitor.history[-1])
         if (logs or {}).get("val_accuracy", -1.0) > record["best"]["val_accuracy"]:
             record["best"] = {"val_accuracy": float(logs["val_accuracy"]), "epoch": epoch + 1}
-            self.model.save_weights(self.folder / "best.weights.h5")
-        self.model.save_weights(self.folder / "last.weights.h5")
-        np.savez(self.folder / "optimizer.npz",
+            tmp = self.folder / "best.tmp.weights.h5"
+            self.model.save_weights(tmp)
+            os.replace(tmp, self.folder / "best.weights.h5")
+        # Each epoch's checkpoint goes into a new folder that state.json points at
+        # only once it is complete, so Ctrl-C at any moment leaves a consistent one.
+        name = f"epoch-{epoch + 1:04d}"
+        target = self.folder / name
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+        self.model.save_weights(target / "model.weights.h5")
+        np.savez(target / "optimizer.npz",
                  **{f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(self.model.optimizer.variables)})
         state = {"format": CHECKPOINT_FORMAT, "options": asdict(self.options), "phase": self.phase,
-                 "next_epoch": epoch + 1, "policy": self.policy.state(), **record}
+                 "next_epoch": epoch + 1, "checkpoint": name, "policy": self.policy.state(), **record}
         tmp = self.folder / "state.json.tmp"
         tmp.write_text(json.dumps(state))
-        tmp.replace(self.folder / "state.json")
+        os.replace(tmp, self.folder / "state.json")
+        for old in self.folder.glob("epoch-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def restore_optimizer(model, path: Path) -> None:

@@ -250,8 +250,16 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
         checkpoint = _checkpoint_dir(out)
         if checkpoint is None:
             raise CnnkitError(f"--resume {out}: no checkpoint found")
-        state = json.loads((checkpoint / "state.json").read_text())
-        options = TrainOptions(**state["options"])
+        from cnnkit.training.checkpoint import CHECKPOINT_FORMAT
+
+        try:
+            state = json.loads((checkpoint / "state.json").read_text())
+            options = TrainOptions(**state["options"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise CnnkitError(f"--resume {out}: damaged checkpoint ({error}); start a new run") from None
+        if state.get("format") != CHECKPOINT_FORMAT or "checkpoint" not in state:
+            raise CnnkitError(f"--resume {out}: the checkpoint was written by another cnnkit version; "
+                              "start a new run")
     else:
         check_destination(out, force)
 
@@ -288,8 +296,7 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
         shutil.rmtree(work, ignore_errors=True)
     (work / "checkpoints").mkdir(parents=True, exist_ok=True)
     if resume and checkpoint != work / "checkpoints":
-        for item in checkpoint.iterdir():
-            shutil.copy2(item, work / "checkpoints" / item.name)
+        shutil.copytree(checkpoint, work / "checkpoints", dirs_exist_ok=True)
 
     strategy = _strategy()
     with strategy.scope():
@@ -348,9 +355,10 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
                                         0 if head_phase else options.warmup, patience=options.plateau_patience)
             if state and start_epoch > 0:
                 # Resuming: the weights of the last finished epoch; mid-phase also the optimizer and rate.
-                model.load_weights(work / "checkpoints" / "last.weights.h5")
+                last = work / "checkpoints" / state["checkpoint"]
+                model.load_weights(last / "model.weights.h5")
                 if state["phase"] == phase and start_epoch > offset:
-                    restore_optimizer(model, work / "checkpoints" / "optimizer.npz")
+                    restore_optimizer(model, last / "optimizer.npz")
                     policy.restore(state["policy"])
                 state = {}
             say(f"phase {phase}: {'backbone frozen' if freeze == 'all' else 'frozen through ' + freeze}, "
