@@ -38,7 +38,7 @@ Data = Annotated[Path, typer.Argument(help="Folder of class subfolders (optional
 
 def _run(data, options, out, force, resume, json_output, quiet):
     quiet_tensorflow()
-    from cnnkit.training import resume_options, run_training
+    from cnnkit.training import run_training
 
     if resume is not None:
         out = resume
@@ -58,8 +58,7 @@ def _run(data, options, out, force, resume, json_output, quiet):
             err_console.print(f"[cyan]{message}[/cyan]")
 
     with user_errors():
-        if resume is not None:
-            options = resume_options(resume)
+        # With --resume, the options come from the run's checkpoint.
         result = run_training(data, options, out, force=force, resume=resume is not None, report=report,
                               progress=say)
     report_skipped(result.skipped, quiet)

@@ -206,18 +206,6 @@ def _checkpoint_dir(out: Path) -> Path | None:
     return None
 
 
-def resume_options(out: Path) -> TrainOptions:
-    """The options a run was started with, read from its checkpoint."""
-    folder = _checkpoint_dir(Path(out))
-    if folder is None:
-        raise CnnkitError(f"--resume {out}: no checkpoint found (in {out}/checkpoints or its work folder)")
-    try:
-        state = json.loads((folder / "state.json").read_text())
-        return TrainOptions(**state["options"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise CnnkitError(f"--resume {out}: damaged checkpoint ({error})") from None
-
-
 def run_training(data: str | Path, options: TrainOptions, out: str | Path, force: bool = False,
                  resume: bool = False, report: Callable[[dict], None] | None = None,
                  progress: Callable[[str], None] | None = None,
