@@ -84,3 +84,13 @@ def test_crops_of_real_photos_are_a_similar_domain(tmp_path):
             image.crop((left, top, left + side, top + side)).save(folder / f"{i}.png")
     advice = advise(tmp_path / "photos", per_class=6)
     assert advice.cell["domain"] == "similar", advice.reasons
+
+
+def test_auto_fine_tunes_when_the_thresholds_say_lot(tmp_path):
+    data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=40)
+    result = run_auto(data, tmp_path / "run", budget_minutes=1, thresholds=Thresholds(little_data=2))
+    assert result.advice.cell["data"] == "lot"
+    assert result.chosen["command"] == "finetune" and result.chosen["freeze"] in ("conv2", "conv4")
+    assert result.chosen["epochs"] >= 1 and "--freeze" in result.chosen["equivalent"]
+    assert (result.run_path / "model.keras").exists() and (result.run_path / "report.md").exists()
+    assert len(predict_run([data], result.run_path).predictions) == 12
