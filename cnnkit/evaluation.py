@@ -84,18 +84,11 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
     to_run_label = {i: run.class_names.index(name) for i, name in enumerate(dataset.class_names)}
     classifier = run.classifier()
     stream = ImageStream([s.path for s in samples], run.image_size, run.manifest.get("crop_pct", 1.0))
-    probabilities, kept = [], []
-    if progress:
-        progress(0, len(samples))
-    for images, indices in stream.dataset(batch_size):
-        probabilities.append(classifier(images))
-        kept.extend(indices.numpy().tolist())
-        if progress:
-            progress(len(kept) + len(stream.failures), len(samples))
-    if not kept:
+    outputs, kept = stream.map_batches(lambda images: np.asarray(classifier(images)), batch_size, progress)
+    if not len(kept):
         raise CnnkitError(f"{data}: no readable images to evaluate")
     labels = np.array([to_run_label[samples[i].label] for i in kept])
-    return Evaluation(run.class_names, labels, np.concatenate(probabilities),
+    return Evaluation(run.class_names, labels, np.concatenate(outputs),
                       [samples[i].path for i in kept], dataset.skipped + stream.failures)
 
 

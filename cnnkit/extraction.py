@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnkit.errors import CnnkitError
-from cnnkit.data import Dataset, Sample, SkippedFile, load_dataset, stratified_split
+from cnnkit.data import Dataset, SkippedFile, load_dataset, split_dataset
 from cnnkit.features import FeatureConfig, compute_features, parse_layers
 from cnnkit.heads import HEADS, FittedHead, fit_head, parse_pca, save_head
 
@@ -56,14 +56,6 @@ class ExtractResult:
     skipped: list[SkippedFile] = field(default_factory=list)
     computed: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def split_dataset(dataset: Dataset, val_split: float, seed: int) -> dict[str, list[Sample]]:
-    """train / val / test samples: the user's splits, or val carved from train."""
-    splits = dict(dataset.splits)
-    if "val" not in splits and val_split > 0:
-        splits["train"], splits["val"] = stratified_split(splits["train"], val_split, seed)
-    return {name: samples for name, samples in splits.items() if samples}
 
 
 def _accuracy(pipeline, features: np.ndarray, labels: np.ndarray) -> float | None:

@@ -142,20 +142,10 @@ class FeatureExtractor:
             readable file, ``kept`` holds those files' indices in ``paths``.
         """
         stream = ImageStream(paths, self.config.image_size, crop_pct=1.0)
-        chunks: dict[str, list[np.ndarray]] = {s: [] for s in self.stages}
-        kept: list[np.ndarray] = []
-        if progress:
-            progress(0, len(paths))
-        done = 0
-        for images, indices in stream.dataset(batch_size):
-            for stage, values in self(images).items():
-                chunks[stage].append(values)
-            kept.append(indices.numpy())
-            done += int(indices.shape[0])
-            if progress:
-                progress(done + len(stream.failures), len(paths))
-        features = {s: np.concatenate(c) if c else np.zeros((0, 0), np.float32) for s, c in chunks.items()}
-        return features, np.concatenate(kept) if kept else np.zeros(0, np.int64), stream.failures
+        outputs, kept = stream.map_batches(self, batch_size, progress)
+        features = {s: np.concatenate([o[s] for o in outputs]) if outputs else np.zeros((0, 0), np.float32)
+                    for s in self.stages}
+        return features, kept, stream.failures
 
 
 @dataclass

@@ -51,19 +51,10 @@ def run_classifier(model, inputs: Sequence[str | Path], class_names: Sequence[st
     """
     paths, problems = find_images(list(inputs))
     stream = ImageStream(paths, image_size, crop_pct)
-    predictions: dict[int, Prediction] = {}
-    done = 0
-    if progress:
-        progress(0, len(paths))
-    for images, indices in stream.dataset(batch_size):
-        probabilities = np.asarray(model(images))
-        for index, top in zip(indices.numpy(), top_k(probabilities, class_names, k)):
-            predictions[int(index)] = Prediction(paths[int(index)], top)
-        done += int(indices.shape[0])
-        if progress:
-            progress(done + len(stream.failures), len(paths))
-    ordered = [predictions[i] for i in sorted(predictions)]
-    return PredictionReport(ordered, problems + stream.failures)
+    outputs, kept = stream.map_batches(lambda images: np.asarray(model(images)), batch_size, progress)
+    tops = top_k(np.concatenate(outputs), class_names, k) if outputs else []
+    predictions = [Prediction(paths[int(i)], top) for i, top in zip(kept, tops)]
+    return PredictionReport(predictions, problems + stream.failures)
 
 
 def predict_imagenet(inputs: Sequence[str | Path], backbone: str = "efficientnet_lite0", k: int = 5,

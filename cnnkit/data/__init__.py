@@ -7,6 +7,7 @@ from cnnkit.data.dataset import (
     SkippedFile,
     find_images,
     load_dataset,
+    split_dataset,
     stratified_split,
 )
 from cnnkit.data.images import IMAGE_SUFFIXES, UnreadableImageError, load_image
@@ -14,5 +15,5 @@ from cnnkit.data.pipeline import ImageStream
 
 __all__ = [
     "ClassSummary", "Dataset", "IMAGE_SUFFIXES", "ImageStream", "Sample", "SkippedFile",
-    "UnreadableImageError", "find_images", "load_dataset", "load_image", "stratified_split",
+    "UnreadableImageError", "find_images", "load_dataset", "load_image", "split_dataset", "stratified_split",
 ]

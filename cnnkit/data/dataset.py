@@ -249,6 +249,14 @@ def stratified_split(
     return first, second
 
 
+def split_dataset(dataset: Dataset, val_split: float, seed: int = 0) -> dict[str, list[Sample]]:
+    """train / val / test samples: the user's splits, or val carved from train by ``val_split``."""
+    splits = dict(dataset.splits)
+    if "val" not in splits and val_split > 0:
+        splits["train"], splits["val"] = stratified_split(splits["train"], val_split, seed)
+    return {name: samples for name, samples in splits.items() if samples}
+
+
 def find_images(inputs: list[str | Path]) -> tuple[list[Path], list[SkippedFile]]:
     """Expand files, folders (searched recursively) and glob patterns to image files.
 

@@ -9,7 +9,7 @@ never held in memory. A file that fails to decode is recorded once in
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,24 @@ class ImageStream:
             label_table = tf.constant(np.asarray(labels, dtype=np.int64))
             ds = ds.map(lambda image, index: (image, tf.gather(label_table, index)))
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    def map_batches(self, fn: Callable, batch_size: int,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[list, np.ndarray]:
+        """Apply ``fn`` to every batch of decoded images, in file order.
+
+        Returns:
+            (outputs, kept): ``fn``'s result for each batch, and the indices
+            (into ``paths``) of the images that were read, in row order.
+        """
+        outputs, kept = [], []
+        if progress:
+            progress(0, len(self.paths))
+        for images, indices in self.dataset(batch_size):
+            outputs.append(fn(images))
+            kept.append(indices.numpy())
+            if progress:
+                progress(sum(len(k) for k in kept) + len(self.failures), len(self.paths))
+        return outputs, np.concatenate(kept) if kept else np.zeros(0, np.int64)
 
 
 def _is_ok(image, index, ok):

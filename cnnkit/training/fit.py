@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data import Dataset, load_dataset
+from cnnkit.data import Dataset, load_dataset, load_image, split_dataset
 from cnnkit.errors import CnnkitError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -223,7 +223,6 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
     import tensorflow as tf
 
     from cnnkit.backbones import get_backbone
-    from cnnkit.data import stratified_split
     from cnnkit.runs import check_destination
     from cnnkit.training.augment import Augmentation
     from cnnkit.training.checkpoint import Checkpointer, EpochSync, restore_optimizer
@@ -267,14 +266,13 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
                           "to train from scratch")
     image_size = options.image_size or spec.input_size
     device = configure_device(options.device, options.deterministic, options.seed)
+    say(f"training on {device}")
 
     dataset = dataset or load_dataset(data, strict=options.strict)
-    splits = dict(dataset.splits)
-    if "val" not in splits:
-        if options.val_split <= 0:
-            raise CnnkitError("training needs validation images: give DATA a val/ folder or --val-split > 0")
-        splits["train"], splits["val"] = stratified_split(splits["train"], options.val_split, options.seed)
-    train, val = splits["train"], splits["val"]
+    if "val" not in dataset.splits and options.val_split <= 0:
+        raise CnnkitError("training needs validation images: give DATA a val/ folder or --val-split > 0")
+    splits = split_dataset(dataset, options.val_split, options.seed)
+    train, val = splits["train"], splits.get("val", [])
     if not val:
         raise CnnkitError(f"{data}: too few images for a validation split; add images or a val/ folder")
     num_classes = len(dataset.class_names)
@@ -296,7 +294,7 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
     if options.sanity and sanity is None:
         say("sanity check: overfitting two batches")
         subset = train[: min(len(train), 2 * min(options.batch_size, 16))]
-        images = np.stack([_load(s.path, image_size) for s in subset])
+        images = np.stack([load_image(s.path, image_size) for s in subset])
         labels = np.array([s.label for s in subset])
 
         def factory():
@@ -395,12 +393,6 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
                        {k: len(v) for k, v in splits.items()}, skipped)
 
 
-def _load(path: Path, size: int) -> np.ndarray:
-    from cnnkit.data import load_image
-
-    return load_image(path, size)
-
-
 def _training_features(model, samples, image_size: int, batch_size: int):
     """Pooled features of the training images, for `cnnkit similar`."""
     import keras
@@ -410,10 +402,7 @@ def _training_features(model, samples, image_size: int, batch_size: int):
 
     features_fn = inference_fn(keras.Model(model.input, model.get_layer("features").output))
     stream = ImageStream([s.path for s in samples], image_size)
-    rows, kept = [], []
-    for images, indices in stream.dataset(batch_size):
-        rows.append(np.asarray(features_fn(images), np.float32))
-        kept.extend(indices.numpy().tolist())
+    rows, kept = stream.map_batches(lambda images: np.asarray(features_fn(images), np.float32), batch_size)
     features = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
     return features, [samples[i].label for i in kept], [samples[i].path for i in kept]
 
