@@ -22,7 +22,6 @@ The domain is "different" when at least two signals say so.
 
 from __future__ import annotations
 
-import shlex
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,10 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data import Dataset, Sample, load_dataset
+from cnnkit.backbones.registry import DEFAULT_BACKBONE
+from cnnkit.data import Dataset, Sample, load_dataset, per_class_order, sample_per_class
 from cnnkit.errors import CnnkitError
+from cnnkit.plan import Plan, Strategy
 
-STRATEGIES = ("linear-top", "linear-stages", "finetune-few", "finetune-many", "train-scratch")
+# Images per second of small_resnet training at 28-32 px on two CPU cores
+# (bench/train_fashion_mnist.py); a plan sizes its epochs to the budget with it.
+SCRATCH_TRAIN_IMAGES_PER_S = 600.0
+# Training a few stages costs about three forward passes per image.
+FINETUNE_COST_IN_FORWARD_PASSES = 3.0
 
 
 @dataclass(frozen=True)
@@ -63,38 +68,35 @@ class Thresholds:
 
 @dataclass
 class Advice:
-    """Measurements, the chosen cell and strategy, and the command that runs it."""
+    """Measurements, the chosen cell and strategy, and the plan that carries it out."""
 
     images_per_class: dict[str, float]
     image_side: float
     similarity: dict[str, dict]
     cell: dict[str, str]
-    strategy: str
-    layer: str | None
-    freeze: str | None
-    command: str
+    strategy: Strategy
+    plan: Plan
     reasons: list[str]
     thresholds: dict
     seconds: float = 0.0
     probes: dict[str, float] = field(default_factory=dict)
     forward_images_per_s: float | None = None
 
+    @property
+    def command(self) -> str:
+        return self.plan.command_line
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = {k: v for k, v in asdict(self).items() if k != "plan"}
+        data["strategy"] = str(self.strategy)
+        data["plan"] = self.plan.to_dict()
+        data["command"] = self.command
+        return data
 
 
 def sample_dataset(dataset: Dataset, per_class: int, seed: int = 0) -> list[Sample]:
     """Up to ``per_class`` training images of each class, chosen reproducibly."""
-    rng = np.random.default_rng(seed)
-    by_label: dict[int, list[Sample]] = {}
-    for sample in dataset.splits["train"]:
-        by_label.setdefault(sample.label, []).append(sample)
-    chosen = []
-    for label in sorted(by_label):
-        group = by_label[label]
-        for i in sorted(rng.permutation(len(group))[:per_class]):
-            chosen.append(group[i])
-    return chosen
+    return sample_per_class(dataset.splits["train"], per_class, seed)
 
 
 def _median_side(samples: list[Sample], limit: int = 200) -> float:
@@ -177,13 +179,11 @@ def linear_probes(features: dict[str, np.ndarray], labels: np.ndarray, stages: l
     if counts[counts > 0].min() < 2:
         return {}
     result: dict[str, dict[str, float]] = {}
-    rng = np.random.default_rng(seed)
+    order = per_class_order(labels, seed)
     subsets = {}
     for fraction in fractions:
         # The same share of every class, at least two images each.
-        keep = np.concatenate([
-            rng.permutation(np.flatnonzero(labels == c))[: max(2, int(round(counts[c] * fraction)))]
-            for c in np.flatnonzero(counts)])
+        keep = np.concatenate([members[: max(2, int(round(len(members) * fraction)))] for members in order.values()])
         subsets[f"{int(fraction * 100)}%"] = np.sort(keep)
     for stage in stages:
         x = features["conv5" if stage == "top" else stage]
@@ -197,7 +197,7 @@ def linear_probes(features: dict[str, np.ndarray], labels: np.ndarray, stages: l
 
 
 def decide(per_class_median: float, image_side: float, similarity: dict, probes: dict,
-           thresholds: Thresholds) -> tuple[dict[str, str], str, list[str]]:
+           thresholds: Thresholds) -> tuple[dict[str, str], Strategy, list[str]]:
     """Map measurements to the table's cell and a strategy, with the reasons in words."""
     votes, reasons = [], []
     shift = similarity.get("shift", {}).get("mean")
@@ -226,38 +226,62 @@ def decide(per_class_median: float, image_side: float, similarity: dict, probes:
     reasons.insert(0, f"{per_class_median:g} images per class (median) is "
                       f"{'below' if data == 'little' else 'at or above'} {thresholds.little_data}: {data} data")
     if data == "little":
-        strategy = "linear-top" if domain == "similar" else "linear-stages"
+        strategy = Strategy.linear_top if domain == "similar" else Strategy.linear_stages
     elif (domain == "different" and per_class_median >= thresholds.scratch_data
           and 0 < image_side <= thresholds.scratch_image_side):
-        strategy = "train-scratch"
+        strategy = Strategy.train_scratch
         reasons.append(f"{per_class_median:g} small images per class ({image_side:g} px) of a different domain: "
                        "a compact network trained from scratch fits them best")
     else:
-        strategy = "finetune-few" if domain == "similar" else "finetune-many"
+        strategy = Strategy.finetune_few if domain == "similar" else Strategy.finetune_many
     return {"data": data, "domain": domain}, strategy, reasons
 
 
-def strategy_command(strategy: str, data: str | Path, backbone: str, layer: str | None,
-                     freeze: str | None, image_side: float) -> str:
-    data = shlex.quote(str(data))
-    if strategy in ("linear-top", "linear-stages"):
-        return f"cnnkit extract {data} --backbone {backbone} --layer {layer} --head logreg"
-    if strategy == "train-scratch":
-        size = max(int(image_side), 28) if image_side else 32
-        return f"cnnkit train {data} --backbone small_resnet --image-size {size}"
-    return f"cnnkit finetune {data} --backbone {backbone} --freeze {freeze}"
+def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_side: float, train_images: int,
+              seconds_left: float, forward_images_per_s: float | None, seed: int = 0) -> Plan:
+    """The command and options that carry out ``strategy``, with epochs sized to ``seconds_left``.
+
+    Little data: a feature head whose stage(s) and head are chosen by
+    cross-validation (``--layer auto --head auto``; ``linear-top`` keeps the top
+    layer), fitted on every training image (``--val-split 0``: the CV accuracy
+    is the estimate). More data: fine-tuning above conv4 (similar) or conv2
+    (different), or the compact network from scratch at the images' own size;
+    the epochs are what 80 % of the time left allows at the measured speed.
+    """
+    from dataclasses import replace
+
+    from cnnkit.options import ExtractOptions, preset
+
+    if strategy in (Strategy.linear_top, Strategy.linear_stages):
+        layers = "top" if strategy == Strategy.linear_top else "auto"
+        return Plan(strategy, "extract", str(data),
+                    ExtractOptions(backbone=backbone, layers=layers, head="auto", val_split=0.0, seed=seed))
+    if strategy == Strategy.train_scratch:
+        options = preset("train", image_size=max(int(image_side), 28) if image_side else 32, seed=seed)
+        rate = SCRATCH_TRAIN_IMAGES_PER_S
+    else:
+        freeze = "conv4" if strategy == Strategy.finetune_few else "conv2"
+        options = preset("finetune", backbone=backbone, freeze=freeze, seed=seed)
+        rate = max((forward_images_per_s or 30.0) / FINETUNE_COST_IN_FORWARD_PASSES, 1.0)
+    epoch_seconds = train_images / rate
+    epochs = int(np.clip(seconds_left * 0.8 / epoch_seconds - options.head_epochs, 1, options.epochs))
+    command = "train" if strategy == Strategy.train_scratch else "finetune"
+    return Plan(strategy, command, str(data), replace(options, epochs=epochs))
 
 
-def advise(data: str | Path, backbone: str = "efficientnet_lite0", per_class: int = 20, max_images: int = 400,
+def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 20, max_images: int = 400,
            thresholds: Thresholds | None = None, seed: int = 0, batch_size: int = 32,
-           dataset: Dataset | None = None) -> Advice:
-    """Measure ``data`` and choose a strategy (see the module docstring).
+           dataset: Dataset | None = None, budget_minutes: float = 10.0) -> Advice:
+    """Measure ``data``, choose a strategy (see the module docstring) and plan it.
 
     Args:
         per_class: images per class in the measurement sample (at most
             ``max_images`` in all); the sample bounds the time taken.
+        budget_minutes: the time the whole job (measuring and training) should
+            take; the plan's epochs are sized to what is left of it.
     """
     from cnnkit.backbones import get_backbone
+    from cnnkit.data import load_image
     from cnnkit.features import FeatureConfig, compute_features
 
     started = time.perf_counter()
@@ -278,8 +302,6 @@ def advise(data: str | Path, backbone: str = "efficientnet_lite0", per_class: in
     forward_seconds = time.perf_counter() - forward_started
     kept = [sample[i] for i in table.kept]
     labels = np.array([s.label for s in kept])
-    from cnnkit.data import load_image
-
     images = np.stack([load_image(s.path, spec.input_size) for s in kept[:200]])
     similarity = {"shift": domain_shift(spec, images)}
     confidence = imagenet_confidence(spec, images)
@@ -292,24 +314,12 @@ def advise(data: str | Path, backbone: str = "efficientnet_lite0", per_class: in
     median = float(statistics.median(counts)) if counts else 0.0
     side = _median_side(kept)
     cell, strategy, reasons = decide(median, side, similarity, probes, thresholds)
-    full = {stage: v.get("100%", 0.0) for stage, v in probes.items()}
-    layer = freeze = None
-    if strategy == "linear-top":
-        layer = "top"
-    elif strategy == "linear-stages":
-        # The cell says: try other stages. The best intermediate stage goes beside top;
-        # `auto` then cross-validates the alternatives.
-        middle = {stage: accuracy for stage, accuracy in full.items() if stage != "top"}
-        layer = f"{max(middle, key=middle.get) if middle else 'conv4'},top"
-    elif strategy == "finetune-few":
-        freeze = "conv4"
-    elif strategy == "finetune-many":
-        freeze = "conv2"
-    command = strategy_command(strategy, data, backbone, layer, freeze, side)
+    forward_rate = table.computed / forward_seconds if table.computed > 20 else None
+    seconds_left = budget_minutes * 60 - (time.perf_counter() - started)
+    plan = make_plan(strategy, data, backbone, side, len(dataset.splits["train"]), seconds_left, forward_rate, seed)
     return Advice(
         images_per_class={"min": float(min(counts, default=0)), "median": median, "total": float(sum(counts)),
                           "classes": float(n_classes)},
-        image_side=side, similarity=similarity, cell=cell, strategy=strategy, layer=layer, freeze=freeze,
-        command=command, reasons=reasons, thresholds=asdict(thresholds),
-        seconds=time.perf_counter() - started, probes=full,
-        forward_images_per_s=table.computed / forward_seconds if table.computed > 20 else None)
+        image_side=side, similarity=similarity, cell=cell, strategy=strategy, plan=plan, reasons=reasons,
+        thresholds=asdict(thresholds), seconds=time.perf_counter() - started,
+        probes={stage: v.get("100%", 0.0) for stage, v in probes.items()}, forward_images_per_s=forward_rate)

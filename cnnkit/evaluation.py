@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +32,10 @@ class Evaluation:
         return float(np.mean(self.predictions == self.labels))
 
     def top_k_accuracy(self, k: int) -> float:
-        top = np.argsort(-self.probabilities, axis=1)[:, :k]
-        return float(np.mean((top == self.labels[:, None]).any(axis=1)))
+        from sklearn.metrics import top_k_accuracy_score
+
+        return float(top_k_accuracy_score(self.labels, self.probabilities, k=k,
+                                          labels=range(len(self.class_names))))
 
     def confusion(self) -> np.ndarray:
         from sklearn.metrics import confusion_matrix
@@ -83,7 +83,7 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
                           f"({', '.join(run.class_names)})")
     to_run_label = {i: run.class_names.index(name) for i, name in enumerate(dataset.class_names)}
     classifier = run.classifier()
-    stream = ImageStream([s.path for s in samples], run.image_size, run.manifest.get("crop_pct", 1.0))
+    stream = ImageStream([s.path for s in samples], run.image_size, run.crop_pct)
     outputs, kept = stream.map_batches(lambda images: np.asarray(classifier(images)), batch_size, progress)
     if not len(kept):
         raise CnnkitError(f"{data}: no readable images to evaluate")
@@ -94,25 +94,17 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
 
 def write_evaluation(evaluation: Evaluation, out: str | Path) -> Path:
     """Write metrics.json, confusion.json and confusion.png into ``out`` (replaced atomically)."""
-    import shutil
+    from cnnkit.paths import publish_folder
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def build(folder: Path) -> None:
         data = evaluation.to_dict()
-        (tmp / "metrics.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
-        (tmp / "confusion.json").write_text(json.dumps(
+        (folder / "metrics.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
+        (folder / "confusion.json").write_text(json.dumps(
             {"class_names": evaluation.class_names, "matrix": data["confusion_matrix"],
              "rows": "true class", "columns": "predicted class"}, indent=2, ensure_ascii=False))
-        plot_confusion(evaluation.confusion(), evaluation.class_names, tmp / "confusion.png")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        plot_confusion(evaluation.confusion(), evaluation.class_names, folder / "confusion.png")
+
+    return publish_folder(out, build, replace=True)
 
 
 def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> None:
@@ -121,21 +113,15 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     n = len(class_names)
     size = max(4.0, 0.5 * n + 2)
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
+    ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45, include_values=n <= 30)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if n <= 30:
-        top = matrix.max() or 1
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if matrix[i, j] > top / 2 else "black")
     ax.set_title(f"accuracy {np.trace(matrix) / max(matrix.sum(), 1):.3f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

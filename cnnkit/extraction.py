@@ -3,52 +3,45 @@
 Features of the chosen stage(s) -> (PCA) -> SVM / linear SVM / logistic
 regression / k-NN, tuned by cross-validation, evaluated on the validation and
 test images, and saved as a run that predict, evaluate and similar read.
+
+``--layer auto`` and ``--head auto`` search: every candidate stage set
+(``STAGE_CANDIDATES``) is scored by cross-validation with a logistic head,
+then the best set also with an RBF SVM, and the best (stages, head) is fitted.
+One forward pass gives every stage, so the search costs no extra network time.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cnnkit.errors import CnnkitError
 from cnnkit.data import Dataset, SkippedFile, load_dataset, split_dataset
+from cnnkit.errors import CnnkitError
 from cnnkit.features import FeatureConfig, compute_features, parse_layers
-from cnnkit.heads import HEADS, FittedHead, fit_head, parse_pca, save_head
+from cnnkit.heads import FittedHead, fit_head, parse_pca, save_head
+from cnnkit.options import ExtractOptions, Head
 
-
-@dataclass
-class ExtractOptions:
-    """Settings of an extract run (the CLI flags, as a library object)."""
-
-    backbone: str = "efficientnet_lite0"
-    layers: str = "top"
-    weights: str = "imagenet"
-    image_size: int | None = None
-    pool: str = "avg"
-    flip: bool = False
-    l2_normalize: bool = False
-    pca: str | int | None = "auto"
-    whiten: bool = False
-    head: str = "logreg"
-    cv: int = 5
-    val_split: float = 0.2
-    seed: int = 0
-    batch_size: int = 32
-    use_cache: bool = True
-    strict: bool = False
+# Stage sets `--layer auto` compares: single stages, and the combinations
+# that beat single stages on our benchmarks (docs/benchmarks.md).
+STAGE_CANDIDATES = ("conv3", "conv4", "top", "conv4,top", "conv3,conv4,top")
+AUTO = "auto"
 
 
 @dataclass
 class ExtractResult:
-    """What an extract run measured and where it was saved."""
+    """What an extract run measured and where it was saved.
+
+    ``tried`` lists each (layers, head) the search scored, with its CV accuracy.
+    """
 
     run_path: Path | None
     dataset: Dataset
     layers: list[str]
+    head: str
     feature_dims: int
     fitted: FittedHead
     metrics: dict[str, float | None]
@@ -56,6 +49,7 @@ class ExtractResult:
     skipped: list[SkippedFile] = field(default_factory=list)
     computed: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    tried: list[dict] = field(default_factory=list)
 
 
 def _accuracy(pipeline, features: np.ndarray, labels: np.ndarray) -> float | None:
@@ -64,9 +58,42 @@ def _accuracy(pipeline, features: np.ndarray, labels: np.ndarray) -> float | Non
     return float(np.mean(pipeline.predict(features) == labels))
 
 
+def search_head(table, rows: np.ndarray, labels: np.ndarray, layer_sets: Sequence[list[str]],
+                heads: Sequence[Head], options: ExtractOptions) -> tuple[list[dict], list[str], Head]:
+    """Score stage sets with a logistic head, then the best set with each other head, by CV.
+
+    PCA is left out of the search to keep it quick; the final fit uses the
+    options' PCA. Returns (tried, best layers, best head).
+    """
+    tried: list[dict] = []
+
+    def score(layers: list[str], head: Head) -> None:
+        try:
+            fitted = fit_head(table.select(layers)[rows], labels, head, None, options.whiten,
+                              options.l2_normalize, options.cv, options.seed)
+        except CnnkitError as error:  # e.g. too few images per class for this head
+            tried.append({"layers": ",".join(layers), "head": str(head), "error": str(error)})
+            return
+        tried.append({"layers": ",".join(layers), "head": str(head), "cv_accuracy": fitted.cv_accuracy,
+                      "best_params": fitted.best_params})
+
+    first, *others = heads
+    for layers in layer_sets:
+        score(layers, first)
+    scored = [t for t in tried if t.get("cv_accuracy") is not None]
+    if not scored:
+        return tried, layer_sets[0], first
+    best_layers = max(scored, key=lambda t: t["cv_accuracy"])["layers"].split(",")
+    for head in others:
+        score(best_layers, head)
+    best = max((t for t in tried if t.get("cv_accuracy") is not None), key=lambda t: t["cv_accuracy"])
+    return tried, best["layers"].split(","), Head(best["head"])
+
+
 def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | None = None,
                 force: bool = False, progress: Callable[[int, int], None] | None = None,
-                dataset: Dataset | None = None) -> ExtractResult:
+                dataset: Dataset | None = None, attach: Sequence = (),
+                strategy: str | None = None) -> ExtractResult:
     """Fit a feature-extraction classifier on ``data`` and save it to ``out``.
 
     Args:
@@ -76,16 +103,21 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
         force: replace an existing run at ``out``.
         progress: ``(done, total)`` callback over images needing a forward pass.
         dataset: an already loaded dataset (``data`` is then only recorded).
+        attach: hooks adding reports to the run (see ``cnnkit.runs.Attachment``).
+        strategy: the strategy-table cell this run carries out, to record.
     """
     from cnnkit.backbones import get_backbone
-    from cnnkit.runs import check_destination, write_run
+    from cnnkit.runs import check_destination
 
     if out is not None:
         check_destination(Path(out), force)
     spec = get_backbone(options.backbone)
-    layers = parse_layers(spec, options.layers)
-    if options.head not in HEADS:
-        raise CnnkitError(f"--head {options.head!r}: choose from {', '.join(HEADS)}")
+    if options.layers == AUTO:
+        layer_sets = [parse_layers(spec, c) for c in STAGE_CANDIDATES
+                      if all(part in spec.layer_choices for part in c.split(","))]
+    else:
+        layer_sets = [parse_layers(spec, options.layers)]
+    heads = [Head.logreg, Head.svm] if options.head == Head.auto else [options.head]
     pca = parse_pca(options.pca)
     config = FeatureConfig(options.backbone, options.weights, options.image_size, options.pool,
                            options.flip).resolved()
@@ -104,53 +136,51 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
 
     split_of = np.array([name for name, split in splits.items() for _ in split])
     labels = np.array([s.label for s in samples], np.int64)
-    x_all = table.select(layers)
     kept_split, kept_labels = split_of[table.kept], labels[table.kept]
-    parts = {name: (x_all[kept_split == name], kept_labels[kept_split == name]) for name in splits}
+    rows = {name: np.flatnonzero(kept_split == name) for name in splits}
+    y_train = kept_labels[rows["train"]]
 
     started = time.perf_counter()
-    x_train, y_train = parts["train"]
-    fitted = fit_head(x_train, y_train, options.head, pca, options.whiten, options.l2_normalize,
-                      options.cv, options.seed)
+    tried: list[dict] = []
+    layers, head = layer_sets[0], heads[0]
+    if len(layer_sets) > 1 or len(heads) > 1:
+        tried, layers, head = search_head(table, rows["train"], y_train, layer_sets, heads, options)
+    x_all = table.select(layers)
+    x_train = x_all[rows["train"]]
+    fitted = fit_head(x_train, y_train, head, pca, options.whiten, options.l2_normalize, options.cv, options.seed)
     timings["head"] = time.perf_counter() - started
-    metrics = {"cv_accuracy": fitted.cv_accuracy, "train_accuracy": _accuracy(fitted.pipeline, *parts["train"])}
+    metrics = {"cv_accuracy": fitted.cv_accuracy, "train_accuracy": _accuracy(fitted.pipeline, x_train, y_train)}
     for name in ("val", "test"):
-        if name in parts:
-            metrics[f"{name}_accuracy"] = _accuracy(fitted.pipeline, *parts[name])
-    counts = {name: int(len(y)) for name, (_, y) in parts.items()}
+        if name in rows:
+            metrics[f"{name}_accuracy"] = _accuracy(fitted.pipeline, x_all[rows[name]], kept_labels[rows[name]])
+    counts = {name: int(len(r)) for name, r in rows.items()}
 
     run_path = None
     if out is not None:
-        train_paths = [samples[i].path for i in table.kept[kept_split == "train"]]
+        from cnnkit.models import embed_features
+        from cnnkit.options import command_line
+        from cnnkit.runs import FeatureHeadModel, RunManifest, data_summary, write_run
+        from cnnkit.similarity import write_index
+
+        train_paths = [samples[i].path for i in table.kept[rows["train"]]]
 
         def write_files(folder: Path) -> None:
-            from cnnkit.similarity import write_index
-
-            from cnnkit.models import embed_features
-
             save_head(fitted.pipeline, folder / "head.skops")
             write_index(folder, embed_features(fitted.pipeline, x_train), y_train, train_paths)
 
-        manifest = {
-            "strategy": "extract",
-            "backbone": config.backbone,
-            "weights": str(config.weights),
-            "layers": layers,
-            "image_size": config.image_size,
-            "crop_pct": 1.0,
-            "pool": config.pool,
-            "flip": config.flip,
-            "preprocessing": spec.preprocessing,
-            "class_names": dataset.class_names,
-            "head": {"kind": options.head, "pca": pca, "whiten": options.whiten,
-                     "l2_normalize": options.l2_normalize, "best_params": fitted.best_params,
-                     "cv_folds": fitted.cv_folds},
-            "feature_dims": int(x_all.shape[1]),
-            "metrics": metrics,
-            "data": {"source": str(Path(data).resolve()), "counts": counts,
-                     "classes": dataset.summary().counts, "skipped": len(dataset.skipped) + len(table.failures)},
-        }
-        run_path = write_run(out, manifest, write_files, force)
+        manifest = RunManifest(
+            command="extract", strategy=strategy, command_line=command_line("extract", data, options),
+            options=asdict(options), class_names=dataset.class_names, image_size=config.image_size,
+            crop_pct=1.0, preprocessing=spec.preprocessing,
+            data=data_summary(dataset, splits, len(dataset.skipped) + len(table.failures)),
+            metrics=metrics,
+            model=FeatureHeadModel(backbone=config.backbone, weights=str(config.weights), layers=layers,
+                                   pool=str(config.pool), flip=config.flip, head=str(head), pca=pca,
+                                   whiten=options.whiten, l2_normalize=options.l2_normalize,
+                                   best_params=fitted.best_params, cv_folds=fitted.cv_folds,
+                                   feature_dims=int(x_all.shape[1]), tried=tried),
+        )
+        run_path = write_run(out, manifest, write_files, force, attach=attach)
 
-    return ExtractResult(run_path, dataset, layers, int(x_all.shape[1]), fitted, metrics, counts,
-                         dataset.skipped + table.failures, table.computed, timings)
+    return ExtractResult(run_path, dataset, layers, str(head), int(x_all.shape[1]), fitted, metrics, counts,
+                         dataset.skipped + table.failures, table.computed, timings, tried)

@@ -22,9 +22,9 @@ import numpy as np
 from cnnkit.backbones import BackboneSpec, get_backbone
 from cnnkit.data import ImageStream, SkippedFile
 from cnnkit.errors import CnnkitError
+from cnnkit.options import Pool
 from cnnkit.paths import cache_dir, file_digest
 
-POOLINGS = ("avg", "max")
 _FORMAT = 1
 
 
@@ -37,11 +37,6 @@ def parse_layers(spec: BackboneSpec, layers: str | Sequence[str]) -> list[str]:
     return [spec.check_stage(n) for n in dict.fromkeys(names)]
 
 
-def _stage_key(layer: str) -> str:
-    """``top`` is the pooled final feature map, i.e. the pooled conv5."""
-    return "conv5" if layer == "top" else layer
-
-
 @dataclass(frozen=True)
 class FeatureConfig:
     """Everything that changes the numbers a backbone produces for an image."""
@@ -49,15 +44,14 @@ class FeatureConfig:
     backbone: str
     weights: str = "imagenet"
     image_size: int | None = None
-    pool: str = "avg"
+    pool: Pool = Pool.avg
     flip: bool = False
 
     def resolved(self) -> FeatureConfig:
+        """The same configuration with the default input size filled in and the pooling checked."""
         spec = get_backbone(self.backbone)
-        if self.pool not in POOLINGS:
-            raise CnnkitError(f"--pool {self.pool!r}: choose from {', '.join(POOLINGS)}")
-        return FeatureConfig(self.backbone, self.weights, self.image_size or spec.input_size,
-                             self.pool, self.flip)
+        return FeatureConfig(self.backbone, str(self.weights), self.image_size or spec.input_size,
+                             Pool.parse(self.pool, "--pool"), self.flip)
 
     @property
     def weights_tag(self) -> str:
@@ -115,7 +109,7 @@ class FeatureExtractor:
             import keras
 
             base = build_backbone(self.spec, self.config.weights, self.config.image_size)
-            pool = (keras.layers.GlobalAveragePooling2D if self.config.pool == "avg"
+            pool = (keras.layers.GlobalAveragePooling2D if self.config.pool == Pool.avg
                     else keras.layers.GlobalMaxPooling2D)
             outputs = {s: pool(name=f"pool_{s}")(self.spec.stage_layer(base, s).output)
                        for s in self.stages}
@@ -166,7 +160,7 @@ class FeatureTable:
 
     def select(self, layers: Sequence[str]) -> np.ndarray:
         """The chosen layers' features side by side: (rows, sum of dims)."""
-        return np.concatenate([self.features[_stage_key(layer)] for layer in layers], axis=1)
+        return np.concatenate([self.features[BackboneSpec.stage_key(layer)] for layer in layers], axis=1)
 
 
 class FeatureCache:

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from cnnkit.errors import CnnkitError
+from cnnkit.options import Head
 
-HEADS = ("logreg", "svm", "linear-svm", "knn")
+# The heads a pipeline can be built with (``auto`` picks one of them).
+HEADS = tuple(h.value for h in Head if h != Head.auto)
 
 
 def parse_pca(value: str | int | None) -> str | int | None:
@@ -44,7 +46,7 @@ class FittedHead:
     cv_folds: int
 
 
-def _classifier(head: str, seed: int, calibration_folds: int):
+def _classifier(head: Head, seed: int, calibration_folds: int):
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
@@ -60,9 +62,7 @@ def _classifier(head: str, seed: int, calibration_folds: int):
         svm = LinearSVC(C=0.1, class_weight="balanced", max_iter=5000, random_state=seed)
         return (CalibratedClassifierCV(svm, cv=calibration_folds, method="sigmoid"),
                 "estimator__C", [0.001, 0.01, 0.1, 1.0])
-    if head == "knn":
-        return KNeighborsClassifier(n_neighbors=5, weights="distance"), "n_neighbors", [1, 3, 5, 10, 20]
-    raise CnnkitError(f"--head {head!r}: choose from {', '.join(HEADS)}")
+    return KNeighborsClassifier(n_neighbors=5, weights="distance"), "n_neighbors", [1, 3, 5, 10, 20]
 
 
 def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca: str | int | None = "auto",
@@ -86,6 +86,9 @@ def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
+    head = Head.parse(head, "--head")
+    if head == Head.auto:
+        raise CnnkitError("--head auto is a search over heads; fit_head needs one head (see run_extract)")
     labels = np.asarray(labels)
     counts = np.bincount(labels)
     counts = counts[counts > 0]

@@ -14,21 +14,17 @@ class FeatureHeadClassifier:
         from cnnkit.features import FeatureConfig, FeatureExtractor
         from cnnkit.heads import load_head
 
-        m = run.manifest
-        self.layers = list(m["layers"])
+        m = run.model
+        self.layers = list(m.layers)
         self.head = load_head(run.file("head.skops"))
-        self.extractor = FeatureExtractor(FeatureConfig(m["backbone"], m.get("weights", "imagenet"),
-                                                        m["image_size"], m.get("pool", "avg"),
-                                                        bool(m.get("flip", False))))
+        self.extractor = FeatureExtractor(FeatureConfig(m.backbone, m.weights, run.image_size, m.pool, m.flip))
         expected = len(run.class_names)
         if len(getattr(self.head, "classes_", [])) != expected:
             raise CnnkitError(f"{run.path}: head and manifest disagree on the classes; re-create the run")
 
     def features(self, images) -> np.ndarray:
-        from cnnkit.features import _stage_key
-
         stage_features = self.extractor(images)
-        return np.concatenate([stage_features[_stage_key(l)] for l in self.layers], axis=1)
+        return np.concatenate([stage_features[self.extractor.spec.stage_key(l)] for l in self.layers], axis=1)
 
     def embed(self, images) -> np.ndarray:
         """The retrieval embedding: features after the head's own scaling and PCA."""
@@ -47,6 +43,7 @@ class NetworkClassifier:
         import cnnkit.backbones.preprocessing  # noqa: F401 - registers the Preprocess layer
 
         path = run.file("model.keras")
+        self.feature_layer = run.model.feature_layer
         try:
             self.model = keras.saving.load_model(path, safe_mode=True, compile=False)
         except Exception as error:  # noqa: BLE001 - Keras raises many kinds on a bad file
@@ -63,7 +60,7 @@ class NetworkClassifier:
         from cnnkit.features import inference_fn
 
         if self._features is None:
-            self._features = inference_fn(keras.Model(self.model.input, self.model.get_layer("features").output))
+            self._features = inference_fn(keras.Model(self.model.input, self.model.get_layer(self.feature_layer).output))
         return np.asarray(self._features(images))
 
     def __call__(self, images) -> np.ndarray:
@@ -81,9 +78,9 @@ def embed_features(head, features: np.ndarray) -> np.ndarray:
 
 
 def load_classifier(run):
-    """The classifier of a run (see ``Run.classifier``)."""
-    if run.strategy == "extract":
+    """The classifier of a run (see ``Run.classifier``), by the kind of model it holds."""
+    if run.kind == "feature_head":
         return FeatureHeadClassifier(run)
-    if run.strategy in ("finetune", "train"):
+    if run.kind == "network":
         return NetworkClassifier(run)
-    raise CnnkitError(f"{run.path}: unknown strategy {run.strategy!r}; upgrade cnnkit")
+    raise CnnkitError(f"{run.path}: cnnkit cannot use a {run.kind!r} model yet; upgrade cnnkit")

@@ -1,7 +1,21 @@
-"""Where cnnkit keeps files it builds once, and identifying files by content."""
+"""Where cnnkit keeps files, identifying files by content, and writing them so a crash loses nothing.
+
+Every file or folder cnnkit publishes is written beside its destination under
+a temporary name and renamed into place, so a reader (or a later cnnkit run)
+sees the old version or the new one, never half of one. ``atomic_write`` does
+it for one file, ``publish_folder`` for a whole folder; both give the result
+the permissions the user's umask asks for (``mkstemp``/``mkdtemp`` create
+private 0600/0700 entries, which would make a run written in a container or
+for a team unreadable to everyone else).
+"""
+
+from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -24,3 +38,87 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain ``open``/``mkdir`` would have."""
+    mask = current_umask()
+    folders, files = 0o777 & ~mask, 0o666 & ~mask
+    root = Path(root)
+    if root.is_file():
+        os.chmod(root, files)
+        return
+    os.chmod(root, folders)
+    for folder, subfolders, names in os.walk(root):
+        for name in subfolders:
+            os.chmod(os.path.join(folder, name), folders)
+        for name in names:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, files)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None] | bytes | str) -> Path:
+    """Write one file under a temporary name beside it, then rename it into place.
+
+    Args:
+        path: the destination; its folder is created.
+        write: the content (``bytes`` or ``str``), or a function that writes
+            the file at the path it is given.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name ends like the destination: some writers insist on a
+    # suffix (Keras' ``save_weights`` on ``.weights.h5``).
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes),
+                                        dir=path.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        if isinstance(write, bytes):
+            tmp.write_bytes(write)
+        elif isinstance(write, str):
+            tmp.write_text(write, encoding="utf-8")
+        else:
+            write(tmp)
+        apply_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def publish_folder(out: str | Path, build: Callable[[Path], None], replace: bool = False) -> Path:
+    """Build a folder under a temporary name beside ``out``, then rename it to ``out``.
+
+    Args:
+        build: fills the temporary folder it is given.
+        replace: an existing ``out`` is swapped out and deleted; otherwise
+            the caller has made sure ``out`` does not exist.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        build(tmp)
+        apply_umask(tmp)
+        if replace and out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

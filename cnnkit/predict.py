@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnkit.backbones.registry import DEFAULT_BACKBONE
 from cnnkit.data import ImageStream, SkippedFile, find_images
 
 ProgressFn = Callable[[int, int], None]
@@ -57,7 +58,7 @@ def run_classifier(model, inputs: Sequence[str | Path], class_names: Sequence[st
     return PredictionReport(predictions, problems + stream.failures)
 
 
-def predict_imagenet(inputs: Sequence[str | Path], backbone: str = "efficientnet_lite0", k: int = 5,
+def predict_imagenet(inputs: Sequence[str | Path], backbone: str = DEFAULT_BACKBONE, k: int = 5,
                      batch_size: int = 32, weights: str | Path = "imagenet",
                      progress: ProgressFn | None = None) -> PredictionReport:
     """Name what is in each image with the backbone's own ImageNet classifier.
@@ -84,4 +85,4 @@ def predict_run(inputs: Sequence[str | Path], run_path: str | Path, k: int = 5, 
 
     run = load_run(run_path)
     return run_classifier(run.classifier(), inputs, run.class_names, run.image_size,
-                          run.manifest.get("crop_pct", 1.0), k, batch_size, progress)
+                          run.crop_pct, k, batch_size, progress)

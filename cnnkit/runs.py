@@ -1,127 +1,281 @@
-"""The run directory: a trained model that predict, evaluate, similar and export read.
+"""The run folder: the one contract between what writes a model and what reads it.
+
+extract, finetune, train, ensemble and auto write a run; predict, evaluate,
+similar, explain, export and the reports read it, all through the typed
+``RunManifest`` below and ``load_run``. A run folder holds:
 
 ```
 RUN/
-  manifest.json   format, versions, strategy, backbone, layers, input size,
-                  class names, metrics, data fingerprint, SHA-256 of every file
-  head.skops      classical head (extract runs)
-  model.keras     the whole network from raw pixels (finetune/train runs)
-  index/          training features for `similar`: features.npy, labels.npy, paths.json
+  manifest.json     RunManifest: format, versions, date, the command and strategy that made
+                    the run and its equivalent command line, class names, input size and
+                    preprocessing, a data summary, metrics, one section for the kind of model
+                    (feature_head | network | ensemble), the SHA-256 of every file below,
+                    and a seal: the SHA-256 of the manifest itself
+  head.skops        feature_head: scaler -> PCA -> classifier (skops; no pickle)
+  model.keras       network: the whole classifier from raw uint8 pixels to probabilities
+  members/<i>/      ensemble: a sealed copy of each member run
+  index/            retrieval features for `similar`: features.npy, labels.npy, paths.json
+  history.csv       network: one row per epoch (loss, accuracy, validation, rate, seconds)
+  plots/*.png       network: loss, accuracy, update/weight ratios, first-layer filters
+  report.json       network: the diagnosis, update ratios and sanity check
+  report.md         auto: what was measured, tried and chosen; auto.json the same as data
+  checkpoints/      an interrupted network run: what --resume continues from
 ```
 
-A run is written to a hidden temporary folder beside its destination and
-renamed into place when complete, so an interrupted job never leaves half a
-run, and an existing run is only replaced with ``force``. Loading checks every
-file against the manifest's checksums and never unpickles or executes code
-from the files.
+A run is built in a hidden folder beside its destination and renamed into
+place once complete and sealed, so an interrupted job never leaves half a
+run, and an existing run is only replaced with ``force``. Everything in the
+folder, reports included, is written before the seal.
+
+Loading is safe on a run someone else made: the manifest is parsed as JSON and
+validated field by field; its seal and every file's checksum are verified
+before any file is used; file names must stay inside the folder (no absolute
+paths, ``..`` or symbolic links); nothing is ever unpickled or executed (heads
+load through skops with an explicit list of trusted types, arrays with
+``allow_pickle=False``, Keras models in safe mode). The checksums and the seal
+detect modified or damaged runs; they are not a signature (anyone can re-seal
+a run they edit).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnnkit.errors import CnnkitError
-from cnnkit.paths import file_digest
+from cnnkit.paths import file_digest, publish_folder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
-    return file_digest(path, "sha256")
+class _Section(BaseModel):
+    # Unknown fields are refused: a manifest that does not fit this version's
+    # schema is a damaged run or a newer format, never silently half-read.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSummary(_Section):
+    """The images a run learned from.
+
+    ``fingerprint`` is the SHA-256 of the sorted (split, class, file name,
+    size) list: it tells whether two runs saw the same files without reading
+    every image again.
+    """
+
+    source: str
+    fingerprint: str
+    splits: dict[str, int]
+    classes: dict[str, int]
+    skipped: int = 0
+
+
+class FeatureHeadModel(_Section):
+    """A fixed pretrained backbone's pooled stage features and a scikit-learn head (``head.skops``)."""
+
+    kind: Literal["feature_head"] = "feature_head"
+    backbone: str
+    weights: str
+    layers: list[str] = Field(min_length=1)
+    pool: Literal["avg", "max"]
+    flip: bool
+    head: Literal["logreg", "svm", "linear-svm", "knn"]
+    pca: int | Literal["auto"] | None
+    whiten: bool
+    l2_normalize: bool
+    best_params: dict[str, Any]
+    cv_folds: int
+    feature_dims: int
+    tried: list[dict[str, Any]] = []
+
+
+class NetworkModel(_Section):
+    """A Keras network from raw pixels to probabilities (``model.keras``).
+
+    ``feature_layer`` names the pooled layer before the classifier, the
+    retrieval embedding of `similar`.
+    """
+
+    kind: Literal["network"] = "network"
+    backbone: str
+    weights: str
+    freeze: str
+    feature_layer: str
+    epochs_run: int
+    best_epoch: int
+    interrupted: bool = False
+
+
+class EnsembleMember(_Section):
+    """One member of an ensemble: its copy's folder inside the run and its seal."""
+
+    path: str
+    seal: str
+    weight: float = Field(gt=0)
+
+
+class EnsembleModel(_Section):
+    """The weighted mean of its members' class probabilities."""
+
+    kind: Literal["ensemble"] = "ensemble"
+    members: list[EnsembleMember] = Field(min_length=1)
+
+
+ModelSection = Annotated[Union[FeatureHeadModel, NetworkModel, EnsembleModel], Field(discriminator="kind")]
+
+
+class RunManifest(_Section):
+    """Everything cnnkit records about a run (``manifest.json``).
+
+    Attributes:
+        command: the cnnkit command that wrote the run.
+        strategy: the strategy-table cell's strategy when `advise`/`auto`
+            chose it (linear-top, ..., train-scratch), else ``None``.
+        command_line: the equivalent command line.
+        options: the command's options, as given.
+        image_size: the square side images are resized to.
+        crop_pct: share of the shorter side the centre crop keeps.
+        preprocessing: the backbone's input scaling (inside the model).
+        metrics: accuracies and the like; ``None`` where not measured.
+        files: every file of the run except this manifest -> SHA-256.
+        seal: SHA-256 of this manifest without the seal (see ``seal_of``).
+    """
+
+    format: int = FORMAT_VERSION
+    cnnkit_version: str = ""
+    created: str = ""
+    command: Literal["extract", "finetune", "train", "ensemble"]
+    strategy: str | None = None
+    command_line: str = ""
+    options: dict[str, Any] = {}
+    class_names: list[str] = Field(min_length=2)
+    image_size: int = Field(gt=0)
+    crop_pct: float = Field(default=1.0, gt=0, le=1)
+    preprocessing: str
+    data: DataSummary | None = None
+    metrics: dict[str, float | int | None] = {}
+    model: ModelSection
+    files: dict[str, str] = {}
+    seal: str = ""
+
+    def seal_of(self) -> str:
+        """SHA-256 of the canonical JSON of every field but ``seal``."""
+        body = self.model_dump(mode="json", exclude={"seal"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                         ensure_ascii=False).encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False)
+
+
+def data_summary(dataset, splits: dict[str, list], skipped: int = 0) -> DataSummary:
+    """The ``data`` section for a run trained on ``splits`` of ``dataset``."""
+    rows = []
+    for split, samples in splits.items():
+        for sample in samples:
+            path = Path(sample.path)
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = -1
+            rows.append(f"{split}\t{dataset.class_names[sample.label]}\t{path.name}\t{size}")
+    fingerprint = hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
+    return DataSummary(source=str(Path(dataset.source).resolve()), fingerprint=fingerprint,
+                       splits={name: len(samples) for name, samples in splits.items()},
+                       classes=dataset.summary().counts, skipped=skipped)
 
 
 def check_destination(out: Path, force: bool) -> None:
     """Fail early, before any work, if ``out`` exists and may not be replaced."""
+    out = Path(out)
     if out.exists() and not force:
         raise CnnkitError(f"--out {out}: already exists; choose another folder or pass --force to replace it")
     if out.exists() and not (out / MANIFEST).exists():
         raise CnnkitError(f"--out {out}: exists and is not a cnnkit run; refusing to replace it")
 
 
-def write_run(out: str | Path, manifest: dict, write_files: Callable[[Path], None],
-              force: bool = False) -> Path:
-    """Write a run atomically.
+# A hook that adds files (reports) to a run being written; it may also fill
+# fields of the manifest. It runs after the model files, before the seal.
+Attachment = Callable[[Path, RunManifest], None]
+
+
+def write_run(out: str | Path, manifest: RunManifest, write_files: Callable[[Path], None],
+              force: bool = False, attach: Sequence[Attachment] = ()) -> Path:
+    """Write a run atomically: model files, attachments, then the sealed manifest.
 
     Args:
         out: destination folder.
-        manifest: what to record; format, version, date and checksums are added.
+        manifest: what to record; format, version, date, files and seal are set here.
         write_files: called with the temporary folder to write the model files in.
         force: replace an existing run at ``out``.
+        attach: hooks that add reports (see ``Attachment``).
     """
     from cnnkit import __version__
 
     out = Path(out)
     check_destination(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        write_files(tmp)
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {
-            "format": FORMAT_VERSION,
-            "cnnkit_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **manifest,
-            "files": files,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    def build(folder: Path) -> None:
+        write_files(folder)
+        for hook in attach:
+            hook(folder, manifest)
+        manifest.format = FORMAT_VERSION
+        manifest.cnnkit_version = __version__
+        manifest.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        manifest.files = {p.relative_to(folder).as_posix(): file_digest(p)
+                          for p in sorted(folder.rglob("*")) if p.is_file()}
+        manifest.seal = manifest.seal_of()
+        (folder / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+
+    return publish_folder(out, build, replace=force)
 
 
 @dataclass
 class Run:
-    """A loaded run: its manifest and lazily loaded model."""
+    """A loaded, verified run: its folder and typed manifest."""
 
     path: Path
-    manifest: dict
+    manifest: RunManifest
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.manifest["class_names"])
+        return list(self.manifest.class_names)
 
     @property
     def image_size(self) -> int:
-        return int(self.manifest["image_size"])
+        return self.manifest.image_size
 
     @property
-    def strategy(self) -> str:
-        return self.manifest["strategy"]
+    def crop_pct(self) -> float:
+        return self.manifest.crop_pct
+
+    @property
+    def model(self) -> FeatureHeadModel | NetworkModel | EnsembleModel:
+        return self.manifest.model
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.model.kind
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest.files
 
     def file(self, name: str) -> Path:
-        """A file of the run, verified against the manifest's checksum."""
-        path = self.path / name
-        expected = self.manifest.get("files", {}).get(name)
-        if expected is None or not path.is_file():
-            raise CnnkitError(f"{path}: missing from the run; re-create the run")
-        if _sha256(path) != expected:
-            raise CnnkitError(
-                f"{path}: was modified after the run was written (checksum mismatch); "
-                "refusing to load it -- re-create the run"
-            )
-        return path
+        """A file of the run (verified when the run was loaded)."""
+        if name not in self.manifest.files:
+            raise CnnkitError(f"{self.path / name}: missing from the run; re-create the run")
+        return self.path / name
 
     def load_array(self, name: str) -> np.ndarray:
+        # allow_pickle=False: a .npy holding Python objects is refused, not unpickled.
         try:
             return np.load(self.file(name), allow_pickle=False)
         except ValueError as error:
@@ -140,27 +294,103 @@ class Run:
         return load_classifier(self)
 
 
-def load_run(path: str | Path) -> Run:
-    """Read a run's manifest.
+def _field_error(manifest_path: Path, error: ValidationError) -> CnnkitError:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    return CnnkitError(f"{manifest_path}: field {where!r}: {first['msg']}; the run is damaged or was "
+                       "edited -- re-create it")
 
-    Raises:
-        CnnkitError: not a run, a damaged manifest, or a newer format.
-    """
-    path = Path(path)
+
+def _safe_member(root: Path, name: str) -> Path:
+    """``root/name`` if ``name`` is a plain relative path that stays inside ``root``."""
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts or "\\" in name:
+        raise CnnkitError(f"{root / MANIFEST}: lists {name!r}, which is not a file inside the run; "
+                          "refusing to load it")
+    path = root / pure
+    current = root
+    for part in pure.parts:  # no link anywhere on the way: it could point outside the run
+        current = current / part
+        if current.is_symlink():
+            raise CnnkitError(f"{current}: is a symbolic link; cnnkit never writes links into a run, "
+                              "refusing to load it")
+    return path
+
+
+def _upgrade_v1(data: dict) -> dict:
+    """A cnnkit 0.1 manifest (format 1) in today's schema, so 0.1 runs keep working."""
+    if data.get("strategy") == "extract":
+        head = data.get("head") or {}
+        model = {"kind": "feature_head", "backbone": data.get("backbone"), "weights": data.get("weights", "imagenet"),
+                 "layers": data.get("layers"), "pool": data.get("pool", "avg"), "flip": data.get("flip", False),
+                 "head": head.get("kind"), "pca": head.get("pca"), "whiten": head.get("whiten", False),
+                 "l2_normalize": head.get("l2_normalize", False), "best_params": head.get("best_params", {}),
+                 "cv_folds": head.get("cv_folds", 0), "feature_dims": data.get("feature_dims", 0)}
+    else:
+        metrics = data.get("metrics") or {}
+        model = {"kind": "network", "backbone": data.get("backbone"), "weights": data.get("weights", "imagenet"),
+                 "freeze": data.get("freeze", "none"), "feature_layer": "features",
+                 "epochs_run": data.get("epochs_run", 0), "best_epoch": metrics.get("best_epoch", 0),
+                 "interrupted": data.get("interrupted", False)}
+    source = data.get("data") or {}
+    upgraded = {
+        "format": FORMAT_VERSION, "cnnkit_version": data.get("cnnkit_version", "0.1"),
+        "created": data.get("created", ""), "command": data.get("strategy"),
+        "options": data.get("options") or {}, "class_names": data.get("class_names"),
+        "image_size": data.get("image_size"), "crop_pct": data.get("crop_pct", 1.0),
+        "preprocessing": data.get("preprocessing", "raw"), "metrics": data.get("metrics") or {},
+        "model": model, "files": data.get("files") or {},
+        "data": {"source": str(source.get("source", "")), "fingerprint": "",
+                 "splits": source.get("counts") or {}, "classes": source.get("classes") or {},
+                 "skipped": source.get("skipped", 0)} if source else None,
+    }
+    manifest = RunManifest.model_validate(upgraded)
+    upgraded["seal"] = manifest.seal_of()  # format 1 had no seal; the files' checksums still apply
+    return upgraded
+
+
+def read_manifest(path: Path) -> RunManifest:
+    """Parse and validate a run's manifest and check its seal (files are not checked here)."""
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise CnnkitError(f"{path}: no such run folder")
-    if not manifest_path.is_file():
+    if not manifest_path.is_file() or manifest_path.is_symlink():
         raise CnnkitError(f"{path}: not a cnnkit run (no {MANIFEST})")
     try:
-        manifest = json.loads(manifest_path.read_text("utf-8"))
-    except ValueError as error:
+        # json.loads builds only dicts, lists, strings, numbers: nothing in the file can run.
+        data = json.loads(manifest_path.read_text("utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
         raise CnnkitError(f"{manifest_path}: damaged ({error}); re-create the run") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), int):
+    if not isinstance(data, dict) or not isinstance(data.get("format"), int):
         raise CnnkitError(f"{manifest_path}: not a cnnkit manifest")
-    if manifest["format"] > FORMAT_VERSION:
-        raise CnnkitError(f"{path}: written by a newer cnnkit (format {manifest['format']}); upgrade cnnkit")
-    for key in ("strategy", "class_names", "image_size"):
-        if key not in manifest:
-            raise CnnkitError(f"{manifest_path}: lacks {key!r}; re-create the run")
+    if data["format"] > FORMAT_VERSION:
+        raise CnnkitError(f"{path}: written by a newer cnnkit (format {data['format']}); upgrade cnnkit")
+    try:
+        if data["format"] == 1:
+            data = _upgrade_v1(data)
+        manifest = RunManifest.model_validate(data)
+    except ValidationError as error:
+        raise _field_error(manifest_path, error) from None
+    if manifest.seal != manifest.seal_of():
+        raise CnnkitError(f"{manifest_path}: was modified after the run was written (seal mismatch); "
+                          "refusing to load it -- re-create the run")
+    return manifest
+
+
+def load_run(path: str | Path) -> Run:
+    """Read and verify a run: its manifest, seal, and every file's checksum.
+
+    Raises:
+        CnnkitError: not a run, a damaged or edited manifest or file, a file
+            outside the folder, or a newer format -- one line naming it.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    for name, expected in manifest.files.items():
+        file = _safe_member(path, name)
+        if not file.is_file():
+            raise CnnkitError(f"{file}: missing from the run; re-create the run")
+        if file_digest(file) != expected:
+            raise CnnkitError(f"{file}: was modified after the run was written (checksum mismatch); "
+                              "refusing to load it -- re-create the run")
     return Run(path, manifest)

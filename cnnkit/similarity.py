@@ -63,14 +63,14 @@ def similar_images(run_path: str | Path, image: str | Path, k: int = 5) -> list[
     from cnnkit.runs import load_run
 
     run = load_run(run_path)
-    if "index/features.npy" not in run.manifest.get("files", {}):
+    if not run.has("index/features.npy"):
         raise CnnkitError(f"{run_path}: this run has no retrieval index")
     index = run.load_array("index/features.npy")
     labels = run.load_array("index/labels.npy")
     paths = run.load_json("index/paths.json")
     if len(index) != len(labels) or len(index) != len(paths):
         raise CnnkitError(f"{run_path}: the retrieval index is inconsistent; re-create the run")
-    pixels = load_image(image, run.image_size, run.manifest.get("crop_pct", 1.0))
+    pixels = load_image(image, run.image_size, run.crop_pct)
     query = run.classifier().embed(pixels[None])
     if query.shape[1] != index.shape[1]:
         raise CnnkitError(f"{run_path}: index has {index.shape[1]} dims, the model gives {query.shape[1]}")

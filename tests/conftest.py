@@ -77,3 +77,23 @@ def write_odd_good_files(folder: Path) -> list[str]:
     image.save(folder / "scan.tiff")
     image.save(folder / "ünïcødé 猫.png")
     return sorted(p.name for p in folder.iterdir())
+
+
+def reseal(run_path: Path, edit=None) -> None:
+    """Re-compute a run's checksums and seal after editing it, as someone forging a run would.
+
+    ``edit`` may change the manifest dict first. Tests use it to show that the
+    readers themselves refuse dangerous content even in a consistently sealed run.
+    """
+    import json
+
+    from cnnkit.paths import file_digest
+    from cnnkit.runs import MANIFEST, RunManifest
+
+    data = json.loads((run_path / MANIFEST).read_text())
+    if edit:
+        edit(data)
+    data["files"] = {name: file_digest(run_path / name) for name in data["files"]}
+    manifest = RunManifest.model_validate(data)
+    manifest.seal = manifest.seal_of()
+    (run_path / MANIFEST).write_text(manifest.to_json())

@@ -69,11 +69,18 @@ def test_predict_with_nothing_readable_exits_2(tmp_path):
     assert "empty.png: empty file" in result.stderr and "nope.jpg: no such file" in result.stderr
 
 
-def test_unknown_backbone_is_one_line(tmp_path):
-    result = runner.invoke(app, ["predict", str(PHOTOS / "cat.png"), "--backbone", "alexnet"])
+@pytest.mark.parametrize("args, message", [
+    (["predict", str(PHOTOS / "cat.png"), "--backbone", "alexnet"], "'alexnet' is not one of 'efficientnet_lite0'"),
+    (["extract", "data", "--pool", "median"], "'median' is not one of 'avg', 'max'"),
+    (["finetune", "data", "--freeze", "conv7"], "'conv7' is not one of 'none', 'conv1'"),
+    (["train", "data", "--schedule", "sawtooth"], "'sawtooth' is not one of 'exp', 'step'"),
+    (["extract"], "Missing argument 'data'"),
+])
+def test_usage_errors_are_one_line_naming_the_flag(args, message):
+    result = runner.invoke(app, args)
     assert result.exit_code == 2
-    assert "unknown backbone 'alexnet'" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert message in result.stderr and "--help" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_info_json():
@@ -92,9 +99,10 @@ def test_backbones_json_lists_stage_dims():
     assert row["params"] == 3_413_024 and row["weights_on_disk"]
 
 
-def test_extract_predict_evaluate_similar_from_the_command_line(tmp_path):
+def test_extract_predict_evaluate_similar_from_the_command_line(tmp_path, monkeypatch):
     from conftest import make_class_tree
 
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path / "cache"))  # "computed" counts only this test's work
     data = make_class_tree(tmp_path / "data", {"a": 6, "b": 6})
     run = tmp_path / "run"
     common = ["--backbone", "tiny_cnn", "--weights", "none", "--image-size", "32"]
@@ -114,7 +122,10 @@ def test_extract_predict_evaluate_similar_from_the_command_line(tmp_path):
     evaluated = runner.invoke(app, ["evaluate", str(run), str(data), "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(evaluated.stdout)
-    assert 0 <= metrics["accuracy"] <= 1 and (run / "eval" / "data" / "confusion.png").exists()
+    top1 = {r["path"]: r["top"][0]["label"] for r in json.loads(
+        runner.invoke(app, ["predict", "--model", str(run), str(data), "--json"]).stdout)}
+    assert metrics["accuracy"] == sum(top1[str(p)] == p.parent.name for p in data.rglob("*.png")) / 12
+    assert (run / "eval" / "data" / "confusion.png").exists()
 
     neighbours = runner.invoke(app, ["similar", str(run), str(data / "b" / "000.png"), "-k", "2", "--json"])
     assert neighbours.exit_code == 0, neighbours.output
@@ -126,7 +137,7 @@ def test_extract_bad_flags_are_one_line_errors(tmp_path):
 
     data = make_class_tree(tmp_path / "data", {"a": 3, "b": 3})
     for flags, message in ((["--layer", "conv9"], "unknown stage 'conv9'"),
-                           (["--head", "forest"], "--head 'forest'"),
+                           (["--head", "forest"], "'--head': Value error, 'forest' is not one of 'logreg'"),
                            (["--pca", "-3"], "--pca '-3'")):
         result = runner.invoke(app, ["extract", str(data), "--out", str(tmp_path / "r"),
                                      "--backbone", "tiny_cnn", "--weights", "none", *flags])

@@ -14,7 +14,7 @@ from cnnkit.heads import HEADS, fit_head, load_head, save_head
 from cnnkit.predict import predict_run
 from cnnkit.runs import load_run
 from cnnkit.similarity import nearest, similar_images
-from conftest import make_class_tree, write_bad_files
+from conftest import make_class_tree, reseal, write_bad_files
 
 TINY = dict(backbone="tiny_cnn", weights="none", image_size=32)
 
@@ -79,7 +79,7 @@ def test_cross_validation_picks_from_the_grid_and_tiny_classes_skip_it():
 def test_run_round_trip_gives_identical_predictions(run, data):
     loaded = load_run(run.run_path)
     assert loaded.class_names == ["blue", "green", "red"]
-    assert loaded.manifest["layers"] == ["conv3", "top"]
+    assert loaded.model.layers == ["conv3", "top"] and loaded.kind == "feature_head"
     report = predict_run([data], run.run_path, k=3)
     assert len(report.predictions) == 24
     images = np.stack([__import__("cnnkit").data.load_image(p.path, 32) for p in report.predictions])
@@ -94,46 +94,44 @@ def test_existing_out_is_never_overwritten_without_force(run, data):
     with pytest.raises(CnnkitError, match="already exists"):
         run_extract(data, ExtractOptions(**TINY), run.run_path)
     replaced = run_extract(data, ExtractOptions(**TINY, head="knn", cv=3), run.run_path, force=True)
-    assert load_run(replaced.run_path).manifest["head"]["kind"] == "knn"
+    assert load_run(replaced.run_path).model.head == "knn"
 
 
 def test_tampered_head_bytes_are_refused(run):
     head = run.run_path / "head.skops"
     head.write_bytes(head.read_bytes() + b"x")
-    with pytest.raises(CnnkitError, match="modified after the run was written"):
-        load_run(run.run_path).classifier()
+    with pytest.raises(CnnkitError, match="head.skops: was modified after the run was written"):
+        load_run(run.run_path)
 
 
 def test_head_with_foreign_types_is_refused_even_with_a_matching_checksum(run, tmp_path):
     import collections
-    import hashlib
 
     evil = tmp_path / "evil.skops"
     sio.dump({"x": collections.Counter("abc")}, evil)
     with pytest.raises(CnnkitError, match="refusing to load"):
         load_head(evil)
-    # Planting it in the run with a forged checksum still gets refused.
+    # Planting it in the run with forged checksums and seal still gets refused.
     head = run.run_path / "head.skops"
     head.write_bytes(evil.read_bytes())
-    manifest = json.loads((run.run_path / "manifest.json").read_text())
-    manifest["files"]["head.skops"] = hashlib.sha256(head.read_bytes()).hexdigest()
-    (run.run_path / "manifest.json").write_text(json.dumps(manifest))
+    reseal(run.run_path)
     with pytest.raises(CnnkitError, match="refusing to load"):
         load_run(run.run_path).classifier()
 
 
-def test_pickled_index_is_refused(run):
-    import hashlib
-    import pickle
+def test_pickled_index_is_refused(run, tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
 
     path = run.run_path / "index" / "features.npy"
-    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    manifest = json.loads((run.run_path / "manifest.json").read_text())
-    manifest["files"]["index/features.npy"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    (run.run_path / "manifest.json").write_text(json.dumps(manifest))
+    np.save(path, np.array([Payload()], dtype=object), allow_pickle=True)
+    reseal(run.run_path)
     with pytest.raises(CnnkitError, match="not a plain array"):
         load_run(run.run_path).load_array("index/features.npy")
-    assert pickle  # the payload above is a pickle; np.load must not run it
+    assert not marker.exists()
 
 
 def test_damaged_manifest_and_missing_run(run, tmp_path):
@@ -158,21 +156,24 @@ def test_evaluation_numbers_on_a_known_case(tmp_path):
     assert (written / "confusion.png").stat().st_size > 1000
 
 
-def test_evaluate_run_on_its_own_data(run, data):
+def test_evaluate_run_on_its_own_data_agrees_with_the_run_metrics(run, data):
     evaluation = evaluate_run(run.run_path, data)
     assert len(evaluation.labels) == 24
-    assert 0.0 <= evaluation.accuracy <= 1.0
+    # evaluate classifies the image files; extract scored the cached features: same numbers.
+    n_train, n_val = run.counts["train"], run.counts["val"]
+    expected = (run.metrics["train_accuracy"] * n_train + run.metrics["val_accuracy"] * n_val) / 24
+    assert evaluation.accuracy == pytest.approx(expected, abs=1e-9)
 
 
 def test_similar_finds_the_query_itself_first(run, data):
-    query = sorted((data / "green").glob("*.png"))[0]
+    train_paths = json.loads((run.run_path / "index" / "paths.json").read_text())
+    query = next(p for p in train_paths if "/green/" in p)
     neighbours = similar_images(run.run_path, query, k=3)
     assert len(neighbours) == 3
     scores = [n.score for n in neighbours]
     assert scores == sorted(scores, reverse=True)
-    train_paths = json.loads((run.run_path / "index" / "paths.json").read_text())
-    if str(query) in train_paths:
-        assert neighbours[0].path == str(query) and neighbours[0].score == pytest.approx(1.0, abs=1e-5)
+    assert neighbours[0].path == query and neighbours[0].score == pytest.approx(1.0, abs=1e-5)
+    assert neighbours[0].label == "green"
 
 
 def test_exact_nearest_search_matches_brute_force():

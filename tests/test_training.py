@@ -62,7 +62,7 @@ def test_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
     part = run_training(data, _tiny(), tmp_path / "part", report=interrupt_after_epoch_2)
     assert part.interrupted and len(part.history["loss"]) == 2
     manifest = load_run(part.run_path).manifest
-    assert manifest["interrupted"] and "checkpoints/state.json" in manifest["files"]
+    assert manifest.model.interrupted and "checkpoints/state.json" in manifest.files
     assert len(predict_run([data / "a"], part.run_path).predictions) == 8  # usable as it is
 
     epochs_seen = []
@@ -90,7 +90,11 @@ def test_run_writes_history_plots_and_works_with_predict_and_similar(data, tmp_p
     report = json.loads((run / "report.json").read_text())
     assert report["diagnosis"] and report["sanity"]["steps"] >= 1
     assert set(report["update_ratios"][0]) == {"conv1", "conv2", "conv3", "conv4", "conv5"}
-    assert 0.0 <= evaluate_run(run, data).accuracy <= 1.0
+    evaluation = evaluate_run(run, data)
+    predicted = {str(p.path): p.top[0][0] for p in predict_run([data], run).predictions}
+    # evaluate and predict classify through the same saved model: the same top-1 everywhere.
+    assert len(evaluation.labels) == 16
+    assert evaluation.accuracy == pytest.approx(np.mean([predicted[str(p)] == p.parent.name for p in evaluation.paths]))
     assert len(similar_images(run, data / "a" / "000.png", k=3)) == 3
 
 

@@ -9,6 +9,9 @@ from cnnkit.backbones.registry import (
     list_backbones,
 )
 
+# Importing the families registers their networks (each calls ``register``).
+from cnnkit.backbones import efficientnet_lite, keras_apps, small_cnn  # noqa: E402,F401
+
 __all__ = [
     "DEFAULT_BACKBONE", "STAGE_NAMES", "STAGE_STRIDES", "BackboneSpec", "get_backbone",
     "list_backbones", "imagenet_class_names",

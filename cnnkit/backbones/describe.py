@@ -8,12 +8,10 @@ Keras version under the cache directory.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from importlib import metadata
 
 from cnnkit.backbones.registry import BackboneSpec, get_backbone, list_backbones
-from cnnkit.paths import cache_dir
+from cnnkit.paths import atomic_write, cache_dir
 
 
 def _measure(spec: BackboneSpec) -> dict:
@@ -48,10 +46,7 @@ def describe_backbones(names: list[str] | None = None, prepare: bool = False) ->
         cached[spec.name] = _measure(spec)
     if missing:
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=cache_file.parent, delete=False) as tmp:
-                json.dump(cached, tmp)
-            os.replace(tmp.name, cache_file)
+            atomic_write(cache_file, json.dumps(cached))
         except OSError:
             pass
     return [

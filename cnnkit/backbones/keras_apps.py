@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnkit.backbones.registry import MODEL_OUTPUT, BackboneSpec
+from cnnkit.backbones.registry import MODEL_OUTPUT, BackboneSpec, register
 from cnnkit.errors import CnnkitError
 
 
@@ -135,18 +135,14 @@ def _imagenet_weights_file(app: _App, include_top: bool) -> Path:
     return cached
 
 
-def specs() -> list[BackboneSpec]:
-    """Registry entries for the keras.applications backbones."""
-    return [
-        BackboneSpec(
-            name=app.name,
-            family="keras",
-            input_size=app.input_size,
-            preprocessing=app.preprocessing,
-            stages=app.stages,
-            weights_source=f"Keras download cache ({app.notop_file})",
-            build_fn=lambda size, top, weights, app=app: _build(app, size, top, weights),
-            weights_present_fn=lambda app=app: (keras_models_dir() / app.notop_file).exists(),
-        )
-        for app in _APPS
-    ]
+for _app in _APPS:
+    register(BackboneSpec(
+        name=_app.name,
+        family="keras",
+        input_size=_app.input_size,
+        preprocessing=_app.preprocessing,
+        stages=_app.stages,
+        weights_source=f"Keras download cache ({_app.notop_file})",
+        build_fn=lambda size, top, weights, app=_app: _build(app, size, top, weights),
+        weights_present_fn=lambda app=_app: (keras_models_dir() / app.notop_file).exists(),
+    ))

@@ -50,6 +50,11 @@ class BackboneSpec:
     crop_pct: float = 0.875
     pretrained: bool = True
 
+    @staticmethod
+    def stage_key(layer: str) -> str:
+        """The stage whose pooled output a ``--layer`` name means: ``top`` is the pooled conv5."""
+        return "conv5" if layer == "top" else layer
+
     @property
     def layer_choices(self) -> list[str]:
         """Names accepted by ``--layer`` and ``--freeze``."""
@@ -92,28 +97,22 @@ class BackboneSpec:
         return self.build_fn(input_size or self.input_size, include_top, weights)
 
 
+# Filled by the family modules (efficientnet_lite, keras_apps, small_cnn) as
+# they are imported by ``cnnkit.backbones``; this module imports none of them.
 _REGISTRY: dict[str, BackboneSpec] = {}
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone to the registry (a family module calls this for each of its networks)."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is registered twice")
     _REGISTRY[spec.name] = spec
     return spec
 
 
-def _load_families() -> None:
-    if _REGISTRY:
-        return
-    from cnnkit.backbones import efficientnet_lite, keras_apps, small_cnn  # noqa: F401 - they register
-
-    for module in (efficientnet_lite, keras_apps, small_cnn):
-        for spec in module.specs():
-            register(spec)
-
-
 def list_backbones() -> list[BackboneSpec]:
     """Every registered backbone, in registration order."""
-    _load_families()
     return list(_REGISTRY.values())
 
 
@@ -123,7 +122,6 @@ def get_backbone(name: str) -> BackboneSpec:
     Raises:
         CnnkitError: unknown name; the message lists the known ones.
     """
-    _load_families()
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -7,7 +7,7 @@ thousand parameters with all five stages, for fast tests and smoke runs.
 
 from __future__ import annotations
 
-from cnnkit.backbones.registry import BackboneSpec
+from cnnkit.backbones.registry import BackboneSpec, register
 
 
 def _conv_bn_relu(x, filters, stride, name):
@@ -74,21 +74,17 @@ def _from_scratch_only(name, builder):
     return build
 
 
-def specs() -> list[BackboneSpec]:
-    """Registry entries for the from-scratch networks."""
-    return [
-        BackboneSpec(
-            name="small_resnet", family="cnnkit", input_size=32, preprocessing="tf",
-            stages={"conv1": "conv1_block1_out", "conv2": "conv2_block1_out", "conv3": "conv3_block1_out"},
-            weights_source="none (train from scratch)",
-            build_fn=_from_scratch_only("small_resnet", build_small_resnet),
-            weights_present_fn=lambda: False, crop_pct=1.0, pretrained=False,
-        ),
-        BackboneSpec(
-            name="tiny_cnn", family="cnnkit", input_size=32, preprocessing="tf",
-            stages={f"conv{k}": f"conv{k}_relu" for k in range(1, 6)},
-            weights_source="none (for tests and smoke runs)",
-            build_fn=_from_scratch_only("tiny_cnn", build_tiny_cnn),
-            weights_present_fn=lambda: False, crop_pct=1.0, pretrained=False,
-        ),
-    ]
+register(BackboneSpec(
+    name="small_resnet", family="cnnkit", input_size=32, preprocessing="tf",
+    stages={"conv1": "conv1_block1_out", "conv2": "conv2_block1_out", "conv3": "conv3_block1_out"},
+    weights_source="none (train from scratch)",
+    build_fn=_from_scratch_only("small_resnet", build_small_resnet),
+    weights_present_fn=lambda: False, crop_pct=1.0, pretrained=False,
+))
+register(BackboneSpec(
+    name="tiny_cnn", family="cnnkit", input_size=32, preprocessing="tf",
+    stages={f"conv{k}": f"conv{k}_relu" for k in range(1, 6)},
+    weights_source="none (for tests and smoke runs)",
+    build_fn=_from_scratch_only("tiny_cnn", build_tiny_cnn),
+    weights_present_fn=lambda: False, crop_pct=1.0, pretrained=False,
+))

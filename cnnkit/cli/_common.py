@@ -15,13 +15,20 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from cnnkit.backbones import DEFAULT_BACKBONE, list_backbones
+from cnnkit.choices import Choice
 from cnnkit.errors import CnnkitError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
+# The registry's names as a fixed choice, so `--help` lists them.
+Backbone = Choice("Backbone", {spec.name: spec.name for spec in list_backbones()})
+DEFAULT = Backbone(DEFAULT_BACKBONE)
+
 BackboneOption = Annotated[
-    str, typer.Option("--backbone", "-b", help="Backbone name; see `cnnkit backbones`.")
+    Backbone, typer.Option("--backbone", "-b", metavar="NAME",
+                           help=f"Backbone: {', '.join(b.value for b in Backbone)} (see `cnnkit backbones`).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]

@@ -7,14 +7,14 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.backbones.registry import DEFAULT_BACKBONE
-from cnnkit.cli._common import (BackboneOption, JsonOption, QuietOption, console, err_console, print_json,
-                                quiet_tensorflow, user_errors)
+from cnnkit.cli._common import (DEFAULT, BackboneOption, JsonOption, QuietOption, console, err_console,
+                                print_json, quiet_tensorflow, user_errors)
 
 Data = Annotated[Path, typer.Argument(help="Folder of class subfolders (optionally train/ val/ test/), or a CSV of path,label.", show_default=False)]
 LittleData = Annotated[int | None, typer.Option(help="Override: images per class below which data is 'little'.")]
 Shift = Annotated[float | None, typer.Option(help="Override: domain-shift score above which the domain is 'different'.")]
 Confidence = Annotated[float | None, typer.Option(help="Override: ImageNet top-1 confidence below which the domain is 'different'.")]
+Budget = Annotated[float, typer.Option(min=1.0, help="Minutes the whole job should take; sets the training epochs.")]
 
 
 def _thresholds(little_data, shift, confidence):
@@ -27,7 +27,7 @@ def _thresholds(little_data, shift, confidence):
     return replace(Thresholds(), **changes)
 
 
-def _print_advice(advice, ran: str | None = None) -> None:
+def _print_advice(advice, ran: bool = False) -> None:
     from rich.table import Table
 
     table = Table(title="measurements", show_header=False)
@@ -51,16 +51,14 @@ def _print_advice(advice, ran: str | None = None) -> None:
                   f"strategy [bold green]{advice.strategy}[/bold green]")
     for reason in advice.reasons:
         console.print(f"  - {reason}")
-    if ran:
-        console.print(f"ran: [bold]{ran}[/bold]")
-    else:
-        console.print(f"run: [bold]{advice.command}[/bold]")
+    console.print(f"{'ran' if ran else 'run'}: [bold]{advice.plan.command_line}[/bold]", soft_wrap=True)
 
 
 def advise(
     data: Data,
-    backbone: BackboneOption = DEFAULT_BACKBONE,
+    backbone: BackboneOption = DEFAULT,
     per_class: Annotated[int, typer.Option(min=2, help="Images per class in the measurement sample.")] = 20,
+    budget: Budget = 10.0,
     little_data: LittleData = None,
     shift: Shift = None,
     confidence: Confidence = None,
@@ -72,8 +70,8 @@ def advise(
     from cnnkit.advise import advise as measure
 
     with user_errors():
-        advice = measure(data, backbone, per_class, thresholds=_thresholds(little_data, shift, confidence),
-                         seed=seed)
+        advice = measure(data, str(backbone), per_class, thresholds=_thresholds(little_data, shift, confidence),
+                         seed=seed, budget_minutes=budget)
     if json_output:
         print_json(advice.to_dict())
     else:
@@ -83,8 +81,8 @@ def advise(
 def auto(
     data: Data,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/auto"),
-    backbone: BackboneOption = DEFAULT_BACKBONE,
-    budget: Annotated[float, typer.Option(min=1.0, help="Minutes to aim for (sets the training epochs).")] = 10.0,
+    backbone: BackboneOption = DEFAULT,
+    budget: Budget = 10.0,
     little_data: LittleData = None,
     shift: Shift = None,
     confidence: Confidence = None,
@@ -102,15 +100,17 @@ def auto(
             err_console.print(f"[cyan]{message}[/cyan]")
 
     with user_errors():
-        result = run_auto(data, out, backbone, budget, _thresholds(little_data, shift, confidence), seed, force, say)
+        result = run_auto(data, out, str(backbone), budget, _thresholds(little_data, shift, confidence), seed,
+                          force, say)
     if json_output:
-        print_json({"run": str(result.run_path), "report": str(result.report_path), "strategy": result.advice.strategy,
-                    "cell": result.advice.cell, "chosen": result.chosen, "metrics": result.metrics,
+        print_json({"run": str(result.run_path), "report": str(result.report_path),
+                    "strategy": str(result.advice.strategy), "cell": result.advice.cell,
+                    "plan": result.plan.to_dict(), "tried": result.tried, "metrics": result.metrics,
                     "seconds": result.seconds})
         return
     if quiet:
         return
-    _print_advice(result.advice, ran=result.chosen.get("equivalent"))
+    _print_advice(result.advice, ran=True)
     for key in ("cv_accuracy", "val_accuracy", "test_accuracy"):
         if result.metrics.get(key) is not None:
             console.print(f"{key.replace('_', ' ')}: [bold green]{result.metrics[key]:.3f}[/bold green]")

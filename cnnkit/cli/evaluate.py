@@ -7,15 +7,22 @@ from typing import Annotated
 
 import typer
 
+from cnnkit.choices import Choice
 from cnnkit.cli._common import (BatchSizeOption, JsonOption, QuietOption, console, print_json,
                                 progress_bar, progress_callback, quiet_tensorflow, report_skipped,
                                 user_errors)
 
 
+class Split(Choice):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run folder.", show_default=False)],
     data: Annotated[Path, typer.Argument(help="Labelled images: class folders or a CSV.", show_default=False)],
-    split: Annotated[str | None, typer.Option(help="train, val or test (default: test if DATA has it, else all).")] = None,
+    split: Annotated[Split | None, typer.Option(help="Which split of DATA (default: test if DATA has it, else all).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write metrics.json, confusion.json/png (default RUN/eval/<DATA name>).")] = None,
     batch_size: BatchSizeOption = 32,
     json_output: JsonOption = False,
@@ -26,7 +33,7 @@ def evaluate(
     from cnnkit.evaluation import evaluate_run, write_evaluation
 
     with user_errors(), progress_bar(quiet or json_output) as progress:
-        evaluation = evaluate_run(run, data, split, batch_size, progress_callback(progress, "evaluating"))
+        evaluation = evaluate_run(run, data, split and str(split), batch_size, progress_callback(progress, "evaluating"))
         written = write_evaluation(evaluation, out or run / "eval" / (data.stem or "data"))
     report_skipped(evaluation.skipped, quiet)
     result = evaluation.to_dict()

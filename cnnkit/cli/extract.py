@@ -7,40 +7,42 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.backbones.registry import DEFAULT_BACKBONE
-from cnnkit.cli._common import (BackboneOption, BatchSizeOption, JsonOption, QuietOption, console,
+from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, JsonOption, QuietOption, console,
                                 print_json, progress_bar, progress_callback, quiet_tensorflow,
                                 report_skipped, user_errors)
+from cnnkit.options import ExtractOptions, Head, Pool
+
+_D = ExtractOptions()
 
 
 def extract(
     data: Annotated[Path, typer.Argument(help="Folder of class subfolders (optionally train/ val/ test/), or a CSV of path,label.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/extract"),
-    backbone: BackboneOption = DEFAULT_BACKBONE,
-    layer: Annotated[str, typer.Option("--layer", "-l", help="Stage(s) to take pooled features from: conv1..conv5, top, or a list like conv4,top.")] = "top",
-    head: Annotated[str, typer.Option(help="Classifier: logreg, svm (RBF), linear-svm, knn.")] = "logreg",
-    pca: Annotated[str, typer.Option(help="PCA components: a number, 'auto' (picked by cross-validation) or 'none'.")] = "auto",
-    whiten: Annotated[bool, typer.Option(help="Whiten the PCA components.")] = False,
-    l2: Annotated[bool, typer.Option("--l2", help="L2-normalise each feature vector before scaling.")] = False,
-    pool: Annotated[str, typer.Option(help="Global pooling of each stage: avg or max.")] = "avg",
-    flip: Annotated[bool, typer.Option(help="Average the features of each image and its mirror image.")] = False,
-    cv: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the hyper-parameters.")] = 5,
-    val_split: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of train held out for validation when DATA has no val/ (0: none).")] = 0.2,
-    image_size: Annotated[int | None, typer.Option(min=32, help="Input size in pixels (default: the backbone's).")] = None,
-    weights: Annotated[str, typer.Option(help="'imagenet', 'none' or a weights file.")] = "imagenet",
-    batch_size: BatchSizeOption = 32,
-    seed: Annotated[int, typer.Option(help="Seed for the split and cross-validation.")] = 0,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
-    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image (exit 2).")] = False,
+    backbone: BackboneOption = Backbone(_D.backbone),
+    layer: Annotated[str, typer.Option("--layer", "-l", help="Stage(s) to take pooled features from: conv1..conv5, top, a list like conv4,top, or 'auto' (the best of conv3, conv4, top, conv4,top and conv3,conv4,top by cross-validation).")] = _D.layers,
+    head: Annotated[Head, typer.Option(help="Classifier: logistic regression, RBF SVM, linear SVM, k-NN, or auto (logreg or svm by cross-validation).")] = _D.head,
+    pca: Annotated[str, typer.Option(help="PCA components: a number, 'auto' (picked by cross-validation) or 'none'.")] = str(_D.pca),
+    whiten: Annotated[bool, typer.Option(help="Whiten the PCA components.")] = _D.whiten,
+    l2: Annotated[bool, typer.Option("--l2", help="L2-normalise each feature vector before scaling.")] = _D.l2_normalize,
+    pool: Annotated[Pool, typer.Option(help="Global pooling of each stage.")] = _D.pool,
+    flip: Annotated[bool, typer.Option(help="Average the features of each image and its mirror image.")] = _D.flip,
+    cv: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the hyper-parameters.")] = _D.cv,
+    val_split: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of train held out for validation when DATA has no val/ (0: none).")] = _D.val_split,
+    image_size: Annotated[int | None, typer.Option(min=32, help="Input size in pixels (default: the backbone's).")] = _D.image_size,
+    weights: Annotated[str, typer.Option(help="'imagenet', 'none' or a weights file.")] = _D.weights,
+    batch_size: BatchSizeOption = _D.batch_size,
+    seed: Annotated[int, typer.Option(help="Seed for the split and cross-validation.")] = _D.seed,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = not _D.use_cache,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image (exit 2).")] = _D.strict,
     force: Annotated[bool, typer.Option(help="Replace --out if it is an existing run.")] = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Use a pretrained CNN as a fixed feature extractor and fit a classical head on its features."""
     quiet_tensorflow()
-    from cnnkit.extraction import ExtractOptions, run_extract
+    from cnnkit.extraction import run_extract
 
-    options = ExtractOptions(backbone=backbone, layers=layer, weights=weights, image_size=image_size,
+    options = ExtractOptions(backbone=str(backbone), layers=layer, weights=weights, image_size=image_size,
                              pool=pool, flip=flip, l2_normalize=l2, pca=pca, whiten=whiten, head=head,
                              cv=cv, val_split=val_split, seed=seed, batch_size=batch_size,
                              use_cache=not no_cache, strict=strict)
@@ -48,9 +50,10 @@ def extract(
         result = run_extract(data, options, out, force, progress=progress_callback(progress, "features"))
     report_skipped(result.skipped, quiet)
     summary = {
-        "run": str(result.run_path), "backbone": backbone, "layers": result.layers,
-        "feature_dims": result.feature_dims, "head": head, "best_params": result.fitted.best_params,
+        "run": str(result.run_path), "backbone": str(backbone), "layers": result.layers,
+        "feature_dims": result.feature_dims, "head": result.head, "best_params": result.fitted.best_params,
         "images": result.counts, "computed": result.computed, "seconds": result.seconds, **result.metrics,
+        "tried": result.tried,
     }
     if json_output:
         print_json(summary)
@@ -71,6 +74,9 @@ def _print_summary(s: dict) -> None:
     table.add_row("features", f"{s['backbone']} {','.join(s['layers'])} ({s['feature_dims']} dims); "
                   f"{s['computed']} image(s) through the network, the rest from cache")
     table.add_row("images", ", ".join(f"{k} {v}" for k, v in s["images"].items()))
+    if s["tried"]:
+        best = max((t["cv_accuracy"] for t in s["tried"] if t.get("cv_accuracy") is not None), default=None)
+        table.add_row("searched", f"{len(s['tried'])} (layers, head) pairs by cross-validation; best {_fmt(best)}")
     table.add_row("head", f"{s['head']} {s['best_params']}")
     table.add_row("cv accuracy", _fmt(s["cv_accuracy"]))
     table.add_row("train accuracy", _fmt(s["train_accuracy"]))

@@ -7,25 +7,27 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.backbones.registry import DEFAULT_BACKBONE
-from cnnkit.cli._common import (BackboneOption, JsonOption, QuietOption, console, err_console, print_json,
-                                quiet_tensorflow, report_skipped, user_errors)
+from cnnkit.cli._common import (Backbone, BackboneOption, JsonOption, QuietOption, console, err_console,
+                                print_json, quiet_tensorflow, report_skipped, user_errors)
+from cnnkit.options import FINETUNE, TRAIN, Augment, Device, Freeze, Optimizer, Schedule, TrainOptions
 
 Epochs = Annotated[int, typer.Option(min=1, help="Epochs of the main phase.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per step (the notes: 32-256).")]
 Lr = Annotated[float, typer.Option("--lr", min=0.0, help="Base learning rate.")]
-Optimizer = Annotated[str, typer.Option(help="sgd (momentum 0.9), adam or adamw.")]
-Schedule = Annotated[str, typer.Option(help="Rate decay per epoch: exp (x0.97), step (/10 at 1/2, 3/4), inv (1/t), cosine, constant.")]
+OptimizerOption = Annotated[Optimizer, typer.Option("--optimizer", help="sgd (with --momentum), adam or adamw.")]
+Momentum = Annotated[float, typer.Option(min=0.0, max=1.0, help="SGD momentum.")]
+ScheduleOption = Annotated[Schedule, typer.Option("--schedule", help="Rate decay per epoch: exp (x0.97), step (/10 at 1/2, 3/4), inv (1/t), cosine, constant.")]
 Warmup = Annotated[int, typer.Option(min=0, help="Epochs of linear warm-up.")]
 WeightDecay = Annotated[float, typer.Option(min=0.0, help="Weight decay (L2).")]
 Dropout = Annotated[float, typer.Option(min=0.0, max=0.9, help="Dropout before the classifier.")]
-Augment = Annotated[str, typer.Option(help="none, light (flip, crop) or strong (+ rotation, colour jitter).")]
+AugmentOption = Annotated[Augment, typer.Option("--augment", help="none, light (flip, crop) or strong (+ rotation, colour jitter).")]
 LabelSmoothing = Annotated[float, typer.Option(min=0.0, max=0.5, help="Label smoothing.")]
 ValSplit = Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of train held out for validation when DATA has no val/.")]
 Patience = Annotated[int, typer.Option(min=1, help="Stop after this many epochs without a better validation accuracy.")]
+PlateauPatience = Annotated[int, typer.Option(min=0, help="Divide the rate by 10 after this many epochs without a better validation accuracy (0: never).")]
 Seed = Annotated[int, typer.Option(help="Seed for the split, initialisation, data order and augmentation.")]
 Deterministic = Annotated[bool, typer.Option(help="Deterministic TensorFlow ops (slower).")]
-Device = Annotated[str, typer.Option(help="auto, cpu or gpu (mixed precision; several GPUs are mirrored).")]
+DeviceOption = Annotated[Device, typer.Option("--device", help="auto, cpu or gpu (mixed precision; several GPUs are mirrored).")]
 Tensorboard = Annotated[bool, typer.Option(help="Write TensorBoard logs into the work folder.")]
 Sanity = Annotated[bool, typer.Option(help="First overfit two batches; the loss must fall near zero.")]
 ImageSize = Annotated[int | None, typer.Option(min=16, help="Input size in pixels (default: the backbone's).")]
@@ -81,85 +83,87 @@ def _run(data, options, out, force, resume, json_output, quiet):
 def finetune(
     data: Data,
     out: Out = Path("runs/finetune"),
-    backbone: BackboneOption = DEFAULT_BACKBONE,
-    freeze: Annotated[str, typer.Option(help="Freeze the stem through this stage: conv1..conv5, or none.")] = "conv4",
-    epochs: Epochs = 10,
-    head_epochs: Annotated[int, typer.Option(min=0, help="Epochs training only the new head first (0: skip).")] = 2,
-    batch_size: BatchSize = 32,
-    lr: Lr = 0.01,
-    optimizer: Optimizer = "sgd",
-    schedule: Schedule = "exp",
-    warmup: Warmup = 0,
-    weight_decay: WeightDecay = 1e-4,
-    dropout: Dropout = 0.2,
-    augment: Augment = "light",
-    label_smoothing: LabelSmoothing = 0.0,
-    val_split: ValSplit = 0.2,
-    patience: Patience = 5,
-    image_size: ImageSize = None,
-    weights: Annotated[str, typer.Option(help="'imagenet' or a weights file.")] = "imagenet",
-    seed: Seed = 0,
-    deterministic: Deterministic = False,
-    device: Device = "auto",
-    tensorboard: Tensorboard = False,
-    sanity: Sanity = False,
+    backbone: BackboneOption = Backbone(FINETUNE.backbone),
+    freeze: Annotated[Freeze, typer.Option(help="Freeze the stem through this stage; none trains every layer.")] = FINETUNE.freeze,
+    epochs: Epochs = FINETUNE.epochs,
+    head_epochs: Annotated[int, typer.Option(min=0, help="Epochs training only the new head first (0: skip).")] = FINETUNE.head_epochs,
+    batch_size: BatchSize = FINETUNE.batch_size,
+    lr: Lr = FINETUNE.lr,
+    finetune_lr_scale: Annotated[float, typer.Option(min=0.0, help="The unfrozen stages train at --lr times this, after the head phase.")] = FINETUNE.finetune_lr_scale,
+    optimizer: OptimizerOption = FINETUNE.optimizer,
+    momentum: Momentum = FINETUNE.momentum,
+    schedule: ScheduleOption = FINETUNE.schedule,
+    warmup: Warmup = FINETUNE.warmup,
+    weight_decay: WeightDecay = FINETUNE.weight_decay,
+    dropout: Dropout = FINETUNE.dropout,
+    augment: AugmentOption = FINETUNE.augment,
+    label_smoothing: LabelSmoothing = FINETUNE.label_smoothing,
+    val_split: ValSplit = FINETUNE.val_split,
+    patience: Patience = FINETUNE.patience,
+    plateau_patience: PlateauPatience = FINETUNE.plateau_patience,
+    image_size: ImageSize = FINETUNE.image_size,
+    weights: Annotated[str, typer.Option(help="'imagenet' or a weights file.")] = FINETUNE.weights,
+    seed: Seed = FINETUNE.seed,
+    deterministic: Deterministic = FINETUNE.deterministic,
+    device: DeviceOption = FINETUNE.device,
+    tensorboard: Tensorboard = FINETUNE.tensorboard,
+    sanity: Sanity = FINETUNE.sanity,
     resume: Resume = None,
     force: Force = False,
-    strict: Strict = False,
+    strict: Strict = FINETUNE.strict,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Replace the classifier, freeze the stages up to --freeze, train the rest (head first)."""
-    from cnnkit.training.fit import TrainOptions
-
     options = TrainOptions(
-        mode="finetune", backbone=backbone, weights=weights, freeze=freeze, image_size=image_size,
-        epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        schedule=schedule, warmup=warmup, weight_decay=weight_decay, dropout=dropout, augment=augment,
-        label_smoothing=label_smoothing, val_split=val_split, patience=patience, seed=seed,
-        deterministic=deterministic, device=device, tensorboard=tensorboard, sanity=sanity, strict=strict)
+        mode="finetune", backbone=str(backbone), weights=weights, freeze=freeze, image_size=image_size,
+        epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, finetune_lr_scale=finetune_lr_scale,
+        optimizer=optimizer, momentum=momentum, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
+        dropout=dropout, augment=augment, label_smoothing=label_smoothing, val_split=val_split, patience=patience,
+        plateau_patience=plateau_patience, seed=seed, deterministic=deterministic, device=device,
+        tensorboard=tensorboard, sanity=sanity, strict=strict)
     _run(data, options, out, force, resume, json_output, quiet)
 
 
 def train(
     data: Data,
     out: Out = Path("runs/train"),
-    backbone: BackboneOption = "small_resnet",
-    weights: Annotated[str, typer.Option(help="'imagenet' (start from pretrained weights), 'none' (from scratch) or a file.")] = "none",
-    epochs: Epochs = 15,
-    batch_size: BatchSize = 128,
-    lr: Lr = 0.1,
-    optimizer: Optimizer = "sgd",
-    schedule: Schedule = "cosine",
-    warmup: Warmup = 1,
-    weight_decay: WeightDecay = 5e-4,
-    dropout: Dropout = 0.2,
-    augment: Augment = "light",
-    label_smoothing: LabelSmoothing = 0.0,
-    val_split: ValSplit = 0.1,
-    patience: Patience = 8,
-    image_size: ImageSize = None,
-    seed: Seed = 0,
-    deterministic: Deterministic = False,
-    device: Device = "auto",
-    tensorboard: Tensorboard = False,
-    sanity: Sanity = False,
+    backbone: BackboneOption = Backbone(TRAIN.backbone),
+    weights: Annotated[str, typer.Option(help="'imagenet' (start from pretrained weights), 'none' (from scratch) or a file.")] = TRAIN.weights,
+    epochs: Epochs = TRAIN.epochs,
+    batch_size: BatchSize = TRAIN.batch_size,
+    lr: Lr = TRAIN.lr,
+    optimizer: OptimizerOption = TRAIN.optimizer,
+    momentum: Momentum = TRAIN.momentum,
+    schedule: ScheduleOption = TRAIN.schedule,
+    warmup: Warmup = TRAIN.warmup,
+    weight_decay: WeightDecay = TRAIN.weight_decay,
+    dropout: Dropout = TRAIN.dropout,
+    augment: AugmentOption = TRAIN.augment,
+    label_smoothing: LabelSmoothing = TRAIN.label_smoothing,
+    val_split: ValSplit = TRAIN.val_split,
+    patience: Patience = TRAIN.patience,
+    plateau_patience: PlateauPatience = TRAIN.plateau_patience,
+    image_size: ImageSize = TRAIN.image_size,
+    seed: Seed = TRAIN.seed,
+    deterministic: Deterministic = TRAIN.deterministic,
+    device: DeviceOption = TRAIN.device,
+    tensorboard: Tensorboard = TRAIN.tensorboard,
+    sanity: Sanity = TRAIN.sanity,
     resume: Resume = None,
     force: Force = False,
-    strict: Strict = False,
+    strict: Strict = TRAIN.strict,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Train every layer: from pretrained weights, or from scratch (default: the compact small_resnet)."""
-    from cnnkit.training.fit import TrainOptions
-
     options = TrainOptions(
-        mode="train", backbone=backbone, weights=weights, freeze="none", image_size=image_size,
-        epochs=epochs, head_epochs=0, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        warmup=warmup, weight_decay=weight_decay, dropout=dropout, augment=augment,
-        label_smoothing=label_smoothing, val_split=val_split, patience=patience, plateau_patience=3,
-        seed=seed, deterministic=deterministic, device=device, tensorboard=tensorboard, sanity=sanity,
-        strict=strict)
+        mode="train", backbone=str(backbone), weights=weights, freeze="none", image_size=image_size,
+        epochs=epochs, head_epochs=0, batch_size=batch_size, lr=lr, finetune_lr_scale=TRAIN.finetune_lr_scale,
+        optimizer=optimizer, momentum=momentum, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
+        dropout=dropout, augment=augment, label_smoothing=label_smoothing, val_split=val_split, patience=patience,
+        plateau_patience=plateau_patience, seed=seed, deterministic=deterministic, device=device,
+        tensorboard=tensorboard, sanity=sanity, strict=strict)
     _run(data, options, out, force, resume, json_output, quiet)
 
 

@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.backbones.registry import DEFAULT_BACKBONE
-from cnnkit.cli._common import (BackboneOption, BatchSizeOption, JsonOption, QuietOption, console,
+from cnnkit.cli._common import (DEFAULT, BackboneOption, BatchSizeOption, JsonOption, QuietOption, console,
                                 print_json, progress_bar, progress_callback, quiet_tensorflow,
                                 report_skipped, user_errors, warn)
 
@@ -16,7 +15,7 @@ from cnnkit.cli._common import (BackboneOption, BatchSizeOption, JsonOption, Qui
 def predict(
     images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
     model: Annotated[Path | None, typer.Option("--model", "-m", help="A trained run directory (from extract, finetune, train).")] = None,
-    backbone: BackboneOption = DEFAULT_BACKBONE,
+    backbone: BackboneOption = DEFAULT,
     weights: Annotated[str, typer.Option(help="'imagenet' or a weights file for --backbone.")] = "imagenet",
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes shown per image.")] = 5,
     batch_size: BatchSizeOption = 32,
@@ -32,7 +31,7 @@ def predict(
         if model is not None:
             report = predict_run(images, model, top_k, batch_size, progress=update)
         else:
-            report = predict_imagenet(images, backbone, top_k, batch_size, weights, progress=update)
+            report = predict_imagenet(images, str(backbone), top_k, batch_size, weights, progress=update)
     report_skipped(report.failures, quiet=True)
     if json_output:
         print_json([p.to_dict() for p in report.predictions])

@@ -7,6 +7,8 @@ from cnnkit.data.dataset import (
     SkippedFile,
     find_images,
     load_dataset,
+    per_class_order,
+    sample_per_class,
     split_dataset,
     stratified_split,
 )
@@ -15,5 +17,6 @@ from cnnkit.data.pipeline import ImageStream
 
 __all__ = [
     "ClassSummary", "Dataset", "IMAGE_SUFFIXES", "ImageStream", "Sample", "SkippedFile",
-    "UnreadableImageError", "find_images", "load_dataset", "load_image", "split_dataset", "stratified_split",
+    "UnreadableImageError", "find_images", "load_dataset", "load_image", "per_class_order", "sample_per_class",
+    "split_dataset", "stratified_split",
 ]

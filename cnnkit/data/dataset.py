@@ -15,7 +15,6 @@ from pathlib import Path
 from cnnkit.data.images import check_image_header
 from cnnkit.errors import CnnkitError
 
-SPLIT_NAMES = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -218,6 +217,23 @@ def load_dataset(source: str | Path, strict: bool = False) -> Dataset:
     return Dataset(source=source, class_names=class_names, splits=splits, skipped=skipped)
 
 
+def per_class_order(labels, seed: int = 0) -> dict[int, "np.ndarray"]:
+    """Each class's indices into ``labels``, in a reproducible random order.
+
+    One generator draws a permutation per class, classes in label order: the
+    one per-class sampler that splits, `advise`'s sample and its probes share.
+    """
+    import numpy as np
+
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    order = {}
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        order[int(label)] = members[rng.permutation(len(members))]
+    return order
+
+
 def stratified_split(
     samples: list[Sample], fraction: float, seed: int = 0
 ) -> tuple[list[Sample], list[Sample]]:
@@ -230,23 +246,22 @@ def stratified_split(
     Returns:
         (first, second): e.g. (train, validation).
     """
-    import numpy as np
-
     if not 0.0 < fraction < 1.0:
         raise CnnkitError(f"split fraction must be between 0 and 1, got {fraction}")
-    rng = np.random.default_rng(seed)
-    by_label: dict[int, list[Sample]] = {}
-    for sample in samples:
-        by_label.setdefault(sample.label, []).append(sample)
     first: list[Sample] = []
     second: list[Sample] = []
-    for label in sorted(by_label):
-        group = by_label[label]
-        order = rng.permutation(len(group))
-        n_second = 0 if len(group) < 2 else min(len(group) - 1, max(1, round(len(group) * fraction)))
-        second.extend(group[i] for i in order[:n_second])
-        first.extend(group[i] for i in order[n_second:])
+    for order in per_class_order([s.label for s in samples], seed).values():
+        n = len(order)
+        n_second = 0 if n < 2 else min(n - 1, max(1, round(n * fraction)))
+        second.extend(samples[i] for i in order[:n_second])
+        first.extend(samples[i] for i in order[n_second:])
     return first, second
+
+
+def sample_per_class(samples: list[Sample], per_class: int, seed: int = 0) -> list[Sample]:
+    """Up to ``per_class`` samples of each class, chosen reproducibly, in their original order per class."""
+    return [samples[i] for order in per_class_order([s.label for s in samples], seed).values()
+            for i in sorted(order[:per_class])]
 
 
 def split_dataset(dataset: Dataset, val_split: float, seed: int = 0) -> dict[str, list[Sample]]:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnkit.errors import CnnkitError
-
-PRESETS = ("none", "light", "strong")
+from cnnkit.options import Augment
 
 
 @dataclass(frozen=True)
@@ -27,14 +25,13 @@ class Augmentation:
     color: float = 0.0  # brightness, contrast and saturation jitter
 
     @classmethod
-    def preset(cls, name: str) -> Augmentation:
-        if name == "none":
-            return cls()
-        if name == "light":
+    def preset(cls, name: Augment | str) -> Augmentation:
+        name = Augment.parse(name, "--augment")
+        if name == Augment.light:
             return cls(flip=True, crop=0.1, rotation=0.0, color=0.0)
-        if name == "strong":
+        if name == Augment.strong:
             return cls(flip=True, crop=0.25, rotation=0.05, color=0.2)
-        raise CnnkitError(f"--augment {name!r}: choose from {', '.join(PRESETS)}")
+        return cls()
 
     def layers(self, seed: int = 0) -> list:
         from keras import layers

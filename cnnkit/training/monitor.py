@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import keras
 import numpy as np
 
 TARGET_UPDATE_RATIO = 1e-3
-
-
-class EpochReporter(keras.callbacks.Callback):
-    """Passes each finished epoch's numbers to ``report`` (a table row in the CLI)."""
-
-    def __init__(self, report: Callable[[dict], None], phase: str):
-        super().__init__()
-        self.report = report
-        self.phase = phase
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.report({"phase": self.phase, "epoch": epoch + 1,
-                     **{k: float(v) for k, v in (logs or {}).items()}})
 
 
 class UpdateRatioMonitor(keras.callbacks.Callback):
@@ -57,9 +42,16 @@ class UpdateRatioMonitor(keras.callbacks.Callback):
             ratios[stage] = delta / norm / self.steps if norm else 0.0
         self.history.append(ratios)
 
+    def state(self) -> list[dict[str, float]]:
+        return self.history
 
-def diagnose(history: dict[str, list[float]], update_ratios: list[dict[str, float]] | None = None) -> list[str]:
-    """Plain-words reading of the curves, as in the notes."""
+    def restore(self, state: list[dict[str, float]]) -> None:
+        self.history = list(state)
+
+
+def diagnose(history: dict[str, list], update_ratios: list[dict[str, float]] | None = None,
+             mode: str = "finetune") -> list[str]:
+    """Plain-words reading of the curves, as in the notes, for a ``finetune`` or a ``train`` run."""
     notes = []
     train, val = history.get("accuracy", []), history.get("val_accuracy", [])
     if train and val:
@@ -71,9 +63,10 @@ def diagnose(history: dict[str, list[float]], update_ratios: list[dict[str, floa
             notes.append(f"big gap: train accuracy {train[best]:.3f} vs validation {val[best]:.3f} -- "
                          "overfitting; add regularization (--dropout, --weight-decay, --augment strong) or data")
         elif gap < 0.02:
+            remedy = ("unfreeze more stages (--freeze), train longer or use a bigger backbone" if mode == "finetune"
+                      else "train longer, use a bigger --backbone or less regularization (--dropout, --weight-decay)")
             notes.append(f"no gap: train {train[best]:.3f}, validation {val[best]:.3f} -- the model may be "
-                         "too small or too constrained; unfreeze more stages (--freeze), train longer or use a "
-                         "bigger backbone")
+                         f"too small or too constrained; {remedy}")
         else:
             notes.append(f"healthy gap: train {train[best]:.3f}, validation {val[best]:.3f}")
     loss = history.get("loss", [])
@@ -87,5 +80,5 @@ def diagnose(history: dict[str, list[float]], update_ratios: list[dict[str, floa
             notes.append(f"update/weight ratio above 1e-2 in {', '.join(high)}: lower --lr")
         if low:
             notes.append(f"update/weight ratio below 1e-5 in {', '.join(low)}: these stages barely learn; "
-                         "raise --lr or freeze them")
+                         + ("raise --lr or freeze them" if mode == "finetune" else "raise --lr"))
     return notes

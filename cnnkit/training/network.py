@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from cnnkit.backbones import BackboneSpec
-from cnnkit.errors import CnnkitError
 from cnnkit.training.augment import Augmentation
 
-FREEZE_CHOICES = ("none", "conv1", "conv2", "conv3", "conv4", "conv5", "all")
+# The pooled layer before the classifier: the retrieval embedding of `similar`,
+# recorded in the run's manifest (``NetworkModel.feature_layer``).
+FEATURE_LAYER = "features"
+BACKBONE_LAYER = "backbone"
 
 
 def build_network(spec: BackboneSpec, num_classes: int, weights, image_size: int, dropout: float,
                   augmentation: Augmentation, seed: int = 0):
     """raw pixels -> augmentation -> backbone -> global average pool -> dropout -> softmax.
 
-    The pooled feature layer is named ``features`` (used by ``cnnkit similar``);
-    the backbone is the nested model named ``backbone``.
+    The pooled feature layer is named ``FEATURE_LAYER``; the backbone is the
+    nested model named ``BACKBONE_LAYER``.
     """
     import keras
 
@@ -22,13 +24,13 @@ def build_network(spec: BackboneSpec, num_classes: int, weights, image_size: int
 
     keras.utils.set_random_seed(seed)
     backbone = build_backbone(spec, weights, image_size)
-    backbone.name = "backbone"
+    backbone.name = BACKBONE_LAYER
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = inputs
     for layer in augmentation.layers(seed):
         x = layer(x)
     x = backbone(x)
-    x = keras.layers.GlobalAveragePooling2D(name="features")(x)
+    x = keras.layers.GlobalAveragePooling2D(name=FEATURE_LAYER)(x)
     if dropout:
         x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions",
@@ -37,19 +39,16 @@ def build_network(spec: BackboneSpec, num_classes: int, weights, image_size: int
 
 
 def backbone_of(model):
-    return model.get_layer("backbone")
+    return model.get_layer(BACKBONE_LAYER)
 
 
 def stage_index(spec: BackboneSpec, backbone, stage: str) -> int:
-    """Index in ``backbone.layers`` of the last layer of ``stage``; -1 for none, all for all."""
+    """Index in ``backbone.layers`` of the last layer of ``stage``; -1 for "none", the last for "all"."""
     if stage == "none":
         return -1
     if stage == "all":
         return len(backbone.layers) - 1
-    if stage not in FREEZE_CHOICES:
-        raise CnnkitError(f"--freeze {stage!r}: choose from {', '.join(FREEZE_CHOICES)}")
-    spec.check_stage(stage)
-    layer = spec.stage_layer(backbone, stage)
+    layer = spec.stage_layer(backbone, str(stage))
     return backbone.layers.index(layer)
 
 

@@ -14,20 +14,17 @@ import math
 
 import keras
 
-from cnnkit.errors import CnnkitError
-
-SCHEDULES = ("constant", "step", "exp", "inv", "cosine")
+from cnnkit.options import Schedule
 
 
-def schedule_factor(name: str, epoch: int, epochs: int, warmup: int = 0) -> float:
+def schedule_factor(name: Schedule | str, epoch: int, epochs: int, warmup: int = 0) -> float:
     """Multiplier of the base rate at ``epoch`` (0-based) of ``epochs``.
 
     step: /10 at 1/2 and 3/4 of the run; exp: 0.97 per epoch (the notes'
     ``lr *= 0.97``); inv: the 1/t decay ``1 / (1 + 0.5 t)``;
     cosine: half a cosine from 1 to 0 after warm-up.
     """
-    if name not in SCHEDULES:
-        raise CnnkitError(f"--schedule {name!r}: choose from {', '.join(SCHEDULES)}")
+    name = Schedule.parse(name, "--schedule")
     if warmup and epoch < warmup:
         return (epoch + 1) / (warmup + 1)
     t = epoch - warmup
@@ -44,14 +41,20 @@ def schedule_factor(name: str, epoch: int, epochs: int, warmup: int = 0) -> floa
 
 
 class LearningRatePolicy(keras.callbacks.Callback):
-    """Sets the optimizer's rate at each epoch start; divides it by 10 on a plateau."""
+    """Sets the optimizer's rate at each epoch start; divides it by 10 on a plateau.
 
-    def __init__(self, base_rate: float, schedule: str, epochs: int, warmup: int = 0,
-                 patience: int = 3, monitor: str = "val_accuracy", min_delta: float = 1e-4):
+    Args:
+        first_epoch: the (absolute) epoch its phase starts at; the schedule
+            counts from there.
+    """
+
+    def __init__(self, base_rate: float, schedule: Schedule | str, epochs: int, warmup: int = 0,
+                 patience: int = 3, monitor: str = "val_accuracy", min_delta: float = 1e-4,
+                 first_epoch: int = 0):
         super().__init__()
-        schedule_factor(schedule, 0, epochs, warmup)  # validates the name
         self.base_rate = base_rate
-        self.schedule = schedule
+        self.schedule = Schedule.parse(schedule, "--schedule")
+        self.first_epoch = first_epoch
         self.epochs = epochs
         self.warmup = warmup
         self.patience = patience
@@ -65,7 +68,7 @@ class LearningRatePolicy(keras.callbacks.Callback):
         return self.base_rate * schedule_factor(self.schedule, epoch, self.epochs, self.warmup) * self.plateau
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.model.optimizer.learning_rate.assign(self.rate(epoch))
+        self.model.optimizer.learning_rate.assign(self.rate(epoch - self.first_epoch))
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}

@@ -1,0 +1,198 @@
+"""The options of extract, finetune and train as library objects, their fixed choices, presets and flags.
+
+``ExtractOptions()`` holds the defaults of ``cnnkit extract``, ``FINETUNE``
+those of ``cnnkit finetune`` and ``TRAIN`` those of ``cnnkit train``; the CLI
+reads its defaults from them and `advise` starts its plans from them, so the
+three can never disagree. ``command_line`` turns an options object back into
+the flags that reproduce it. Every fixed-choice option is a ``Choice`` enum, so
+``--help`` lists its values. This module imports nothing heavy: the CLI
+imports it to build ``--help``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, fields, replace
+from enum import Enum
+from pathlib import Path
+
+from cnnkit.backbones.registry import DEFAULT_BACKBONE
+from cnnkit.choices import Choice
+
+
+class Head(Choice):
+    """A classical head on CNN features (``auto``: chosen by cross-validation, see ``cnnkit.extraction``)."""
+
+    logreg = "logreg"
+    svm = "svm"
+    linear_svm = "linear-svm"
+    knn = "knn"
+    auto = "auto"
+
+
+class Pool(Choice):
+    """Global pooling of a stage's feature map."""
+
+    avg = "avg"
+    max = "max"
+
+
+@dataclass
+class ExtractOptions:
+    """Settings of an extract run (the CLI flags, as a library object).
+
+    ``layers`` is a stage, a comma-separated list of stages or ``"auto"``.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    layers: str = "top"
+    weights: str = "imagenet"
+    image_size: int | None = None
+    pool: Pool = Pool.avg
+    flip: bool = False
+    l2_normalize: bool = False
+    pca: str | int | None = "auto"
+    whiten: bool = False
+    head: Head = Head.logreg
+    cv: int = 5
+    val_split: float = 0.2
+    seed: int = 0
+    batch_size: int = 32
+    use_cache: bool = True
+    strict: bool = False
+
+    def __post_init__(self):
+        self.pool = Pool.parse(self.pool, "--pool")
+        self.head = Head.parse(self.head, "--head")
+
+
+class Mode(Choice):
+    finetune = "finetune"
+    train = "train"
+
+
+class Optimizer(Choice):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class Schedule(Choice):
+    """Per-epoch decay of the rate (see ``schedule_factor``)."""
+
+    exp = "exp"
+    step = "step"
+    inv = "inv"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Augment(Choice):
+    none = "none"
+    light = "light"
+    strong = "strong"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Freeze(Choice):
+    """``--freeze``: the stem through this stage stays fixed (``none``: train everything)."""
+
+    none = "none"
+    conv1 = "conv1"
+    conv2 = "conv2"
+    conv3 = "conv3"
+    conv4 = "conv4"
+    conv5 = "conv5"
+
+
+@dataclass
+class TrainOptions:
+    """Settings of a finetune or train run (the CLI flags, as a library object).
+
+    The defaults are ``cnnkit finetune``'s; ``TRAIN`` holds ``cnnkit train``'s.
+    """
+
+    mode: Mode = Mode.finetune
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "imagenet"
+    freeze: Freeze = Freeze.conv4
+    image_size: int | None = None
+    epochs: int = 10
+    head_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.01
+    finetune_lr_scale: float = 0.1
+    optimizer: Optimizer = Optimizer.sgd
+    momentum: float = 0.9
+    schedule: Schedule = Schedule.exp
+    warmup: int = 0
+    weight_decay: float = 1e-4
+    dropout: float = 0.2
+    augment: Augment = Augment.light
+    label_smoothing: float = 0.0
+    val_split: float = 0.2
+    patience: int = 5
+    plateau_patience: int = 2
+    seed: int = 0
+    deterministic: bool = False
+    device: Device = Device.auto
+    tensorboard: bool = False
+    sanity: bool = False
+    strict: bool = False
+
+    def __post_init__(self):
+        self.mode = Mode.parse(self.mode, "mode")
+        self.freeze = Freeze.parse(self.freeze, "--freeze")
+        self.optimizer = Optimizer.parse(self.optimizer, "--optimizer")
+        self.schedule = Schedule.parse(self.schedule, "--schedule")
+        self.augment = Augment.parse(self.augment, "--augment")
+        self.device = Device.parse(self.device, "--device")
+
+
+FINETUNE = TrainOptions()
+TRAIN = TrainOptions(mode=Mode.train, backbone="small_resnet", weights="none", freeze=Freeze.none, epochs=15,
+                     head_epochs=0, batch_size=128, lr=0.1, schedule=Schedule.cosine, warmup=1,
+                     weight_decay=5e-4, val_split=0.1, patience=8, plateau_patience=3)
+
+
+def preset(mode: Mode | str, **changes) -> TrainOptions:
+    """A copy of the ``finetune`` or ``train`` defaults with ``changes`` applied."""
+    return replace(FINETUNE if Mode.parse(mode, "mode") == Mode.finetune else TRAIN, **changes)
+
+
+# Option fields whose flag is not simply --field-name.
+_FLAGS = {"layers": "--layer", "l2_normalize": "--l2", "use_cache": "--cache"}
+# Fields that are not flags: the command itself.
+_NOT_FLAGS = {"mode"}
+
+
+def _defaults(command: str):
+    return {"extract": ExtractOptions(), "finetune": FINETUNE, "train": TRAIN}[command]
+
+
+def option_flags(command: str, options) -> list[str]:
+    """The flags that turn ``command``'s defaults into ``options``."""
+    base = _defaults(command)
+    flags: list[str] = []
+    for f in fields(options):
+        if f.name in _NOT_FLAGS:
+            continue
+        value, default = getattr(options, f.name), getattr(base, f.name)
+        if value == default:
+            continue
+        flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, "none" if value is None else str(value.value if isinstance(value, Enum) else value)]
+    return flags
+
+
+def command_line(command: str, data: str | Path, options) -> str:
+    """``cnnkit COMMAND DATA --flag value ...`` for ``options``, quoted for a POSIX shell."""
+    return shlex.join(["cnnkit", command, str(data), *option_flags(command, options)])

@@ -1,0 +1,83 @@
+"""Writing a trained network as a run: the model, its history, plots, report and retrieval index."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit.runs import Attachment, NetworkModel, RunManifest, data_summary, write_run
+
+
+@dataclass
+class TrainingOutcome:
+    """What a training run produced, ready to be written."""
+
+    model: object
+    history: dict[str, list]
+    update_ratios: list[dict[str, float]]
+    diagnosis: list[str]
+    metrics: dict[str, float | int | None]
+    sanity: dict | None
+    interrupted: bool
+    best_epoch: int
+
+
+def training_features(model, samples, image_size: int, batch_size: int):
+    """Pooled features of the training images (the retrieval index of `similar`)."""
+    import keras
+
+    from cnnkit.data import ImageStream
+    from cnnkit.features import inference_fn
+    from cnnkit.training.network import FEATURE_LAYER
+
+    features_fn = inference_fn(keras.Model(model.input, model.get_layer(FEATURE_LAYER).output))
+    stream = ImageStream([s.path for s in samples], image_size)
+    rows, kept = stream.map_batches(lambda images: np.asarray(features_fn(images), np.float32), batch_size)
+    features = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+    return features, [samples[i].label for i in kept], [samples[i].path for i in kept]
+
+
+def save_training_run(out: Path, outcome: TrainingOutcome, spec, options, dataset, splits: dict,
+                      image_size: int, work: Path, replace: bool, skipped: int = 0,
+                      attach: Sequence[Attachment] = (), strategy: str | None = None) -> Path:
+    """Write the run folder of a finetune or train run (see ``cnnkit.runs`` for the layout)."""
+    from cnnkit.options import command_line
+    from cnnkit.similarity import write_index
+    from cnnkit.training.network import BACKBONE_LAYER, FEATURE_LAYER
+    from cnnkit.training.plots import plot_first_layer_filters, plot_history, plot_update_ratios
+
+    model = outcome.model
+    index = training_features(model, splits["train"], image_size, options.batch_size)
+
+    def write_files(folder: Path) -> None:
+        model.save(folder / "model.keras")
+        write_index(folder, *index)
+        shutil.copyfile(work / "history.csv", folder / "history.csv")
+        plots = folder / "plots"
+        plots.mkdir()
+        plot_history(outcome.history, outcome.diagnosis, plots)
+        plot_update_ratios(outcome.update_ratios, plots)
+        plot_first_layer_filters(model.get_layer(BACKBONE_LAYER), plots / "first_layer_filters.png")
+        (folder / "report.json").write_text(json.dumps(
+            {"diagnosis": outcome.diagnosis, "update_ratios": outcome.update_ratios, "sanity": outcome.sanity,
+             "metrics": outcome.metrics}, indent=2))
+        if outcome.interrupted:
+            shutil.copytree(work / "checkpoints", folder / "checkpoints")
+
+    manifest = RunManifest(
+        command=str(options.mode), strategy=strategy,
+        command_line=command_line(str(options.mode), dataset.source, options),
+        options=asdict(options), class_names=dataset.class_names, image_size=image_size, crop_pct=1.0,
+        preprocessing=spec.preprocessing, data=data_summary(dataset, splits, skipped),
+        metrics=outcome.metrics,
+        model=NetworkModel(backbone=spec.name, weights=str(options.weights),
+                           freeze=str(options.freeze) if options.mode == "finetune" else "none",
+                           feature_layer=FEATURE_LAYER, epochs_run=len(outcome.history.get("loss", [])),
+                           best_epoch=outcome.best_epoch, interrupted=outcome.interrupted),
+    )
+    return write_run(out, manifest, write_files, force=replace, attach=attach)
