@@ -22,7 +22,7 @@ import numpy as np
 from cnnkit.data import Dataset, SkippedFile, load_dataset, split_dataset
 from cnnkit.errors import CnnkitError
 from cnnkit.features import FeatureConfig, compute_features, parse_layers
-from cnnkit.heads import FittedHead, fit_head, parse_pca, save_head
+from cnnkit.heads import FittedHead, fit_head, save_head
 from cnnkit.options import ExtractOptions, Head
 
 # Stage sets `--layer auto` compares: single stages, and the combinations
@@ -118,7 +118,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
     else:
         layer_sets = [parse_layers(spec, options.layers)]
     heads = [Head.logreg, Head.svm] if options.head == Head.auto else [options.head]
-    pca = parse_pca(options.pca)
+    pca = options.pca
     config = FeatureConfig(options.backbone, options.weights, options.image_size, options.pool,
                            options.flip).resolved()
     timings: dict[str, float] = {}

@@ -21,21 +21,6 @@ from cnnkit.options import Head
 HEADS = tuple(h.value for h in Head if h != Head.auto)
 
 
-def parse_pca(value: str | int | None) -> str | int | None:
-    """``"auto"``, ``"none"`` or a positive integer number of components."""
-    if value is None or str(value).lower() == "none":
-        return None
-    if str(value).lower() == "auto":
-        return "auto"
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise CnnkitError(f"--pca {value!r}: use a positive number of components, 'auto' or 'none'")
-    return n
-
-
 @dataclass
 class FittedHead:
     """A fitted pipeline and what cross-validation found."""

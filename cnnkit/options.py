@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cnnkit.backbones.registry import DEFAULT_BACKBONE
 from cnnkit.choices import Choice
+from cnnkit.errors import CnnkitError
 
 
 class Head(Choice):
@@ -35,6 +36,21 @@ class Pool(Choice):
 
     avg = "avg"
     max = "max"
+
+
+def parse_pca(value: str | int | None) -> str | int | None:
+    """``"auto"``, ``"none"`` or a positive integer number of components."""
+    if value is None or str(value).lower() == "none":
+        return None
+    if str(value).lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise CnnkitError(f"--pca {value!r}: use a positive number of components, 'auto' or 'none'")
+    return n
 
 
 @dataclass
@@ -64,6 +80,7 @@ class ExtractOptions:
     def __post_init__(self):
         self.pool = Pool.parse(self.pool, "--pool")
         self.head = Head.parse(self.head, "--head")
+        self.pca = parse_pca(self.pca)
 
 
 class Mode(Choice):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from cnnkit.cli import advise, backbones, evaluate, extract, finetune, info, predict, similar
@@ -25,7 +26,7 @@ class _OneLineErrors(TyperGroup):
         except typer.TyperException as error:  # click's usage errors, as Typer exports them
             path = error.ctx.command_path if getattr(error, "ctx", None) else "cnnkit"
             message = error.format_message() if hasattr(error, "format_message") else str(error)
-            err_console.print(f"[red]error:[/red] {message} (see '{path} --help')", soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(message)} (see '{path} --help')", soft_wrap=True)
             sys.exit(getattr(error, "exit_code", 2))
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/red]")

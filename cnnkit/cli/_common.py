@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cnnkit.backbones import DEFAULT_BACKBONE, list_backbones
 from cnnkit.choices import Choice
@@ -66,7 +67,8 @@ def quiet_tensorflow() -> None:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+    # Messages carry file names: escaped, a name like "[/b].png" prints as itself.
+    err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def report_skipped(skipped, quiet: bool = False) -> None:
@@ -88,7 +90,7 @@ def user_errors():
     try:
         yield
     except CnnkitError as error:
-        err_console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]")

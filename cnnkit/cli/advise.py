@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cnnkit.cli._common import (DEFAULT, BackboneOption, JsonOption, QuietOption, console, err_console,
                                 print_json, quiet_tensorflow, user_errors)
@@ -50,8 +51,8 @@ def _print_advice(advice, ran: bool = False) -> None:
     console.print(f"cell: [bold]{advice.cell['data']} data, {advice.cell['domain']} domain[/bold] -> "
                   f"strategy [bold green]{advice.strategy}[/bold green]")
     for reason in advice.reasons:
-        console.print(f"  - {reason}")
-    console.print(f"{'ran' if ran else 'run'}: [bold]{advice.plan.command_line}[/bold]", soft_wrap=True)
+        console.print(f"  - {escape(reason)}")
+    console.print(f"{'ran' if ran else 'run'}: [bold]{escape(advice.plan.command_line)}[/bold]", soft_wrap=True)
 
 
 def advise(
@@ -97,7 +98,7 @@ def auto(
 
     def say(message):
         if not (quiet or json_output):
-            err_console.print(f"[cyan]{message}[/cyan]")
+            err_console.print(f"[cyan]{escape(message)}[/cyan]", soft_wrap=True)
 
     with user_errors():
         result = run_auto(data, out, str(backbone), budget, _thresholds(little_data, shift, confidence), seed,
@@ -114,7 +115,7 @@ def auto(
     for key in ("cv_accuracy", "val_accuracy", "test_accuracy"):
         if result.metrics.get(key) is not None:
             console.print(f"{key.replace('_', ' ')}: [bold green]{result.metrics[key]:.3f}[/bold green]")
-    console.print(f"model: {result.run_path}   report: {result.report_path}   ({result.seconds:.0f} s)")
+    console.print(escape(f"model: {result.run_path}   report: {result.report_path}   ({result.seconds:.0f} s)"))
 
 
 def register(app) -> None:

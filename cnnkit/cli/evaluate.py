@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cnnkit.choices import Choice
 from cnnkit.cli._common import (BatchSizeOption, JsonOption, QuietOption, console, print_json,
@@ -45,18 +46,18 @@ def evaluate(
         return
     from rich.table import Table
 
-    table = Table(title=f"{run} on {data}: {result['images']} images")
+    table = Table(title=escape(f"{run} on {data}: {result['images']} images"))
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, row in result["per_class"].items():
-        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+        table.add_row(escape(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
                       str(row["support"]))
     console.print(table)
     line = f"accuracy [bold green]{result['accuracy']:.3f}[/bold green]"
     if "top5_accuracy" in result:
         line += f"   top-5 {result['top5_accuracy']:.3f}"
     console.print(line)
-    console.print(f"confusion matrix: {written / 'confusion.png'}, {written / 'confusion.json'}")
+    console.print(escape(f"confusion matrix: {written / 'confusion.png'}, {written / 'confusion.json'}"))
 
 
 def register(app) -> None:

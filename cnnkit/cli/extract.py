@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, JsonOption, QuietOption, console,
                                 print_json, progress_bar, progress_callback, quiet_tensorflow,
@@ -42,11 +43,11 @@ def extract(
     quiet_tensorflow()
     from cnnkit.extraction import run_extract
 
-    options = ExtractOptions(backbone=str(backbone), layers=layer, weights=weights, image_size=image_size,
-                             pool=pool, flip=flip, l2_normalize=l2, pca=pca, whiten=whiten, head=head,
-                             cv=cv, val_split=val_split, seed=seed, batch_size=batch_size,
-                             use_cache=not no_cache, strict=strict)
     with user_errors(), progress_bar(quiet or json_output) as progress:
+        options = ExtractOptions(backbone=str(backbone), layers=layer, weights=weights, image_size=image_size,
+                                 pool=pool, flip=flip, l2_normalize=l2, pca=pca, whiten=whiten, head=head,
+                                 cv=cv, val_split=val_split, seed=seed, batch_size=batch_size,
+                                 use_cache=not no_cache, strict=strict)
         result = run_extract(data, options, out, force, progress=progress_callback(progress, "features"))
     report_skipped(result.skipped, quiet)
     summary = {
@@ -84,7 +85,7 @@ def _print_summary(s: dict) -> None:
         if f"{name}_accuracy" in s:
             table.add_row(f"{name} accuracy", f"[bold green]{_fmt(s[f'{name}_accuracy'])}[/bold green]")
     table.add_row("time", f"features {s['seconds']['features']:.1f}s, head {s['seconds']['head']:.1f}s")
-    table.add_row("saved", s["run"])
+    table.add_row("saved", escape(s["run"]))
     console.print(table)
 
 

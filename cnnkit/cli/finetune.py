@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cnnkit.cli._common import (Backbone, BackboneOption, JsonOption, QuietOption, console, err_console,
                                 print_json, quiet_tensorflow, report_skipped, user_errors)
@@ -57,7 +58,7 @@ def _run(data, options, out, force, resume, json_output, quiet):
 
     def say(message):
         if not (quiet or json_output):
-            err_console.print(f"[cyan]{message}[/cyan]")
+            err_console.print(f"[cyan]{escape(message)}[/cyan]", soft_wrap=True)
 
     with user_errors():
         # With --resume, the options come from the run's checkpoint.
@@ -70,12 +71,12 @@ def _run(data, options, out, force, resume, json_output, quiet):
         print_json(summary)
     elif not quiet:
         for line in result.diagnosis:
-            console.print(f"[yellow]diagnosis:[/yellow] {line}")
+            console.print(f"[yellow]diagnosis:[/yellow] {escape(line)}")
         line = f"best val accuracy [bold green]{summary['val_accuracy'] or 0:.3f}[/bold green] (epoch {summary['best_epoch']})"
         if summary.get("test_accuracy") is not None:
             line += f", test accuracy [bold green]{summary['test_accuracy']:.3f}[/bold green]"
         console.print(line)
-        console.print(f"saved {result.run_path}" + (" (interrupted; continue with --resume)" if result.interrupted else ""))
+        console.print(escape(f"saved {result.run_path}") + (" (interrupted; continue with --resume)" if result.interrupted else ""))
     if result.interrupted:
         raise typer.Exit(code=130)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cnnkit.cli._common import (DEFAULT, BackboneOption, BatchSizeOption, JsonOption, QuietOption, console,
                                 print_json, progress_bar, progress_callback, quiet_tensorflow,
@@ -54,9 +55,9 @@ def _print_table(predictions, top_k: int) -> None:
         table.add_column(f"next {top_k - 1}", style="dim")
     for prediction in predictions:
         (label, score), rest = prediction.top[0], prediction.top[1:]
-        row = [str(prediction.path), label, f"{score:.3f}"]
+        row = [escape(str(prediction.path)), escape(label), f"{score:.3f}"]
         if top_k > 1:
-            row.append(", ".join(f"{l} {s:.2f}" for l, s in rest))
+            row.append(escape(", ".join(f"{l} {s:.2f}" for l, s in rest)))
         table.add_row(*row)
     console.print(table)
 

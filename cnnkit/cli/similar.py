@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cnnkit.cli._common import JsonOption, console, print_json, quiet_tensorflow, user_errors
 
@@ -27,13 +28,13 @@ def similar(
         return
     from rich.table import Table
 
-    table = Table(title=f"nearest to {image}")
+    table = Table(title=escape(f"nearest to {image}"))
     table.add_column("#", justify="right")
     table.add_column("score", justify="right")
     table.add_column("class")
     table.add_column("image", overflow="fold")
     for rank, n in enumerate(neighbours, start=1):
-        table.add_row(str(rank), f"{n.score:.3f}", n.label, n.path)
+        table.add_row(str(rank), f"{n.score:.3f}", escape(n.label), escape(n.path))
     console.print(table)
 
 

@@ -1,0 +1,156 @@
+"""One plan from advise to action: advise prints it, auto runs it, the printed command reproduces it."""
+
+import json
+import shlex
+from dataclasses import asdict, fields
+from enum import Enum
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from cnnkit.cli import app
+from cnnkit.options import FINETUNE, TRAIN, ExtractOptions, TrainOptions, command_line, preset
+from cnnkit.plan import Strategy
+from conftest import make_class_tree
+
+runner = CliRunner()
+CELLS = {
+    Strategy.linear_top: {"data": "little", "domain": "similar"},
+    Strategy.linear_stages: {"data": "little", "domain": "different"},
+    Strategy.finetune_few: {"data": "lot", "domain": "similar"},
+    Strategy.finetune_many: {"data": "lot", "domain": "different"},
+    Strategy.train_scratch: {"data": "lot", "domain": "different"},
+}
+
+
+def _plain(options) -> dict:
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(options).items()}
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Replace the two runners by recorders of the options they are given."""
+    import cnnkit.extraction
+    import cnnkit.training.fit
+
+    calls = []
+    metrics = {"cv_accuracy": None, "train_accuracy": None, "val_accuracy": None, "best_epoch": 0}
+    result = SimpleNamespace(run_path=Path("RUN"), metrics=metrics, tried=[], layers=["top"], head="logreg", feature_dims=1,
+                             fitted=SimpleNamespace(best_params={}), counts={}, computed=0,
+                             seconds={"features": 0.0, "head": 0.0}, skipped=[], interrupted=False,
+                             diagnosis=[], sanity=None)
+
+    def fake_extract(data, options, out=None, force=False, **kwargs):
+        calls.append(("extract", options))
+        return result
+
+    def fake_training(data, options, out, force=False, **kwargs):
+        calls.append((str(options.mode), options))
+        return result
+
+    monkeypatch.setattr(cnnkit.extraction, "run_extract", fake_extract)
+    monkeypatch.setattr(cnnkit.training.fit, "run_training", fake_training)
+    return calls
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_advise_json_auto_and_the_printed_command_agree(strategy, tmp_path, monkeypatch, captured):
+    import cnnkit.advise
+
+    data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=40)
+    # The measurements are the slow part and are tested elsewhere; here every cell is forced in turn.
+    monkeypatch.setattr(cnnkit.advise, "domain_shift", lambda spec, images: {"mean": 0.5})
+    monkeypatch.setattr(cnnkit.advise, "imagenet_confidence", lambda spec, images: {"top1": 0.5, "entropy": 0.5})
+    monkeypatch.setattr(cnnkit.advise, "decide", lambda *args: (CELLS[strategy], strategy, ["forced"]))
+
+    advised = runner.invoke(app, ["advise", str(data), "--json"])
+    assert advised.exit_code == 0, advised.output
+    plan = json.loads(advised.stdout)["plan"]
+    assert plan["strategy"] == strategy.value
+
+    ran = runner.invoke(app, ["auto", str(data), "--out", str(tmp_path / "run"), "--json"])
+    assert ran.exit_code == 0, ran.output
+    (command, options), = captured
+    assert command == plan["command"] and _plain(options) == plan["options"]
+    assert json.loads(ran.stdout)["plan"]["command_line"] == plan["command_line"]
+
+    # Pasting the printed command runs the very same options.
+    captured.clear()
+    pasted = runner.invoke(app, [*shlex.split(plan["command_line"])[1:], "--out", str(tmp_path / "pasted")])
+    assert pasted.exit_code == 0, pasted.output
+    (command, options), = captured
+    assert command == plan["command"] and _plain(options) == plan["options"]
+
+
+@pytest.mark.parametrize("command, options", [
+    ("extract", ExtractOptions(layers="conv3,conv4", head="svm", pca=64, whiten=True, l2_normalize=True,
+                               pool="max", flip=True, use_cache=False, cv=3, val_split=0.0, image_size=96)),
+    ("finetune", preset("finetune", freeze="conv2", optimizer="adamw", schedule="cosine", warmup=1, augment="strong",
+                        finetune_lr_scale=0.3, momentum=0.8, plateau_patience=0, deterministic=True, device="cpu")),
+    ("train", preset("train", backbone="tiny_cnn", weights="imagenet", epochs=3, image_size=28, dropout=0.0,
+                     label_smoothing=0.1, sanity=True, strict=True)),
+])
+def test_any_options_survive_a_round_trip_through_their_command_line(command, options, captured, tmp_path):
+    line = command_line(command, tmp_path / "data", options)
+    result = runner.invoke(app, [*shlex.split(line)[1:], "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    (ran, received), = captured
+    assert ran == command and _plain(received) == _plain(options)
+
+
+# Option fields the CLI does not expose for a command, because the command fixes them.
+_FIXED = {"extract": set(), "finetune": {"mode"}, "train": {"mode", "freeze", "head_epochs", "finetune_lr_scale"}}
+_PARAM_OF = {"layers": "layer", "l2_normalize": "l2", "use_cache": "no_cache"}
+
+
+@pytest.mark.parametrize("command, defaults", [("extract", ExtractOptions()), ("finetune", FINETUNE),
+                                               ("train", TRAIN)])
+def test_cli_defaults_are_the_library_presets(command, defaults):
+    import typer.main
+
+    params = {p.name: p for p in typer.main.get_command(app).commands[command].params}
+    for f in fields(defaults):
+        if f.name in _FIXED[command]:
+            continue
+        param = params[_PARAM_OF.get(f.name, f.name)]
+        expected = getattr(defaults, f.name)
+        if f.name == "use_cache":
+            expected = not expected
+        default = param.default.value if isinstance(param.default, Enum) else param.default
+        assert default == (expected.value if isinstance(expected, Enum) else expected), f.name
+
+
+@pytest.mark.parametrize("command, choices", [
+    ("extract", {"--backbone": "Backbone", "--head": "Head", "--pool": "Pool"}),
+    ("finetune", {"--backbone": "Backbone", "--freeze": "Freeze", "--optimizer": "Optimizer",
+                  "--schedule": "Schedule", "--augment": "Augment", "--device": "Device"}),
+    ("train", {"--backbone": "Backbone", "--optimizer": "Optimizer", "--schedule": "Schedule",
+               "--augment": "Augment", "--device": "Device"}),
+    ("advise", {"--backbone": "Backbone"}),
+    ("auto", {"--backbone": "Backbone"}),
+    ("predict", {"--backbone": "Backbone"}),
+    ("evaluate", {"--split": "Split"}),
+])
+def test_help_lists_the_values_of_every_fixed_choice_option(command, choices):
+    import cnnkit.cli._common
+    import cnnkit.cli.evaluate
+    import cnnkit.options
+
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"}, terminal_width=400)
+    assert result.exit_code == 0
+    for flag, enum_name in choices.items():
+        enum = next(getattr(m, enum_name) for m in (cnnkit.options, cnnkit.cli._common, cnnkit.cli.evaluate)
+                    if hasattr(m, enum_name))
+        line = next(line for line in result.stdout.splitlines() if line.lstrip("│ ").startswith(flag + " "))
+        for member in enum:
+            assert member.value in line, (flag, member.value, line)
+
+
+def test_train_options_fields_all_have_a_flag_on_finetune():
+    """Every field a plan may set is expressible on the command line (finetune exposes them all)."""
+    import typer.main
+
+    params = {p.name for p in typer.main.get_command(app).commands["finetune"].params}
+    assert {f.name for f in fields(TrainOptions)} - {"mode"} <= params
