@@ -4,20 +4,45 @@ One forward pass yields the pooled output of every stage (conv1..conv5; ``top``
 is the pooled conv5), so a later run that asks for another layer, head or PCA
 size needs no forward pass at all. The cache is keyed by backbone, weights,
 input size, pooling and flip-averaging, and rows are keyed by each file's
-content hash, so adding images computes only the new ones. It is plain files:
-``meta.json``, ``hashes.json`` (row order) and one ``<stage>.npy`` per stage.
+content hash, so adding images computes only the new ones.
+
+On disk each key is one folder holding one file, ``features.npz`` (a plain
+numpy zip: ``hashes`` -- the SHA-1 of each row's image file --, ``meta`` -- a
+JSON string --, and one ``<stage>`` array per stage), plus an empty ``lock``
+file. Reading it needs nothing but ``numpy.load(..., allow_pickle=False)``.
+
+Why one file: an update is written to a temporary file beside it and published
+by one ``os.replace``, so a reader sees the old or the new cache, never a mix
+of one update's arrays with another's row order; a reader that has opened the
+file keeps its snapshot even if a writer replaces it meanwhile, so there is no
+pointer to follow, no version folder to garbage-collect and no retry. A writer
+killed at any moment leaves at most a stray ``*.tmp`` file that nothing reads.
+Writers hold an exclusive ``flock`` on ``lock`` while they re-read, merge and
+publish (not during the forward pass), so two concurrent writers merge their
+rows instead of the later one dropping the other's; while holding it, any
+``*.tmp`` file is by construction left by a dead writer and is removed.
+Anything unexpected on read (wrong row counts, foreign meta, a pickled or
+truncated array) means "no cache": the rows are recomputed, never guessed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from cnnkit.backbones import BackboneSpec, get_backbone
 from cnnkit.data import ImageStream, SkippedFile
@@ -25,7 +50,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.options import Pool
 from cnnkit.paths import cache_dir, file_digest
 
-_FORMAT = 1
+_FORMAT = 2  # 1 was one .npy per stage beside hashes.json, each replaced separately
 
 
 def parse_layers(spec: BackboneSpec, layers: str | Sequence[str]) -> list[str]:
@@ -164,38 +189,127 @@ class FeatureTable:
 
 
 class FeatureCache:
-    """Stage features on disk, one row per distinct image content."""
+    """Stage features on disk, one row per distinct image content (see the module docstring)."""
+
+    lock_timeout = 120.0  # seconds; past it the update is skipped, costing a forward pass later
 
     def __init__(self, config: FeatureConfig, root: Path | None = None):
         self.config = config.resolved()
-        self.folder = (root or cache_dir() / "features") / self.config.backbone / self.config.cache_key
+        key = self.config.cache_key  # hashes a weights file: do it once
+        self.folder = (root or cache_dir() / "features") / self.config.backbone / key
+        self.path = self.folder / "features.npz"
+        self.stages = [s for s in get_backbone(self.config.backbone).layer_choices if s != "top"]
+        self.meta = {"format": _FORMAT, "backbone": self.config.backbone, "key": key,
+                     "image_size": self.config.image_size, "pool": self.config.pool,
+                     "flip": self.config.flip}
 
-    def _load(self) -> tuple[list[str], dict[str, np.ndarray]]:
+    def load(self) -> tuple[list[str], dict[str, np.ndarray]]:
+        """The cached (row hashes, {stage: rows}), or empty if absent or not exactly as written."""
         try:
-            hashes = json.loads((self.folder / "hashes.json").read_text())
-            arrays = {p.stem: np.load(p, allow_pickle=False) for p in self.folder.glob("*.npy")}
-        except (OSError, ValueError):
+            with np.load(self.path, allow_pickle=False) as npz:
+                names = set(npz.files)
+                if names != {"hashes", "meta", *self.stages}:
+                    return [], {}
+                if json.loads(str(npz["meta"][()])) != self.meta:
+                    return [], {}
+                hashes = [str(h) for h in npz["hashes"].tolist()]
+                arrays = {s: npz[s] for s in self.stages}
+        # The cache only saves time: whatever is wrong with it (missing,
+        # truncated, not a zip, a pickled array, garbage JSON, a huge declared
+        # shape) means "recompute", never a crash and never a guessed row.
+        except Exception:  # noqa: BLE001
             return [], {}
-        # A write interrupted after the arrays but before hashes.json leaves
-        # longer arrays; the hashes decide which rows are valid.
-        if any(len(a) < len(hashes) for a in arrays.values()):
+        if (len(set(hashes)) != len(hashes) or not all(_HASH.fullmatch(h) for h in hashes)
+                or any(a.dtype != np.float32 or a.ndim != 2 or len(a) != len(hashes)
+                       for a in arrays.values())):
             return [], {}
-        return hashes, {s: a[: len(hashes)] for s, a in arrays.items()}
+        return hashes, arrays
 
-    def _save(self, hashes: list[str], arrays: dict[str, np.ndarray]) -> None:
+    def add(self, hashes: list[str], arrays: dict[str, np.ndarray],
+            base: tuple[list[str], dict[str, np.ndarray]]) -> tuple[list[str], dict[str, np.ndarray]]:
+        """Merge new rows into the cache on disk and publish it.
+
+        Returns the merged cache. If it cannot be saved (unwritable, full disk,
+        lock not obtained) the rows are merged into ``base`` in memory only.
+        """
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            for stage, array in arrays.items():
-                with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as tmp:
-                    np.save(tmp, array)
-                os.replace(tmp.name, self.folder / f"{stage}.npy")
-            meta = {"format": _FORMAT, **self.config.__dict__, "rows": len(hashes)}
-            for name, data in (("meta.json", meta), ("hashes.json", hashes)):
-                with tempfile.NamedTemporaryFile("w", dir=self.folder, suffix=".tmp", delete=False) as tmp:
-                    json.dump(data, tmp)
-                os.replace(tmp.name, self.folder / name)
+            with _exclusive_lock(self.folder / "lock", self.lock_timeout):
+                self._remove_leftovers()
+                merged = _merge(self.load(), hashes, arrays)
+                self._publish(*merged)
+                return merged
         except OSError:
-            pass  # an unwritable cache costs a forward pass next time, nothing more
+            return _merge(base, hashes, arrays)
+
+    def _publish(self, hashes: list[str], arrays: dict[str, np.ndarray]) -> None:
+        members = {"hashes": np.array(hashes, dtype="U40"),
+                   "meta": np.array(json.dumps(self.meta)), **arrays}
+        handle = tempfile.NamedTemporaryFile(dir=self.folder, prefix="features.", suffix=".tmp",
+                                             delete=False)
+        try:
+            with handle:
+                _write_npz(handle, members)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(handle.name, self.path)
+        except BaseException:
+            # Never leave a half-written file behind (a SIGKILL still can: the
+            # next writer removes it).
+            Path(handle.name).unlink(missing_ok=True)
+            raise
+
+    def _remove_leftovers(self) -> None:
+        """Called under the lock: every *.tmp was left by a killed writer; the
+        per-stage .npy/.json files are the unsafe format of cnnkit 0.1."""
+        for pattern in ("*.tmp", "*.npy", "hashes.json", "meta.json"):
+            for path in self.folder.glob(pattern):
+                path.unlink(missing_ok=True)
+
+
+_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+def _write_npz(handle, members: dict[str, np.ndarray]) -> None:
+    np.savez(handle, **members)
+
+
+@contextmanager
+def _exclusive_lock(path: Path, timeout: float):
+    """Hold an exclusive flock on ``path``; TimeoutError (an OSError) after ``timeout`` s.
+
+    The kernel drops the lock when its holder dies, even by SIGKILL.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:  # no flock on Windows: concurrent writers may then drop rows, never mix them
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{path}: held by another process") from None
+                    time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _merge(base: tuple[list[str], dict[str, np.ndarray]], hashes: list[str],
+           arrays: dict[str, np.ndarray]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """``base`` plus the rows of ``hashes`` it does not have yet."""
+    old_hashes, old = base
+    if set(old) != set(arrays) or any(old[s].shape[1:] != arrays[s].shape[1:] for s in arrays):
+        old_hashes, old = [], {}  # a cache of other dimensions cannot be extended
+    first_row = {h: i for i, h in reversed(list(enumerate(hashes)))}
+    known = set(old_hashes)
+    new_rows = [i for h, i in first_row.items() if h not in known]
+    if not old_hashes:
+        return [hashes[i] for i in new_rows], {s: a[new_rows] for s, a in arrays.items()}
+    return (old_hashes + [hashes[i] for i in new_rows],
+            {s: np.concatenate([old[s], arrays[s][new_rows]]) for s in arrays})
 
 
 def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: int = 32,
@@ -218,7 +332,7 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
 
     cache = FeatureCache(config)
     hashes = [file_hash(p) if p.is_file() else "" for p in paths]
-    cached_hashes, cached = cache._load()
+    cached_hashes, cached = cache.load()
     row_of = {h: i for i, h in enumerate(cached_hashes)}
     todo = [i for i, h in enumerate(hashes) if h and h not in row_of]
     # Duplicated files need one forward pass each, not one per copy.
@@ -229,9 +343,8 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
         new, kept, failures = extractor.extract([paths[i] for i in todo], batch_size, progress)
         new_hashes = [hashes[todo[k]] for k in kept]
         if new_hashes:
-            cached = {s: np.concatenate([cached[s], new[s]]) if s in cached else new[s] for s in new}
-            cached_hashes = cached_hashes + new_hashes
-            cache._save(cached_hashes, cached)
+            # Rows come from the merged cache, so they agree with what was published.
+            cached_hashes, cached = cache.add(new_hashes, new, (cached_hashes, cached))
             row_of = {h: i for i, h in enumerate(cached_hashes)}
     failed = {f.path for f in failures}
     failures = failures + [SkippedFile(p, "no such file") for p, h in zip(paths, hashes) if not h]

@@ -112,24 +112,45 @@ def _files_by_class(root: Path) -> dict[str, list[Path]]:
 
 
 def _read_csv(csv_path: Path) -> dict[str, list[Path]]:
+    """Rows of ``path,label``; a header row, blank lines and extra columns are allowed.
+
+    Safe on any file: the text is only parsed (nothing in it is evaluated), and
+    a path in it is only ever opened as an image, never written. Errors name
+    the CSV and the line the row starts on.
+    """
     files: dict[str, list[Path]] = {}
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        for line_number, row in enumerate(csv.reader(handle), start=1):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) < 2:
-                raise CnnkitError(
-                    f"{csv_path}:{line_number}: expected 'path,label', got {','.join(row)!r}"
-                )
-            path_text, label = row[0].strip(), row[1].strip()
-            if line_number == 1 and (path_text.lower(), label.lower()) in {
-                ("path", "label"), ("filename", "label"), ("file", "label"), ("image", "label")
-            }:
-                continue
-            path = Path(path_text)
-            if not path.is_absolute():
-                path = csv_path.parent / path
-            files.setdefault(label, []).append(path)
+    first = True
+    start = 1  # the line the next row starts on (a quoted field may span lines)
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            for row in reader:
+                where, start = f"{csv_path}:{start}", reader.line_num + 1
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if len(row) < 2:
+                    raise CnnkitError(f"{where}: expected 'path,label', got {','.join(row)!r}")
+                path_text, label = row[0].strip(), row[1].strip()
+                header = first and (path_text.lower(), label.lower()) in {
+                    ("path", "label"), ("filename", "label"), ("file", "label"), ("image", "label")
+                }
+                first = False
+                if header:
+                    continue
+                if not label:
+                    raise CnnkitError(f"{where}: empty label")
+                if not path_text:
+                    raise CnnkitError(f"{where}: empty path")
+                path = Path(path_text)
+                if not path.is_absolute():
+                    path = csv_path.parent / path
+                files.setdefault(label, []).append(path)
+    except UnicodeDecodeError:
+        raise CnnkitError(f"{csv_path}: not UTF-8 text; save it as UTF-8 (CSV UTF-8 in a spreadsheet)") from None
+    except csv.Error as error:
+        raise CnnkitError(f"{csv_path}:{start}: {error}") from None
+    except OSError as error:
+        raise CnnkitError(f"{csv_path}: cannot read it ({error.strerror or error})") from None
     if not files:
         raise CnnkitError(f"{csv_path}: no rows; expected lines of 'path,label'")
     return files
@@ -138,8 +159,11 @@ def _read_csv(csv_path: Path) -> dict[str, list[Path]]:
 def _check_headers(paths: list[Path]) -> dict[Path, str]:
     """Return {path: reason} for files whose header is not a readable image."""
     def check(path: Path) -> tuple[Path, str | None]:
-        if not path.exists():
-            return path, "no such file"
+        try:
+            if not path.exists():
+                return path, "no such file"
+        except (OSError, ValueError) as error:  # a name too long, a NUL byte
+            return path, f"cannot read it ({getattr(error, 'strerror', None) or error})"
         return path, check_image_header(path)
 
     with ThreadPoolExecutor(max_workers=8) as pool:

@@ -1,7 +1,17 @@
-"""Decoding one image file into an RGB array, whatever its format or mode."""
+"""Decoding one image file into an RGB array, whatever its format or mode.
+
+Why reading a file nobody vetted is safe here: only Pillow's decoders for the
+six documented formats are tried (``formats=``), and none of them runs code or
+an outside program named by the file (Pillow's EPS reader, for one, would start
+Ghostscript); the size the header declares is checked against ``MAX_PIXELS``
+right after the header is parsed, before any pixel memory is allocated; and any
+exception a decoder raises on bad data becomes ``UnreadableImageError`` naming
+the file, so one bad file never stops a batch.
+"""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -13,14 +23,62 @@ from cnnkit.errors import CnnkitError
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 )
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+_FORMAT_NAMES = "JPEG, PNG, BMP, GIF, WebP or TIFF"
 
 # Decompression bombs are an error, not a warning: a 20k x 20k "photo" in a
 # dataset is almost always a mistake and would exhaust memory in a batch.
-Image.MAX_IMAGE_PIXELS = 180_000_000
+# Pillow only warns between 1x and 2x its limit, so cnnkit checks the size
+# itself; Pillow's own check stays as a backstop inside its decoders.
+MAX_PIXELS = 180_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class UnreadableImageError(CnnkitError):
     """A file that is not a decodable image (corrupt, truncated, empty, other)."""
+
+
+class _TooLarge(Exception):
+    def __init__(self, pixels: int | None):
+        self.pixels = pixels
+
+
+def _open(path: Path) -> Image.Image:
+    """Parse only the header; refuse a decompression bomb before its pixels exist."""
+    image = Image.open(path, formats=FORMATS)
+    if image.width * image.height > MAX_PIXELS:
+        image.close()
+        raise _TooLarge(image.width * image.height)
+    if image.width < 1 or image.height < 1:
+        image.close()
+        raise SyntaxError("the image has no pixels")
+    return image
+
+
+def _reason(path: Path, error: Exception) -> str:
+    """Why ``path`` cannot be read, in a few words on one line."""
+    if isinstance(error, Image.DecompressionBombError):  # Pillow's backstop fired first
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        error = _TooLarge(int(found.group(1)) if found else None)
+    if isinstance(error, _TooLarge):
+        pixels = f"{error.pixels:,}" if error.pixels else f"over {2 * MAX_PIXELS:,}"
+        return f"image too large ({pixels} pixels; the limit is {MAX_PIXELS:,})"
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "is a directory, not an image"
+    if isinstance(error, UnidentifiedImageError):
+        try:
+            empty = path.stat().st_size == 0
+        except OSError:
+            empty = False
+        return "empty file" if empty else f"not a {_FORMAT_NAMES} image"
+    if isinstance(error, MemoryError):
+        return "not enough memory to decode it"
+    if isinstance(error, OSError) and error.errno is not None:
+        return f"cannot read it ({error.strerror})"
+    detail = " ".join(str(error).split()) or type(error).__name__
+    return f"corrupt or truncated image ({detail})"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -73,7 +131,7 @@ def load_image(path: str | Path, size: int | None = None, crop_pct: float = 1.0)
         with warnings.catch_warnings():
             # Pillow warns about odd EXIF or palette data; the file still decodes.
             warnings.simplefilter("ignore")
-            with Image.open(path) as image:
+            with _open(path) as image:
                 image.seek(0)
                 if size is not None and image.format == "JPEG":
                     # Decode JPEGs at reduced scale when much larger than needed.
@@ -85,17 +143,12 @@ def load_image(path: str | Path, size: int | None = None, crop_pct: float = 1.0)
                     box = _square_crop_box(image.width, image.height, crop_pct)
                     image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
                 return np.asarray(image, dtype=np.uint8)
-    except FileNotFoundError:
-        raise UnreadableImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UnreadableImageError(f"{path}: is a directory, not an image") from None
-    except UnidentifiedImageError:
-        reason = "empty file" if path.stat().st_size == 0 else "not an image Pillow can read"
-        raise UnreadableImageError(f"{path}: {reason}") from None
-    except Image.DecompressionBombError as error:
-        raise UnreadableImageError(f"{path}: image too large ({error})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise UnreadableImageError(f"{path}: corrupt or truncated image ({error})") from None
+    # Pillow's decoders raise many types on bad data (OSError, SyntaxError,
+    # struct.error, IndexError, ZeroDivisionError, MemoryError, ... depending on
+    # format and version); for a file not ours to trust, each means "unreadable".
+    # KeyboardInterrupt and SystemExit are not Exceptions and pass through.
+    except Exception as error:  # noqa: BLE001
+        raise UnreadableImageError(f"{path}: {_reason(path, error)}") from None
 
 
 def check_image_header(path: str | Path) -> str | None:
@@ -110,12 +163,8 @@ def check_image_header(path: str | Path) -> str | None:
             return "empty file"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                image.size  # noqa: B018 - forces the header parse
-    except UnidentifiedImageError:
-        return "not an image Pillow can read"
-    except Image.DecompressionBombError as error:
-        return f"image too large ({error})"
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        return f"corrupt image ({error})"
+            with _open(path):
+                pass
+    except Exception as error:  # noqa: BLE001 - as in load_image
+        return _reason(path, error)
     return None
