@@ -11,6 +11,7 @@ for a team unreadable to everyone else).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -96,8 +97,46 @@ def atomic_write(path: str | Path, write: Callable[[Path], None] | bytes | str) 
     return path
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the system cannot (another OS, an old kernel or file
+    system); the caller then falls back to two renames.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0
+
+
+STALE_SECONDS = 3600
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Temporary folders of ``out`` left by a writer killed over an hour ago (none is built that long)."""
+    import time
+
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        try:
+            if time.time() - leftover.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def publish_folder(out: str | Path, build: Callable[[Path], None], replace: bool = False) -> Path:
     """Build a folder under a temporary name beside ``out``, then rename it to ``out``.
+
+    Whatever happens before the rename (an error, a full disk, SIGKILL), ``out``
+    is untouched: an existing folder stays as it was, a new one does not
+    appear. A replacement swaps the two folders in one atomic step where the
+    system can, so there is no moment without ``out``.
 
     Args:
         build: fills the temporary folder it is given.
@@ -106,16 +145,20 @@ def publish_folder(out: str | Path, build: Callable[[Path], None], replace: bool
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         build(tmp)
         apply_umask(tmp)
         if replace and out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            if not exchange(tmp, out):
+                # Two renames: killed between them, the earlier folder is left at ".NAME.old".
+                old = out.with_name(f".{out.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+                os.replace(tmp, out)
+                tmp = old
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder
         else:
             os.replace(tmp, out)
     except BaseException:

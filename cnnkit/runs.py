@@ -235,7 +235,13 @@ def write_run(out: str | Path, manifest: RunManifest, write_files: Callable[[Pat
         manifest.seal = manifest.seal_of()
         (folder / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
 
-    return publish_folder(out, build, replace=force)
+    try:
+        return publish_folder(out, build, replace=force)
+    except OSError as error:
+        # Nothing was published: an existing run at --out is as it was.
+        where = error.filename or out
+        raise CnnkitError(f"--out {out}: cannot write the run ({where}: {error.strerror or error}); "
+                          "free some space or choose another folder") from None
 
 
 @dataclass
@@ -353,6 +359,10 @@ def read_manifest(path: Path) -> RunManifest:
     """Parse and validate a run's manifest and check its seal (files are not checked here)."""
     manifest_path = path / MANIFEST
     if not path.is_dir():
+        old = path.with_name(f".{path.name}.old")
+        if old.is_dir():
+            raise CnnkitError(f"{path}: no such run folder; a replacement of it was interrupted and the "
+                              f"previous run is at {old} -- rename it back")
         raise CnnkitError(f"{path}: no such run folder")
     if not manifest_path.is_file() or manifest_path.is_symlink():
         raise CnnkitError(f"{path}: not a cnnkit run (no {MANIFEST})")

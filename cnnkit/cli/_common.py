@@ -86,7 +86,7 @@ def print_json(data) -> None:
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn a CnnkitError into one red line and exit code 2; Ctrl-C into 130."""
+    """A CnnkitError becomes one red line and exit code 2, an OSError one line and 1, Ctrl-C 130."""
     try:
         yield
     except CnnkitError as error:
@@ -95,6 +95,10 @@ def user_errors():
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]")
         raise typer.Exit(code=130) from None
+    except OSError as error:  # a full disk, a folder we may not write: the job failed, say where
+        where = f"{error.filename}: " if error.filename else ""
+        err_console.print(f"[red]error:[/red] {escape(where + (error.strerror or str(error)))}", soft_wrap=True)
+        raise typer.Exit(code=1) from None
 
 
 def progress_bar(quiet: bool):
