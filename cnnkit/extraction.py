@@ -59,11 +59,13 @@ def _accuracy(pipeline, features: np.ndarray, labels: np.ndarray) -> float | Non
 
 
 def search_head(table, rows: np.ndarray, labels: np.ndarray, layer_sets: Sequence[list[str]],
-                heads: Sequence[Head], options: ExtractOptions) -> tuple[list[dict], list[str], Head]:
+                heads: Sequence[Head], options: ExtractOptions,
+                report: Callable[[dict], None] | None = None) -> tuple[list[dict], list[str], Head]:
     """Score stage sets with a logistic head, then the best set with each other head, by CV.
 
     PCA is left out of the search to keep it quick; the final fit uses the
-    options' PCA. Returns (tried, best layers, best head).
+    options' PCA. ``report`` is called with each candidate's entry as it is
+    scored. Returns (tried, best layers, best head).
     """
     tried: list[dict] = []
 
@@ -76,6 +78,8 @@ def search_head(table, rows: np.ndarray, labels: np.ndarray, layer_sets: Sequenc
             return
         tried.append({"layers": ",".join(layers), "head": str(head), "cv_accuracy": fitted.cv_accuracy,
                       "best_params": fitted.best_params})
+        if report:
+            report(tried[-1])
 
     first, *others = heads
     for layers in layer_sets:
@@ -93,7 +97,7 @@ def search_head(table, rows: np.ndarray, labels: np.ndarray, layer_sets: Sequenc
 def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | None = None,
                 force: bool = False, progress: Callable[[int, int], None] | None = None,
                 dataset: Dataset | None = None, attach: Sequence = (),
-                strategy: str | None = None) -> ExtractResult:
+                strategy: str | None = None, report: Callable[[dict], None] | None = None) -> ExtractResult:
     """Fit a feature-extraction classifier on ``data`` and save it to ``out``.
 
     Args:
@@ -105,6 +109,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
         dataset: an already loaded dataset (``data`` is then only recorded).
         attach: hooks adding reports to the run (see ``cnnkit.runs.Attachment``).
         strategy: the strategy-table cell this run carries out, to record.
+        report: called with each (layers, head) candidate as the search scores it.
     """
     from cnnkit.backbones import get_backbone
     from cnnkit.runs import check_destination
@@ -144,7 +149,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
     tried: list[dict] = []
     layers, head = layer_sets[0], heads[0]
     if len(layer_sets) > 1 or len(heads) > 1:
-        tried, layers, head = search_head(table, rows["train"], y_train, layer_sets, heads, options)
+        tried, layers, head = search_head(table, rows["train"], y_train, layer_sets, heads, options, report)
     x_all = table.select(layers)
     x_train = x_all[rows["train"]]
     fitted = fit_head(x_train, y_train, head, pca, options.whiten, options.l2_normalize, options.cv, options.seed)

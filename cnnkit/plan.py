@@ -51,12 +51,15 @@ class Plan:
                 "command_line": self.command_line}
 
     def run(self, out: str | Path, force: bool = False, dataset=None, attach=(), report=None, progress=None):
-        """Carry the plan out: ``run_extract`` or ``run_training`` with its options, into ``out``."""
+        """Carry the plan out: ``run_extract`` or ``run_training`` with its options, into ``out``.
+
+        ``report`` gets each searched candidate (extract) or finished epoch (training).
+        """
         if self.command == "extract":
             from cnnkit.extraction import run_extract
 
             return run_extract(self.data, self.options, out, force, dataset=dataset, attach=attach,
-                               strategy=str(self.strategy))
+                               strategy=str(self.strategy), report=report)
         from cnnkit.training import run_training
 
         return run_training(self.data, self.options, out, force, report=report, progress=progress,

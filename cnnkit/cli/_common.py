@@ -79,6 +79,17 @@ def report_skipped(skipped, quiet: bool = False) -> None:
         warn(f"{len(skipped)} file(s) skipped")
 
 
+def progress_line(row: dict) -> str:
+    """One line for a finished training epoch or a scored (layers, head) candidate."""
+    if "epoch" in row:
+        return (f"[dim]{row['phase']:>8}[/dim] epoch {row['epoch']:>3}  loss {row.get('loss', 0):.4f}  "
+                f"acc {row.get('accuracy', 0):.3f}  val_loss {row.get('val_loss', 0):.4f}  "
+                f"[bold]val_acc {row.get('val_accuracy', 0):.3f}[/bold]  lr {row.get('learning_rate', 0):.2g}  "
+                f"{row['seconds']:.0f}s  {row['images_per_s']:.0f} img/s")
+    score = f"cv accuracy {row['cv_accuracy']:.3f}" if row.get("cv_accuracy") is not None else escape(row["error"])
+    return f"tried {escape(row['layers'])} + {row['head']}: {score}"
+
+
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from cnnkit.cli._common import (DEFAULT, BackboneOption, JsonOption, QuietOption, console, err_console,
-                                print_json, quiet_tensorflow, user_errors)
+                                print_json, progress_line, quiet_tensorflow, user_errors)
 
 Data = Annotated[Path, typer.Argument(help="Folder of class subfolders (optionally train/ val/ test/), or a CSV of path,label.", show_default=False)]
 LittleData = Annotated[int | None, typer.Option(help="Override: images per class below which data is 'little'.")]
@@ -100,9 +100,13 @@ def auto(
         if not (quiet or json_output):
             err_console.print(f"[cyan]{escape(message)}[/cyan]", soft_wrap=True)
 
+    def report(row):
+        if not (quiet or json_output):
+            err_console.print(progress_line(row), soft_wrap=True)
+
     with user_errors():
         result = run_auto(data, out, str(backbone), budget, _thresholds(little_data, shift, confidence), seed,
-                          force, say)
+                          force, say, report)
     if json_output:
         print_json({"run": str(result.run_path), "report": str(result.report_path),
                     "strategy": str(result.advice.strategy), "cell": result.advice.cell,

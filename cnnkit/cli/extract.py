@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, JsonOption, QuietOption, console,
-                                print_json, progress_bar, progress_callback, quiet_tensorflow,
+                                print_json, progress_bar, progress_callback, progress_line, quiet_tensorflow,
                                 report_skipped, user_errors)
 from cnnkit.options import ExtractOptions, Head, Pool
 
@@ -48,7 +48,9 @@ def extract(
                                  pool=pool, flip=flip, l2_normalize=l2, pca=pca, whiten=whiten, head=head,
                                  cv=cv, val_split=val_split, seed=seed, batch_size=batch_size,
                                  use_cache=not no_cache, strict=strict)
-        result = run_extract(data, options, out, force, progress=progress_callback(progress, "features"))
+        result = run_extract(data, options, out, force, progress=progress_callback(progress, "features"),
+                             report=None if quiet or json_output else lambda row: progress.console.print(
+                                 progress_line(row), soft_wrap=True))
     report_skipped(result.skipped, quiet)
     summary = {
         "run": str(result.run_path), "backbone": str(backbone), "layers": result.layers,

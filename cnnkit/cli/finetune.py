@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from cnnkit.cli._common import (Backbone, BackboneOption, JsonOption, QuietOption, console, err_console,
-                                print_json, quiet_tensorflow, report_skipped, user_errors)
+                                print_json, progress_line, quiet_tensorflow, report_skipped, user_errors)
 from cnnkit.options import FINETUNE, TRAIN, Augment, Device, Freeze, Optimizer, Schedule, TrainOptions
 
 Epochs = Annotated[int, typer.Option(min=1, help="Epochs of the main phase.")]
@@ -50,11 +50,7 @@ def _run(data, options, out, force, resume, json_output, quiet):
     def report(row):
         rows.append(row)
         if not (quiet or json_output):
-            err_console.print(
-                f"[dim]{row['phase']:>8}[/dim] epoch {row['epoch']:>3}  loss {row.get('loss', 0):.4f}  "
-                f"acc {row.get('accuracy', 0):.3f}  val_loss {row.get('val_loss', 0):.4f}  "
-                f"[bold]val_acc {row.get('val_accuracy', 0):.3f}[/bold]  lr {row.get('learning_rate', 0):.2g}  "
-                f"{row['seconds']:.0f}s  {row['images_per_s']:.0f} img/s")
+            err_console.print(progress_line(row))
 
     def say(message):
         if not (quiet or json_output):
