@@ -112,16 +112,26 @@ def user_errors():
         raise typer.Exit(code=1) from None
 
 
+@contextlib.contextmanager
 def progress_bar(quiet: bool):
-    """A Rich progress bar on stderr with images/s and ETA (disabled when quiet)."""
+    """A Rich progress bar on stderr with images/s and ETA (disabled when quiet).
+
+    It appears only once work starts (``progress_callback``'s first call), so a
+    command that fails early prints its one error line and nothing else.
+    """
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
                                TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 
-    return Progress(
+    progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
         TextColumn("[cyan]{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
         TimeRemainingColumn(), console=err_console, disable=quiet,
     )
+    try:
+        yield progress
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 def progress_callback(progress, description: str):
@@ -134,6 +144,8 @@ def progress_callback(progress, description: str):
         # The task and its clock start at the library's first call, after the
         # model is built, so a bad flag never leaves an empty bar behind.
         if not state:
+            if not progress.live.is_started and not progress.disable:
+                progress.start()
             state["task"] = progress.add_task(description, total=total, rate="")
             state["start"] = time.perf_counter()
         elapsed = time.perf_counter() - state["start"]
