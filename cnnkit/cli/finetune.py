@@ -67,7 +67,8 @@ def _run(data, options, out, force, resume, json_output, quiet):
     report_skipped(result.skipped, quiet)
     summary = {"run": str(result.run_path) if result.run_path else None, "interrupted": result.interrupted,
                "images": result.counts,
-               **result.metrics, "diagnosis": result.diagnosis, "sanity": result.sanity}
+               **result.metrics, "diagnosis": result.diagnosis, "sanity": result.sanity,
+               "weights_digest": result.weights_digest}
     if json_output:
         print_json(summary)
     elif not quiet:

@@ -77,10 +77,15 @@ class DeviceSetup:
             return
         import tensorflow as tf
 
-        value = tf.constant(value, tf.int64)
-        low = self.strategy.reduce("min", self.strategy.run(lambda: tf.identity(value)), axis=None)
-        high = self.strategy.reduce("max", self.strategy.run(lambda: tf.identity(value)), axis=None)
-        if int(low) != int(high):
+        def total(local):
+            # Summed over replicas: each worker's devices all hold its value.
+            summed = self.strategy.reduce("sum", self.strategy.run(lambda: tf.constant(local, tf.int64)), axis=None)
+            return int(summed) // (self.replicas // self.workers)
+
+        # The chief's value to everyone, then a count of the workers that differ
+        # from it: the same count, and so the same decision, on every worker.
+        chief_value = total(value if self.chief else 0)
+        if total(int(value != chief_value)):
             raise CnnkitError(f"the {self.workers} workers see different {what}; give every worker the same "
                               "DATA and options (and --resume the same run)")
 

@@ -47,6 +47,15 @@ class TrainResult:
     interrupted: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list = field(default_factory=list)
+    weights_digest: str = ""
+
+
+def weights_digest(model) -> str:
+    """A short hash of every weight of ``model``: workers that trained together print the same one."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_options(options: TrainOptions):
@@ -254,7 +263,7 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
     if not interrupted:
         shutil.rmtree(work, ignore_errors=True)
     return TrainResult(run_path, history, metrics, diagnosis, sanity, interrupted,
-                       {k: len(v) for k, v in splits.items()}, skipped)
+                       {k: len(v) for k, v in splits.items()}, skipped, weights_digest(model))
 
 
 def _fingerprint(class_names: list[str], splits: dict) -> int:
@@ -263,4 +272,4 @@ def _fingerprint(class_names: list[str], splits: dict) -> int:
     for name in sorted(splits):
         for sample in splits[name]:
             digest.update(f"{name}/{sample.label}/{Path(sample.path).name}\n".encode())
-    return int.from_bytes(digest.digest()[:7], "big")
+    return int.from_bytes(digest.digest()[:6], "big")
