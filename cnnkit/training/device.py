@@ -196,3 +196,44 @@ def setup_device(device: Device | str = Device.auto, deterministic: bool = False
         return DeviceSetup(tf.distribute.get_strategy(), "CPU")
     strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.OneDeviceStrategy(gpus[0].name)
     return DeviceSetup(strategy, compute, policy)
+
+
+def device_report(environ=os.environ) -> dict:
+    """What ``cnnkit info`` shows: the GPUs TensorFlow sees, its CUDA build, and what training would use.
+
+    Starts no cluster: safe to call with ``TF_CONFIG`` set.
+    """
+    import tensorflow as tf
+
+    gpus = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        capability = details.get("compute_capability")
+        gpus.append({"device": gpu.name, "name": details.get("device_name", "GPU"),
+                     "compute_capability": ".".join(map(str, capability)) if capability else None})
+    build = tf.sysconfig.get_build_info()
+    cuda = bool(build.get("is_cuda_build"))
+    if gpus:
+        names = ", ".join(sorted({g["name"] for g in gpus}))
+        would_use = (f"{len(gpus)} GPU(s) ({names}), mixed precision float16 with a float32 classifier"
+                     + (", mirrored" if len(gpus) > 1 else ""))
+    else:
+        would_use = "CPU (float32)"
+    notes = []
+    if not gpus and os.path.exists("/dev/nvidiactl"):
+        notes.append("an NVIDIA driver is present but TensorFlow sees no GPU: "
+                     + ("this TensorFlow has no CUDA support; pip install 'cnnkit[gpu]'" if not cuda else
+                        "install its CUDA libraries (pip install 'cnnkit[gpu]') and check `nvidia-smi`"))
+    try:
+        cluster = read_cluster(environ)
+    except CnnkitError as error:
+        cluster = None
+        notes.append(str(error))
+    if cluster:
+        notes.append(f"TF_CONFIG: this is {cluster.task} of {cluster.tasks} workers"
+                     + (" (the chief, writes the run)" if cluster.chief else "")
+                     + "; finetune and train run across them")
+    return {"gpus": gpus, "gpu": bool(gpus), "would_use": would_use,
+            "cuda_build": {"cuda": cuda, "cuda_version": build.get("cuda_version"),
+                           "cudnn_version": build.get("cudnn_version")} if cuda else {"cuda": False},
+            "workers": cluster.tasks if cluster else 1, "notes": notes}
