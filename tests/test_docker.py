@@ -54,7 +54,7 @@ def user(tmp_path):
     return uid, gid, out
 
 
-def _run(image: str, user, *arguments: str, mounts=(), timeout: float = 900) -> subprocess.CompletedProcess:
+def _run(image: str, user, *arguments: str, mounts=(), timeout: float = 2400) -> subprocess.CompletedProcess:
     uid, gid, out = user
     volumes = [f"-v{out}:/out"] + [f"-v{host}:{inside}:ro" for host, inside in mounts]
     return _docker("run", "--rm", "--network", "none", "--user", f"{uid}:{gid}", *volumes, image, *arguments,

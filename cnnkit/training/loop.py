@@ -132,9 +132,8 @@ class Steps:
 
         self.model, self.strategy = model, strategy
         self.loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, reduction=None)
-        # One trace per batch shape at most twice: the last, shorter batch makes the shape dynamic.
-        self._train = tf.function(self._train_step, reduce_retracing=True)
-        self._test = tf.function(self._test_step, reduce_retracing=True)
+        self._train = tf.function(self._train_step)
+        self._test = tf.function(self._test_step)
 
     def _sums(self, per_image, probabilities, labels):
         """Loss sum, correct answers and images of a replica's batch, summed over replicas."""
@@ -168,16 +167,25 @@ class Steps:
         probabilities = self.model(images, training=False)
         return self._sums(self.loss(labels, probabilities), probabilities, labels)
 
-    def _train_step(self, images, labels):
+    def _train_step(self, iterator):
+        images, labels = next(iterator)
         return self.strategy.reduce("sum", self.strategy.run(self._train_replica, args=(images, labels)), axis=None)
 
-    def _test_step(self, images, labels):
+    def _test_step(self, iterator):
+        images, labels = next(iterator)
         return self.strategy.reduce("sum", self.strategy.run(self._test_replica, args=(images, labels)), axis=None)
 
     def _epoch(self, step, dataset) -> dict[str, float]:
-        totals = None
-        for images, labels in dataset:
-            sums = step(images, labels)
+        import tensorflow as tf
+
+        # The batch is taken inside the step, as Keras' fit does: across workers,
+        # "is there a next batch" is agreed on in the same graph as the step.
+        iterator, totals = iter(dataset), None
+        while True:
+            try:
+                sums = step(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                break
             totals = sums if totals is None else totals + sums  # stays on the device: no wait per step
         loss, correct, count = totals.numpy() if totals is not None else (0.0, 0.0, 0.0)
         return {"loss": loss / count if count else float("nan"), "accuracy": correct / count if count else 0.0}
