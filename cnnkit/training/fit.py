@@ -150,10 +150,13 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
 
 
 def _first_words(error: Exception, limit: int = 240) -> str:
-    """TensorFlow's error message without its graph-node decorations, on one line."""
+    """TensorFlow's error message on one line, without the graph node's Python traceback and decorations."""
     import re
 
-    text = re.sub(r"\{\{[^}]*\}\}|\[\[[^\]]*\]\]|\[Op:[^\]]*\]", " ", getattr(error, "message", str(error)))
+    text = getattr(error, "message", str(error))
+    text = re.sub(r"Graph execution error:|Detected at node \S+ defined at \(most recent call last\):"
+                  r"(\s*File .*)*", " ", text)
+    text = re.sub(r"\{\{[^}]*\}\}|\[\[[^\]]*\]\]|\[Op:[^\]]*\]", " ", text)
     text = " ".join(text.split())
     return (text[:limit] + "...") if len(text) > limit else text or type(error).__name__
 
