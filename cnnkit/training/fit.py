@@ -117,6 +117,8 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
         CnnkitError: bad options or data; in a multi-worker run, a worker that
             stopped or became unreachable (the others stop with this error).
     """
+    import tensorflow as tf
+
     from cnnkit.runs import check_destination
     from cnnkit.training.device import helper_task, setup_device
     from cnnkit.training.resume import find_resume_point
@@ -135,14 +137,14 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
     # First TensorFlow work of the run: a multi-worker strategy must come before any other.
     device = setup_device(options.device, options.deterministic, options.seed)
     say(f"training on {device.description}")
-    if device.workers == 1:
-        return _train(data, options, out, force, point, report, say, dataset, attach, strategy, spec, device)
-    import tensorflow as tf
-
     try:
         return _train(data, options, out, force, point, report, say, dataset, attach, strategy, spec, device)
     except (tf.errors.UnavailableError, tf.errors.InternalError, tf.errors.CancelledError,
             tf.errors.DeadlineExceededError, tf.errors.AbortedError) as error:
+        if device.workers == 1:
+            raise
+        # A collective op failed: a peer died or is unreachable (TensorFlow's health checks
+        # abort the others' collectives within seconds instead of letting them wait forever).
         raise CnnkitError(
             f"training across {device.workers} workers stopped: a worker failed or became unreachable "
             f"({_first_words(error)}); every finished epoch is checkpointed: start all workers again with "
