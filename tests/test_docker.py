@@ -37,9 +37,12 @@ def image() -> str:
         built = subprocess.run([str(REPO / "docker" / "local-base.sh"), BASE], capture_output=True, text=True,
                                timeout=900)
         assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-3000:]
+    previous = _docker("image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip()
     built = _docker("build", "--network", "host", "--build-arg", f"BASE={BASE}", "-t", IMAGE, str(REPO),
                     timeout=1500)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    if previous and previous != _docker("image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip():
+        _docker("image", "rm", previous)  # the last build, now untagged: 2 GB a run otherwise
     return IMAGE
 
 
