@@ -6,6 +6,7 @@ Select these with ``-m multiworker`` (or leave them out with ``-m "not multiwork
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,8 +42,11 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _start_workers(*arguments: str) -> list[subprocess.Popen]:
-    """Two `cnnkit` processes with the same arguments, workers 0 and 1 of a TF_CONFIG cluster on 127.0.0.1."""
+def _start_workers(*arguments: str, each=lambda index: []) -> list[subprocess.Popen]:
+    """Two `cnnkit` processes, workers 0 and 1 of a TF_CONFIG cluster on 127.0.0.1.
+
+    They get the same ``arguments``, then ``each(index)``.
+    """
     ports = _free_ports(2)
     workers = []
     for index in range(2):
@@ -50,7 +54,7 @@ def _start_workers(*arguments: str) -> list[subprocess.Popen]:
                      "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2",
                "PYTHONPATH": str(REPO)}
-        workers.append(subprocess.Popen([sys.executable, "-m", "cnnkit", *arguments], env=env, cwd=REPO,
+        workers.append(subprocess.Popen([sys.executable, "-m", "cnnkit", *arguments, *each(index)], env=env, cwd=REPO,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return workers
 
@@ -106,6 +110,13 @@ def test_two_workers_train_as_one_process_with_the_same_global_batch(data, tmp_p
                                atol=1e-3)
 
 
+def _error_line(stderr: str) -> str:
+    """cnnkit's one error line (TensorFlow may log its own shutdown after it)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
 def _history(run_path):
     from cnnkit.training.loop import read_history
 
@@ -140,7 +151,7 @@ def test_a_dead_worker_stops_the_other_with_a_clear_error_and_all_resume(data, t
     workers[killed].communicate()
     assert survivor.returncode == 2, stderr[-3000:]
     assert waited < 60, waited
-    last = stderr.strip().splitlines()[-1]
+    last = _error_line(stderr)
     assert last.startswith("error: training across 2 workers stopped: a worker failed or became unreachable"), last
     assert 'File "' not in last and "{{node" not in last  # TensorFlow's message, not its traceback
     assert f"--resume {out}" in " ".join(stderr.split())
@@ -155,3 +166,16 @@ def test_a_dead_worker_stops_the_other_with_a_clear_error_and_all_resume(data, t
     history = _history(out)
     assert history["epoch"] == [0, 1, 2, 3, 4]
     assert load_run(out).manifest.model.epochs_run == 5
+
+
+def test_workers_that_see_different_data_stop_at_the_start_with_one_line(data, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    (other / "a" / "000.png").unlink()  # one image fewer: the workers would run different numbers of steps
+    workers = _start_workers("train", "--out", str(tmp_path / "run"), "--epochs", "2", *TRAIN_FLAGS,
+                             each=lambda index: [str(data if index == 0 else other)])
+    for code, _, stderr in _finish(workers, timeout=180):
+        assert code == 2, (code, stderr[-3000:])
+        assert _error_line(stderr).startswith("error: the 2 workers see different data; give every worker the same "
+                                              "DATA and options"), stderr[-1000:]
+    assert not (tmp_path / "run").exists()

@@ -63,7 +63,7 @@ class DeviceSetup:
         finally:
             keras.config.set_dtype_policy(previous)
 
-    def agree(self, what: str, value: int) -> None:
+    def agree(self, what: str, value: int, remedy: str = "give every worker the same DATA and options") -> None:
         """Check that every worker computed the same ``value``; a no-op for one worker.
 
         Workers that disagree on the data or the checkpoint they start from
@@ -86,8 +86,7 @@ class DeviceSetup:
         # from it: the same count, and so the same decision, on every worker.
         chief_value = total(value if self.chief else 0)
         if total(int(value != chief_value)):
-            raise CnnkitError(f"the {self.workers} workers see different {what}; give every worker the same "
-                              "DATA and options (and --resume the same run)")
+            raise CnnkitError(f"the {self.workers} workers see different {what}; {remedy}")
 
 
 @dataclass(frozen=True)

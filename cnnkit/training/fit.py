@@ -189,7 +189,9 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
         raise CnnkitError(f"{data}: too few images for a validation split; add images or a val/ folder")
     num_classes = len(dataset.class_names)
     device.agree("data", _fingerprint(dataset.class_names, splits))
-    device.agree("checkpoints (epochs)", point.next_epoch if point else 0)
+    device.agree("checkpoints (last finished epochs)", point.next_epoch if point else 0,
+                 f"a worker stopped while writing one: copy the chief's {work_folder(out).name}/checkpoints "
+                 f"over the others' {work_folder(out, 'worker-N').name}/checkpoints, then --resume again")
 
     work = work_folder(out, "" if device.chief else device.task)
     if point is None:
