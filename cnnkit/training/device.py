@@ -152,9 +152,9 @@ def read_cluster(environ=os.environ) -> Cluster | None:
 def _multi_worker(cluster: Cluster, device: Device):
     import tensorflow as tf
 
-    if device == Device.cpu:
-        tf.config.set_visible_devices([], "GPU")
     try:
+        if device == Device.cpu:
+            tf.config.set_visible_devices([], "GPU")
         return tf.distribute.MultiWorkerMirroredStrategy()
     except RuntimeError as error:
         # TensorFlow configures the cluster when its runtime starts; it cannot join one later.
