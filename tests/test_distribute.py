@@ -112,3 +112,14 @@ def test_info_reports_devices_and_what_training_uses(monkeypatch):
     assert "training uses" in shown.stdout and "CPU (float32)" in shown.stdout
     assert "tensorflow build" in shown.stdout
     assert "note: TF_CONFIG: this is worker-1 of 2 workers" in " ".join(shown.stdout.split())
+
+
+def test_a_cluster_cannot_be_joined_once_tensorflow_runs(monkeypatch):
+    import tensorflow as tf
+
+    from cnnkit.training.device import setup_device
+
+    tf.constant(1) + 1  # TensorFlow's runtime has started in this process
+    monkeypatch.setenv("TF_CONFIG", _tf_config({"worker": ["127.0.0.1:1", "127.0.0.1:2"]})["TF_CONFIG"])
+    with pytest.raises(CnnkitError, match="TensorFlow was already running in this process.*fresh process"):
+        setup_device()
