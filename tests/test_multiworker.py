@@ -5,13 +5,14 @@ Select these with ``-m multiworker`` (or leave them out with ``-m "not multiwork
 
 import json
 import os
-import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,11 +43,24 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _start_workers(*arguments: str, each=lambda index: []) -> list[subprocess.Popen]:
+@dataclass
+class Worker:
+    """A `cnnkit` process and the files its output goes to (files, not pipes: nobody blocks on a full pipe)."""
+
+    process: subprocess.Popen
+    stdout: Path
+    stderr: Path
+
+    def output(self) -> tuple[str, str]:
+        return self.stdout.read_text(errors="replace"), self.stderr.read_text(errors="replace")
+
+
+def _start_workers(logs: Path, *arguments: str, each=lambda index: []) -> list[Worker]:
     """Two `cnnkit` processes, workers 0 and 1 of a TF_CONFIG cluster on 127.0.0.1.
 
-    They get the same ``arguments``, then ``each(index)``.
+    They get the same ``arguments``, then ``each(index)``; their output goes to ``logs``.
     """
+    logs.mkdir(exist_ok=True)
     ports = _free_ports(2)
     workers = []
     for index in range(2):
@@ -54,22 +68,25 @@ def _start_workers(*arguments: str, each=lambda index: []) -> list[subprocess.Po
                      "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2",
                "PYTHONPATH": str(REPO)}
-        workers.append(subprocess.Popen([sys.executable, "-m", "cnnkit", *arguments, *each(index)], env=env, cwd=REPO,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        stdout, stderr = (logs / f"worker-{index}-{time.monotonic_ns()}.{name}" for name in ("out", "err"))
+        with stdout.open("w") as out, stderr.open("w") as err:
+            process = subprocess.Popen([sys.executable, "-m", "cnnkit", *arguments, *each(index)], env=env,
+                                       cwd=REPO, stdout=out, stderr=err)
+        workers.append(Worker(process, stdout, stderr))
     return workers
 
 
-def _finish(workers, timeout: float = 240) -> list[tuple[int, str, str]]:
-    results = []
+def _finish(workers: list[Worker], timeout: float = 240) -> list[tuple[int, str, str]]:
+    """Wait for every worker; (exit code, stdout, stderr) of each."""
+    deadline = time.monotonic() + timeout
     for worker in workers:
         try:
-            stdout, stderr = worker.communicate(timeout=timeout)
+            worker.process.wait(timeout=max(deadline - time.monotonic(), 1))
         except subprocess.TimeoutExpired:
             for other in workers:
-                other.kill()
-            raise AssertionError("a worker hung") from None
-        results.append((worker.returncode, stdout, stderr))
-    return results
+                other.process.kill()
+            raise AssertionError(f"a worker hung: {worker.output()[1][-3000:]}") from None
+    return [(worker.process.returncode, *worker.output()) for worker in workers]
 
 
 @pytest.fixture
@@ -80,7 +97,8 @@ def data(tmp_path):
 
 def test_two_workers_train_as_one_process_with_the_same_global_batch(data, tmp_path):
     out = tmp_path / "run"
-    results = _finish(_start_workers("train", str(data), "--out", str(out), "--epochs", "3", *TRAIN_FLAGS, "--json"))
+    results = _finish(_start_workers(tmp_path / "logs", "train", str(data), "--out", str(out), "--epochs", "3",
+                                     *TRAIN_FLAGS, "--json"))
     for code, stdout, stderr in results:
         assert code == 0, stderr[-3000:]
     chief, helper = (json.loads(stdout) for _, stdout, _ in results)
@@ -88,7 +106,7 @@ def test_two_workers_train_as_one_process_with_the_same_global_batch(data, tmp_p
     assert chief["weights_digest"] == helper["weights_digest"]  # the same final weights on both workers
 
     # Only the chief's run exists; the helper's checkpoints and temporary run are gone.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "logs", "run"]
     run = load_run(out)
     assert run.manifest.options["batch_size"] == 8
     predicted = CliRunner().invoke(app, ["predict", str(data / "a"), "--model", str(out), "--json"])
@@ -123,33 +141,29 @@ def _history(run_path):
     return read_history(run_path / "history.csv")
 
 
-def _wait_for_epoch(worker: subprocess.Popen, epoch: int, timeout: float = 180) -> str:
-    """Read a worker's stderr until it reports ``epoch``; returns what it printed."""
-    selector = selectors.DefaultSelector()
-    selector.register(worker.stderr, selectors.EVENT_READ)
-    seen, deadline = "", time.monotonic() + timeout
-    while time.monotonic() < deadline and worker.poll() is None:
-        if selector.select(timeout=1):
-            line = worker.stderr.readline()
-            seen += line
-            if f"epoch {epoch:>3}" in line:
-                return seen
-    raise AssertionError(f"worker never reported epoch {epoch}:\n{seen[-3000:]}")
+def _wait_for_epoch(worker: Worker, epoch: int, timeout: float = 180) -> None:
+    """Wait until a worker has reported ``epoch`` on stderr."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and worker.process.poll() is None:
+        if f"epoch {epoch:>3}" in worker.output()[1]:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"worker never reported epoch {epoch}:\n{worker.output()[1][-3000:]}")
 
 
 @pytest.mark.parametrize("killed", [1, 0], ids=["helper-killed", "chief-killed"])
 def test_a_dead_worker_stops_the_other_with_a_clear_error_and_all_resume(data, tmp_path, killed):
     out = tmp_path / "run"
-    workers = _start_workers("train", str(data), "--out", str(out), "--epochs", "5", *TRAIN_FLAGS)
+    workers = _start_workers(tmp_path / "logs", "train", str(data), "--out", str(out), "--epochs", "5", *TRAIN_FLAGS)
     # Killed once its second epoch is reported (hence checkpointed), while the other is in the third.
     _wait_for_epoch(workers[killed], 2)
-    workers[killed].send_signal(signal.SIGKILL)
+    workers[killed].process.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     survivor = workers[1 - killed]
-    _, stderr = survivor.communicate(timeout=120)
+    code, _, stderr = _finish([survivor], timeout=120)[0]
     waited = time.monotonic() - killed_at
-    workers[killed].communicate()
-    assert survivor.returncode == 2, stderr[-3000:]
+    workers[killed].process.wait()
+    assert code == 2, stderr[-3000:]
     assert waited < 60, waited
     last = _error_line(stderr)
     assert last.startswith("error: training across 2 workers stopped: a worker failed or became unreachable"), last
@@ -160,7 +174,7 @@ def test_a_dead_worker_stops_the_other_with_a_clear_error_and_all_resume(data, t
         return
     # Every worker started again with --resume continues from its last checkpoint to the end
     # (shown once, with the chief killed, as it is the one whose run is written).
-    results = _finish(_start_workers("train", str(data), "--resume", str(out), "--quiet"))
+    results = _finish(_start_workers(tmp_path / "logs", "train", str(data), "--resume", str(out), "--quiet"))
     for code, _, stderr in results:
         assert code == 0, stderr[-3000:]
     history = _history(out)
@@ -172,7 +186,7 @@ def test_workers_that_see_different_data_stop_at_the_start_with_one_line(data, t
     other = tmp_path / "other"
     shutil.copytree(data, other)
     (other / "a" / "000.png").unlink()  # one image fewer: the workers would run different numbers of steps
-    workers = _start_workers("train", "--out", str(tmp_path / "run"), "--epochs", "2", *TRAIN_FLAGS,
+    workers = _start_workers(tmp_path / "logs", "train", "--out", str(tmp_path / "run"), "--epochs", "2", *TRAIN_FLAGS,
                              each=lambda index: [str(data if index == 0 else other)])
     for code, _, stderr in _finish(workers, timeout=180):
         assert code == 2, (code, stderr[-3000:])

@@ -43,7 +43,7 @@ def collect_info() -> dict:
 
 
 def info(json_output: JsonOption = False) -> None:
-    """Versions, devices (GPUs and what training would use), cache directory, and which backbones have weights on disk."""
+    """Versions, GPUs and what training would use, cache directory, and which backbones have weights on disk."""
     with user_errors():
         data = collect_info()
     if json_output:
