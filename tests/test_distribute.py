@@ -123,3 +123,34 @@ def test_a_cluster_cannot_be_joined_once_tensorflow_runs(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", _tf_config({"worker": ["127.0.0.1:1", "127.0.0.1:2"]})["TF_CONFIG"])
     with pytest.raises(CnnkitError, match="TensorFlow was already running in this process.*fresh process"):
         setup_device()
+
+
+def test_one_epoch_of_the_loop_is_one_epoch_of_model_fit(tmp_path):
+    """On one device the custom step does what Keras' fit did: same batches in, the same weights out."""
+    import keras
+    import tensorflow as tf
+
+    from conftest import make_class_tree
+    from cnnkit.backbones import get_backbone
+    from cnnkit.data import load_dataset
+    from cnnkit.options import TrainOptions
+    from cnnkit.training.augment import Augmentation
+    from cnnkit.training.datasets import evaluation_batches
+    from cnnkit.training.loop import Steps, compile_model, make_optimizer
+    from cnnkit.training.network import build_network
+
+    samples = load_dataset(make_class_tree(tmp_path / "data", {"a": 9, "b": 9}, size=32)).splits["train"]
+    strategy = tf.distribute.get_strategy()
+    batches, _ = evaluation_batches(samples, 2, 32, 4, strategy)  # fixed order; the last batch is short
+    options = TrainOptions(weight_decay=1e-3, label_smoothing=0.1)
+    fitted, looped = (build_network(get_backbone("tiny_cnn"), 2, None, 32, 0.0, Augmentation(), 3) for _ in "ab")
+    fitted.compile(optimizer=make_optimizer(options, 0.05), jit_compile=False,
+                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"])
+    logs = fitted.fit(batches, epochs=1, verbose=0).history
+    compile_model(looped, options, 0.05)
+    measured = Steps(looped, strategy, label_smoothing=0.1).train_epoch(batches)
+
+    for a, b in zip(fitted.weights, looped.weights):  # BatchNorm moving statistics included
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    assert measured["loss"] == pytest.approx(logs["loss"][0], rel=1e-5)
+    assert measured["accuracy"] == pytest.approx(logs["accuracy"][0])
