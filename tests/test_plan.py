@@ -40,7 +40,7 @@ def captured(monkeypatch):
     result = SimpleNamespace(run_path=Path("RUN"), metrics=metrics, tried=[], layers=["top"], head="logreg", feature_dims=1,
                              fitted=SimpleNamespace(best_params={}), counts={}, computed=0,
                              seconds={"features": 0.0, "head": 0.0}, skipped=[], interrupted=False,
-                             diagnosis=[], sanity=None)
+                             diagnosis=[], sanity=None, weights_digest="")
 
     def fake_extract(data, options, out=None, force=False, **kwargs):
         calls.append(("extract", options))

@@ -61,8 +61,10 @@ def _run(data, options, out, force, resume, json_output, quiet):
         result = run_training(data, options, out, force=force, resume=resume is not None, report=report,
                               progress=say)
     report_skipped(result.skipped, quiet)
-    summary = {"run": str(result.run_path), "interrupted": result.interrupted, "images": result.counts,
-               **result.metrics, "diagnosis": result.diagnosis, "sanity": result.sanity}
+    summary = {"run": str(result.run_path) if result.run_path else None, "interrupted": result.interrupted,
+               "images": result.counts,
+               **result.metrics, "diagnosis": result.diagnosis, "sanity": result.sanity,
+               "weights_digest": result.weights_digest}
     if json_output:
         print_json(summary)
     elif not quiet:
@@ -72,7 +74,11 @@ def _run(data, options, out, force, resume, json_output, quiet):
         if summary.get("test_accuracy") is not None:
             line += f", test accuracy [bold green]{summary['test_accuracy']:.3f}[/bold green]"
         console.print(line)
-        console.print(escape(f"saved {result.run_path}") + (" (interrupted; continue with --resume)" if result.interrupted else ""))
+        if result.run_path is None:
+            console.print("this worker is not the chief: the chief saved the run")
+        else:
+            console.print(escape(f"saved {result.run_path}")
+                          + (" (interrupted; continue with --resume)" if result.interrupted else ""))
     if result.interrupted:
         raise typer.Exit(code=130)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
+from rich.markup import escape
+
 from cnnkit.cli._common import JsonOption, console, print_json, quiet_tensorflow, user_errors
 
 
@@ -23,8 +25,8 @@ def collect_info() -> dict:
     from cnnkit import __version__
     from cnnkit.backbones import list_backbones
     from cnnkit.paths import cache_dir
+    from cnnkit.training.device import device_report
 
-    gpus = tf.config.list_physical_devices("GPU")
     return {
         "cnnkit": __version__,
         "python": platform.python_version(),
@@ -34,15 +36,14 @@ def collect_info() -> dict:
             **{p: _version(p) for p in ("keras", "numpy", "pillow", "scikit-learn", "typer", "rich")},
         },
         "devices": [d.name for d in tf.config.list_physical_devices()],
-        "gpu": bool(gpus),
-        "would_use": "GPU (mixed precision float16)" if gpus else "CPU (float32)",
+        **device_report(),
         "cache_dir": str(cache_dir()),
         "weights_on_disk": [b.name for b in list_backbones() if b.weights_present()],
     }
 
 
 def info(json_output: JsonOption = False) -> None:
-    """Versions, devices (CPU/GPU), cache directory, and which backbones have weights on disk."""
+    """Versions, GPUs and what training would use, cache directory, and which backbones have weights on disk."""
     with user_errors():
         data = collect_info()
     if json_output:
@@ -58,10 +59,18 @@ def info(json_output: JsonOption = False) -> None:
     for package, version in data["versions"].items():
         table.add_row(package, version)
     table.add_row("devices", ", ".join(data["devices"]))
-    table.add_row("compute", data["would_use"])
+    for gpu in data["gpus"]:
+        capability = f", compute capability {gpu['compute_capability']}" if gpu["compute_capability"] else ""
+        table.add_row("gpu", escape(f"{gpu['device']}: {gpu['name']}{capability}"))
+    build = data["cuda_build"]
+    table.add_row("tensorflow build", f"CUDA {build['cuda_version']}, cuDNN {build['cudnn_version']}"
+                  if build["cuda"] else "CPU only (no CUDA)")
+    table.add_row("training uses", data["would_use"] + (f", {data['workers']} workers" if data["workers"] > 1 else ""))
     table.add_row("cache dir", data["cache_dir"])
     table.add_row("weights on disk", ", ".join(data["weights_on_disk"]) or "none")
     console.print(table)
+    for note in data["notes"]:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
 
 
 def register(app) -> None:

@@ -79,6 +79,26 @@ class ImageStream:
         ds = ds.unbatch()
         return ds.filter(_is_ok).map(_drop_flag)
 
+    def decoded_batches(self, index_batches):
+        """Map a ``tf.data.Dataset`` of index vectors, one batch each, to ``(images, indices)`` batches.
+
+        For callers that choose every batch's members themselves (training
+        across several workers splits each global batch by position). Each
+        batch is decoded in one Python call, several batches in parallel;
+        order is kept; unreadable files are dropped from their batch.
+        """
+        import tensorflow as tf
+
+        size = self.image_size
+
+        def decode(indices):
+            images, ok = tf.numpy_function(self._decode_chunk, [indices], [tf.uint8, tf.bool])
+            images.set_shape((None, size, size, 3))
+            ok.set_shape((None,))
+            return tf.boolean_mask(images, ok), tf.boolean_mask(indices, ok)
+
+        return index_batches.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
     def dataset(self, batch_size: int, labels: Sequence[int] | None = None):
         """A ``tf.data.Dataset`` of batches, in file order.
 

@@ -18,10 +18,16 @@ from cnnkit.training.callbacks import CHECKPOINT_FORMAT
 from cnnkit.options import TrainOptions
 
 
-def work_folder(out: Path) -> Path:
-    """The hidden folder beside ``out`` that holds a run's checkpoints while it trains."""
+def work_folder(out: Path, task: str = "") -> Path:
+    """The hidden folder beside ``out`` that holds a run's checkpoints while it trains.
+
+    Args:
+        task: a worker that is not the chief of a multi-worker run ("worker-1")
+            keeps its own checkpoints in a folder of its own, so workers sharing
+            a file system never write the same files.
+    """
     out = Path(out)
-    return out.parent / f".{out.name}.training"
+    return out.parent / (f".{out.name}.training" + (f"-{task}" if task else ""))
 
 
 @dataclass
@@ -55,14 +61,17 @@ class ResumePoint:
         return self.folder / self.checkpoint / "optimizer.npz"
 
 
-def find_resume_point(out: Path) -> ResumePoint:
+def find_resume_point(out: Path, task: str = "") -> ResumePoint:
     """The latest checkpoint of the run at ``out``: from its work folder (killed) or the run (interrupted).
+
+    Args:
+        task: this worker's task, when it is not the chief (see ``work_folder``).
 
     Raises:
         CnnkitError: no checkpoint, or one that is damaged or from another cnnkit version.
     """
     out = Path(out)
-    for folder in (work_folder(out) / "checkpoints", out / "checkpoints"):
+    for folder in (work_folder(out, task) / "checkpoints", out / "checkpoints"):
         if (folder / "state.json").exists():
             break
     else:
