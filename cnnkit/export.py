@@ -265,6 +265,11 @@ def _knn(knn, embedded):
         raise CnnkitError("cannot export this k-NN head (only Euclidean distance is exported); "
                           "re-create the run with --head logreg")
     reference = np.asarray(knn._fit_X, np.float64)  # scikit-learn keeps the training vectors here
+    # Distances do not change when both sides move; centring keeps |q|^2 - 2 q.X + |X|^2 from
+    # cancelling large terms in float32.
+    centre = reference.mean(axis=0)
+    reference = reference - centre
+    embedded = embedded - centre.astype(np.float32)
     labels = np.asarray(knn._y).reshape(-1)
     n_classes = len(knn.classes_)
     k = min(knn.n_neighbors, len(reference))
