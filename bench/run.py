@@ -398,7 +398,11 @@ def main(argv: list[str] | None = None) -> None:
         write_image_folder(ctx.test, "test", 100, seed=0)
         write_image_folder(ctx.big, "train", 800, seed=0, offset=100)
     started = time.perf_counter()
-    results = {}
+    # Sections already measured in this --work folder are kept, so a long run can be resumed
+    # section by section (`--only export`) and still publish every figure.
+    saved = work / "results.json"
+    results: dict[str, list[Row]] = {name: [Row(**row) for row in rows]
+               for name, rows in (json.loads(saved.read_text()) if saved.exists() else {}).items()}
     for name in args.only.split(","):
         section_started = time.perf_counter()
         try:
@@ -410,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
             results[name] = [Row(f"FAILED: {type(error).__name__}: {str(error)[:200]}", "-", "-", "-", "")]
         for row in results[name]:
             print(f"{name}: {row.what}: {row.figure} vs {row.baseline} = {row.ratio}", flush=True)
+        saved.write_text(json.dumps({k: [r.__dict__ for r in rows] for k, rows in results.items()}, indent=1))
         print(f"{name}: {time.perf_counter() - section_started:.0f} s", flush=True)
     block = render(results, time.perf_counter() - started, argv)
     if not args.no_write:

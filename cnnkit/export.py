@@ -87,11 +87,14 @@ def _network_probabilities(run, images):
         raise CnnkitError(f"{path}: cannot load the model safely ({error})") from None
     x = ops.cast(images, "float32")
     try:
-        backbone, pooled, classifier = (model.get_layer(name) for name in
-                                        ("backbone", run.model.feature_layer, "predictions"))
+        layers = [model.get_layer(name) for name in ("backbone", run.model.feature_layer, "predictions")]
     except ValueError:  # not cnnkit's usual layout: the whole model, in inference mode
-        return model(x, training=False)
-    return classifier(pooled(backbone(x)))
+        layers = [model]
+    for layer in layers:  # unique within an ensemble's graph, whose members share these names
+        layer.name = f"{layer.name}_{_tag(run)}"
+    for layer in layers:
+        x = layer(x, training=False)
+    return x
 
 
 def _feature_head_probabilities(run, images):
@@ -105,6 +108,7 @@ def _feature_head_probabilities(run, images):
     head = load_head(run.file("head.skops"))
     extractor = FeatureExtractor(FeatureConfig(m.backbone, m.weights, run.image_size, m.pool, m.flip))
     stages = extractor.model
+    stages.name = f"{stages.name}_{_tag(run)}"  # unique within an ensemble's graph
     x = ops.cast(images, "float32")
 
     def features(pixels):
@@ -115,7 +119,11 @@ def _feature_head_probabilities(run, images):
     feats = features(x)
     if m.flip:
         feats = (feats + features(ops.flip(x, axis=2))) / 2.0
-    return head_probabilities(head, feats)
+    return head_probabilities(head, feats, suffix=f"_{_tag(run)}")
+
+
+def _tag(run) -> str:
+    return run.manifest.seal[:8] or "run"
 
 
 def _ensemble_probabilities(run, images):
@@ -155,7 +163,7 @@ class _Affine:
         return y
 
 
-def head_probabilities(pipeline, feats):
+def head_probabilities(pipeline, feats, suffix: str = ""):
     """A fitted cnnkit head (scikit-learn pipeline) as Keras layers on symbolic features.
 
     Raises:
@@ -190,15 +198,15 @@ def head_probabilities(pipeline, feats):
 
     if isinstance(classifier, LogisticRegression):
         affine.then(classifier.coef_.T, classifier.intercept_)
-        logits = affine.dense(x, "head")
+        logits = affine.dense(x, "head" + suffix)
         if classifier.coef_.shape[0] == 1:  # binary: one logit for classes_[1]
             positive = ops.sigmoid(logits)
             return ops.concatenate([1.0 - positive, positive], axis=-1)
         return ops.softmax(logits, axis=-1)
     if isinstance(classifier, CalibratedClassifierCV) and _is_linear_svm(classifier):
-        return _calibrated_linear(classifier, affine, x)
+        return _calibrated_linear(classifier, affine, x, "head" + suffix)
     if isinstance(classifier, KNeighborsClassifier):
-        return _knn(classifier, affine.dense(x, "embedding"))
+        return _knn(classifier, affine.dense(x, "embedding" + suffix))
     raise CnnkitError(f"cannot export a {_head_name(classifier)} head exactly: its probabilities come from "
                       "one-vs-one votes over every class pair; re-create the run with --head logreg, "
                       "linear-svm or knn to export it")
@@ -216,7 +224,7 @@ def _is_linear_svm(calibrated) -> bool:
             and all(isinstance(c.estimator, LinearSVC) for c in calibrated.calibrated_classifiers_))
 
 
-def _calibrated_linear(calibrated, affine: _Affine, x):
+def _calibrated_linear(calibrated, affine: _Affine, x, name: str):
     """Platt-calibrated linear SVMs, one per calibration fold, as scikit-learn's ``predict_proba``.
 
     Each fold: decision d = x W + b per class; p = sigmoid(-(a d + b')) per
@@ -237,7 +245,7 @@ def _calibrated_linear(calibrated, affine: _Affine, x):
         slopes.append([c.a_ for c in member.calibrators])
         shifts.append([c.b_ for c in member.calibrators])
     affine.then(np.concatenate(matrices, axis=1), np.concatenate(offsets))
-    decisions = affine.dense(x, "head")  # (n, folds * columns)
+    decisions = affine.dense(x, name)  # (n, folds * columns)
     slope = np.concatenate(slopes).astype(np.float32)
     shift = np.concatenate(shifts).astype(np.float32)
     calibrated_columns = ops.sigmoid(-(decisions * slope + shift))  # the calibration, elementwise

@@ -90,8 +90,12 @@ class NetworkClassifier:
     def _two_outputs(self):
         import keras
 
-        return keras.Model(self.model.input, {"probabilities": self.model.output,
-                                              "features": self.model.get_layer(self.feature_layer).output})
+        try:
+            features = self.model.get_layer(self.feature_layer).output
+        except ValueError:
+            raise CnnkitError(f"{self.path}: has no layer {self.feature_layer!r}, which the manifest names as "
+                              "its feature layer; re-create the run") from None
+        return keras.Model(self.model.input, {"probabilities": self.model.output, "features": features})
 
     def embed(self, images) -> np.ndarray:
         """The retrieval embedding: the pooled features before the classifier."""

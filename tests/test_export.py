@@ -159,3 +159,29 @@ def test_exports_classify_an_image_without_cnnkit(runs, tmp_path):
     expected = predict_run([image], runs["logreg"], k=1).predictions[0].top[0][0]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert {["a", "b", "c"][v] for v in got.values()} == {expected}
+
+
+def test_an_ensemble_exports_as_one_graph_averaging_its_members(runs, tmp_path):
+    """Ensembles are runs whose members are sealed runs inside them; the graph averages them by weight."""
+    import shutil
+
+    from cnnkit.export import inference_model
+    from cnnkit.runs import EnsembleMember, EnsembleModel, RunManifest, load_run, write_run
+
+    members = [load_run(runs["logreg"]), load_run(runs["knn"])]
+
+    def write_files(folder):
+        for i, member in enumerate(members):
+            shutil.copytree(member.path, folder / "members" / str(i))
+
+    first = members[0].manifest
+    manifest = RunManifest(command="ensemble", class_names=first.class_names, image_size=32,
+                           preprocessing=first.preprocessing,
+                           model=EnsembleModel(members=[EnsembleMember(path=f"members/{i}", seal=m.manifest.seal,
+                                                                       weight=w)
+                                                        for i, (m, w) in enumerate(zip(members, (1.0, 3.0)))]))
+    ensemble = load_run(write_run(tmp_path / "ensemble", manifest, write_files))
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), np.uint8)
+    got = np.asarray(inference_model(ensemble)(images)["probabilities"])
+    expected = (members[0].classifier()(images) + 3 * members[1].classifier()(images)) / 4
+    np.testing.assert_allclose(got, expected, atol=5e-3)
