@@ -323,7 +323,8 @@ def bench_export(ctx: Context) -> list[Row]:
         sizes = {}
         for fmt, quantize in (("savedmodel", "none"), ("onnx", "none"), ("tflite", "none"), ("tflite", "int8")):
             out = ctx.work / f"export-{name.split()[0]}-{fmt}-{quantize}"
-            result = export_run(run, fmt, out, quantize, check=ctx.test, check_images_count=len(paths), force=True)
+            # The 1,000-image agreement is measured outside cnnkit below; the export's own check takes 200.
+            result = export_run(run, fmt, out, quantize, check=ctx.test, check_images_count=200, force=True)
             model_path = out / MODEL_FILES[ExportFormat(fmt)]
             done = subprocess.run([PYTHON, "-c", _OUTSIDE, fmt, str(model_path), str(224), str(listing)],
                                   capture_output=True, text=True)
