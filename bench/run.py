@@ -391,7 +391,8 @@ def write_docs(block: str, path: Path = REPO / "docs" / "benchmarks.md") -> None
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help="comma-separated sections; 'none' publishes what --work already holds")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     saved = work / "results.json"
     results: dict[str, list[Row]] = {name: [Row(**row) for row in rows]
                for name, rows in (json.loads(saved.read_text()) if saved.exists() else {}).items()}
-    for name in args.only.split(","):
+    for name in [n for n in args.only.split(",") if n != "none"]:
         section_started = time.perf_counter()
         try:
             results[name] = SECTIONS[name](ctx)
