@@ -205,7 +205,7 @@ def bench_predict(ctx: Context) -> list[Row]:
     image = next(ctx.test.rglob("*.png"))
     runs = {engine: cli(ctx, "predict", str(image), "--engine", engine, "--quiet") for engine in ("tf", "auto")}
     runs = {engine: cli(ctx, "predict", str(image), "--engine", engine, "--quiet") for engine in ("tf", "auto")}
-    command = "cnnkit predict IMAGE --engine tf|auto (new process each, second call of each)"
+    command = "cnnkit predict IMAGE --engine tf, then auto (new process each, second call of each)"
     return [Row(f"predict one image from a cold start, --engine auto (TensorFlow imported: "
                 f"{runs['auto']['tensorflow']})", f"{runs['auto']['wall']:.1f} s",
                 f"--engine tf {runs['tf']['wall']:.1f} s", f"{runs['tf']['wall'] / runs['auto']['wall']:.1f}x faster",
@@ -366,9 +366,10 @@ def machine() -> str:
 
 def render(results: dict[str, list[Row]], seconds: float, argv: list[str]) -> str:
     lines = [BEGIN, "## Speed: `python bench/run.py`", "",
-             f"Machine: {machine()}. Written by `python bench/run.py {' '.join(argv)}`"
-             f" in {seconds / 60:.1f} min; each baseline was measured in the same run (these machines are "
-             "shared and noisy: compare ratios, not absolute figures, across runs).", ""]
+             f"Machine: {machine()}. Sections: {', '.join(results)}, each measured by `python bench/run.py "
+             "--only SECTION` (one --work folder; every row names its command); each baseline was measured in "
+             "the same run as its figure (these machines are shared and noisy: compare ratios, not absolute "
+             "figures, across runs).", ""]
     for section, rows in results.items():
         lines += [f"### {section}", "", "| what | figure | baseline | ratio | command |", "|---|---|---|---|---|"]
         lines += [f"| {r.what} | {r.figure} | {r.baseline} | {r.ratio} | `{r.command}` |" for r in rows]
