@@ -271,7 +271,7 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_side: f
 
 def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 20, max_images: int = 400,
            thresholds: Thresholds | None = None, seed: int = 0, batch_size: int = 32,
-           dataset: Dataset | None = None, budget_minutes: float = 10.0) -> Advice:
+           dataset: Dataset | None = None, budget_minutes: float = 10.0, engine: str = "auto") -> Advice:
     """Measure ``data``, choose a strategy (see the module docstring) and plan it.
 
     Args:
@@ -279,6 +279,7 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
             ``max_images`` in all); the sample bounds the time taken.
         budget_minutes: the time the whole job (measuring and training) should
             take; the plan's epochs are sized to what is left of it.
+        engine: what runs the probes' forward pass (``cnnkit.engines``).
     """
     from cnnkit.backbones import get_backbone
     from cnnkit.data import load_image
@@ -298,7 +299,7 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
 
     # One forward pass over the sample gives the probe features (and fills the cache).
     forward_started = time.perf_counter()
-    table = compute_features([s.path for s in sample], FeatureConfig(backbone), batch_size)
+    table = compute_features([s.path for s in sample], FeatureConfig(backbone), batch_size, engine=engine)
     forward_seconds = time.perf_counter() - forward_started
     kept = [sample[i] for i in table.kept]
     labels = np.array([s.label for s in kept])

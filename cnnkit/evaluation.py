@@ -60,12 +60,14 @@ class Evaluation:
 
 
 def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = None, batch_size: int = 32,
-                 progress: Callable[[int, int], None] | None = None) -> Evaluation:
+                 progress: Callable[[int, int], None] | None = None, engine: str = "tf") -> Evaluation:
     """Classify every labelled image of ``data`` with the run and score it.
 
     Args:
         split: "train", "val" or "test"; by default the test split when the
             data has one, else every image.
+        engine: what runs the network (``cnnkit.engines``); a feature-head run
+            whose images are all in the feature cache runs none.
     """
     from cnnkit.runs import load_run
 
@@ -82,14 +84,19 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
         raise CnnkitError(f"{data}: classes {', '.join(unknown)} are not among the run's classes "
                           f"({', '.join(run.class_names)})")
     to_run_label = {i: run.class_names.index(name) for i, name in enumerate(dataset.class_names)}
-    classifier = run.classifier()
-    stream = ImageStream([s.path for s in samples], run.image_size, run.crop_pct)
-    outputs, kept = stream.map_batches(lambda images: np.asarray(classifier(images)), batch_size, progress)
+    classifier = run.classifier(engine)
+    paths = [s.path for s in samples]
+    if hasattr(classifier, "predict_files"):  # a feature head: cached images need no forward pass
+        probabilities, kept, failures = classifier.predict_files(paths, batch_size, progress)
+    else:
+        stream = ImageStream(paths, run.image_size, run.crop_pct)
+        outputs, kept = stream.map_batches(lambda images: np.asarray(classifier(images)), batch_size, progress)
+        probabilities, failures = (np.concatenate(outputs) if outputs else None), stream.failures
     if not len(kept):
         raise CnnkitError(f"{data}: no readable images to evaluate")
     labels = np.array([to_run_label[samples[i].label] for i in kept])
-    return Evaluation(run.class_names, labels, np.concatenate(outputs),
-                      [samples[i].path for i in kept], dataset.skipped + stream.failures)
+    return Evaluation(run.class_names, labels, probabilities,
+                      [samples[i].path for i in kept], dataset.skipped + failures)
 
 
 def write_evaluation(evaluation: Evaluation, out: str | Path) -> Path:

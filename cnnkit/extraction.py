@@ -133,7 +133,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
     splits = split_dataset(dataset, options.val_split, options.seed)
     samples = [s for split in splits.values() for s in split]
     table = compute_features([s.path for s in samples], config, options.batch_size,
-                             options.use_cache, progress=progress)
+                             options.use_cache, progress=progress, engine=options.engine)
     timings["features"] = time.perf_counter() - started
     if options.strict and table.failures:
         first = table.failures[0]

@@ -46,8 +46,9 @@ except ImportError:  # Windows
 
 from cnnkit.backbones import BackboneSpec, get_backbone
 from cnnkit.data import ImageStream, SkippedFile
+from cnnkit.engines import check_engine, inference_fn, make_runner  # noqa: F401 - inference_fn re-exported
 from cnnkit.errors import CnnkitError
-from cnnkit.options import Pool
+from cnnkit.options import Engine, Pool
 from cnnkit.paths import cache_dir, file_digest
 
 _FORMAT = 2  # 1 was one .npy per stage beside hashes.json, each replaced separately
@@ -85,20 +86,18 @@ class FeatureConfig:
         return "file-" + file_hash(Path(self.weights))[:12]
 
     @property
+    def network_key(self) -> str:
+        """What the network computes depends on: weights, input size, pooling (not flip-averaging)."""
+        return f"{self.weights_tag}-{self.image_size}px-{self.pool}"
+
+    @property
     def cache_key(self) -> str:
-        return f"{self.weights_tag}-{self.image_size}px-{self.pool}{'-flip' if self.flip else ''}"
+        return f"{self.network_key}{'-flip' if self.flip else ''}"
 
 
 def file_hash(path: Path) -> str:
     """SHA-1 of a file's bytes: the cache's content identity (not a security check)."""
     return file_digest(path, "sha1")
-
-
-def inference_fn(model):
-    """``model`` as one traced function that accepts any batch size without retracing."""
-    import tensorflow as tf
-
-    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
 
 
 def build_backbone(spec: BackboneSpec, weights: str | None, image_size: int | None,
@@ -118,14 +117,20 @@ class FeatureExtractor:
 
     Args:
         config: backbone, weights, input size, pooling, flip-averaging.
+        engine: what runs the network (``cnnkit.engines``); ``auto`` the
+            fastest installed one. The network is exported once per
+            (backbone, weights, size, pooling) for ONNX Runtime and OpenVINO.
+            TensorFlow by default here, so the library's numbers do not
+            depend on what else is installed; the commands default to ``auto``.
     """
 
-    def __init__(self, config: FeatureConfig):
+    def __init__(self, config: FeatureConfig, engine: Engine | str = Engine.tf):
         self.config = config.resolved()
         self.spec = get_backbone(self.config.backbone)
         self.stages = [s for s in self.spec.layer_choices if s != "top"]
+        self.engine = check_engine(engine)
         self._model = None
-        self._predict = None
+        self._runner = None
 
     @property
     def model(self):
@@ -139,15 +144,22 @@ class FeatureExtractor:
             outputs = {s: pool(name=f"pool_{s}")(self.spec.stage_layer(base, s).output)
                        for s in self.stages}
             self._model = keras.Model(base.input, outputs, name=f"{self.spec.name}_features")
-            self._predict = inference_fn(self._model)
         return self._model
+
+    @property
+    def runner(self):
+        """The engine running ``model`` (``cnnkit.engines``), made on first use."""
+        if self._runner is None:
+            self._runner = make_runner(self.engine, self.config.backbone, f"{self.config.network_key}-stages",
+                                       lambda: self.model, self.config.image_size)
+        return self._runner
 
     def __call__(self, images) -> dict[str, np.ndarray]:
         """Pooled features of a batch of raw ``uint8`` images."""
-        self.model  # noqa: B018 - builds the model and its traced function once
-        out = {s: np.asarray(v, dtype=np.float32) for s, v in self._predict(images).items()}
+        images = np.asarray(images)
+        out = {s: np.asarray(v, dtype=np.float32) for s, v in self.runner(images).items()}
         if self.config.flip:
-            mirrored = self._predict(np.ascontiguousarray(np.asarray(images)[:, :, ::-1]))
+            mirrored = self.runner(np.ascontiguousarray(images[:, :, ::-1]))
             out = {s: (out[s] + np.asarray(mirrored[s], dtype=np.float32)) / 2 for s in out}
         return out
 
@@ -314,7 +326,8 @@ def _merge(base: tuple[list[str], dict[str, np.ndarray]], hashes: list[str],
 
 def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: int = 32,
                      use_cache: bool = True, extractor: FeatureExtractor | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> FeatureTable:
+                     progress: Callable[[int, int], None] | None = None,
+                     engine: Engine | str = Engine.tf) -> FeatureTable:
     """Stage features for image files, from the cache where possible.
 
     Args:
@@ -323,10 +336,11 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
         use_cache: read and extend the on-disk cache.
         extractor: reuse an already built extractor.
         progress: ``(done, total)`` callback over the images needing a forward pass.
+        engine: what runs the network when some image is not cached.
     """
     paths = [Path(p) for p in paths]
     if not use_cache:
-        extractor = extractor or FeatureExtractor(config)
+        extractor = extractor or FeatureExtractor(config, engine)
         features, kept, failures = extractor.extract(paths, batch_size, progress)
         return FeatureTable(features, kept, failures, computed=len(paths))
 
@@ -339,7 +353,7 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
     todo = list({hashes[i]: i for i in reversed(todo)}.values())[::-1]
     failures: list[SkippedFile] = []
     if todo:
-        extractor = extractor or FeatureExtractor(config)
+        extractor = extractor or FeatureExtractor(config, engine)
         new, kept, failures = extractor.extract([paths[i] for i in todo], batch_size, progress)
         new_hashes = [hashes[todo[k]] for k in kept]
         if new_hashes:

@@ -47,7 +47,10 @@ def _classifier(head: Head, seed: int, calibration_folds: int):
         svm = LinearSVC(C=0.1, class_weight="balanced", max_iter=5000, random_state=seed)
         return (CalibratedClassifierCV(svm, cv=calibration_folds, method="sigmoid"),
                 "estimator__C", [0.001, 0.01, 0.1, 1.0])
-    return KNeighborsClassifier(n_neighbors=5, weights="distance"), "n_neighbors", [1, 3, 5, 10, 20]
+    # Brute force: exact, what `cnnkit export` rebuilds as a matrix product, and nothing but the
+    # training vectors is saved (a KD/ball tree's node arrays would be types skops cannot vouch for).
+    return (KNeighborsClassifier(n_neighbors=5, weights="distance", algorithm="brute"), "n_neighbors",
+            [1, 3, 5, 10, 20])
 
 
 def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca: str | int | None = "auto",

@@ -8,16 +8,22 @@ from cnnkit.errors import CnnkitError
 
 
 class FeatureHeadClassifier:
-    """Pretrained backbone features -> a fitted scikit-learn head (extract runs)."""
+    """Pretrained backbone features -> a fitted scikit-learn head (extract runs).
 
-    def __init__(self, run):
+    ``predict_files``/``embed_files`` read features from the feature cache
+    where it has them, so a rerun on cached images runs no network and
+    imports no TensorFlow.
+    """
+
+    def __init__(self, run, engine: str = "tf"):
         from cnnkit.features import FeatureConfig, FeatureExtractor
         from cnnkit.heads import load_head
 
         m = run.model
         self.layers = list(m.layers)
         self.head = load_head(run.file("head.skops"))
-        self.extractor = FeatureExtractor(FeatureConfig(m.backbone, m.weights, run.image_size, m.pool, m.flip))
+        self.config = FeatureConfig(m.backbone, m.weights, run.image_size, m.pool, m.flip)
+        self.extractor = FeatureExtractor(self.config, engine)
         expected = len(run.class_names)
         if len(getattr(self.head, "classes_", [])) != expected:
             raise CnnkitError(f"{run.path}: head and manifest disagree on the classes; re-create the run")
@@ -33,38 +39,70 @@ class FeatureHeadClassifier:
     def __call__(self, images) -> np.ndarray:
         return self.head.predict_proba(self.features(images))
 
+    def _file_features(self, paths, batch_size: int, progress):
+        from cnnkit.features import compute_features
+
+        table = compute_features(paths, self.config, batch_size, extractor=self.extractor, progress=progress)
+        return table.select(self.layers), table.kept, table.failures
+
+    def predict_files(self, paths, batch_size: int = 32, progress=None):
+        """(probabilities, kept indices into ``paths``, unreadable files), cached features first."""
+        features, kept, failures = self._file_features(paths, batch_size, progress)
+        probabilities = self.head.predict_proba(features) if len(kept) else np.zeros((0, len(self.head.classes_)))
+        return probabilities, kept, failures
+
+    def embed_files(self, paths, batch_size: int = 32):
+        """(embeddings, kept indices, unreadable files) of image files, cached features first."""
+        features, kept, failures = self._file_features(paths, batch_size, None)
+        return (embed_features(self.head, features) if len(kept) else np.zeros((0, 0), np.float32)), kept, failures
+
 
 class NetworkClassifier:
-    """A whole Keras network from raw pixels to probabilities (finetune/train runs)."""
+    """A whole Keras network from raw pixels to probabilities (finetune/train runs).
 
-    def __init__(self, run):
+    The engine runs one graph with two outputs, the probabilities and the
+    pooled features (the retrieval embedding); it is converted once per run
+    (keyed by the run's seal) for ONNX Runtime and OpenVINO.
+    """
+
+    def __init__(self, run, engine: str = "tf"):
+        from cnnkit.engines import make_runner
+
+        self.path = run.file("model.keras")
+        self.feature_layer = run.model.feature_layer
+        self._model = None
+        self.runner = make_runner(engine, "runs", run.manifest.seal, self._two_outputs, run.image_size)
+
+    @property
+    def model(self):
+        """The run's Keras model, loaded in safe mode on first use."""
+        if self._model is None:
+            import keras
+
+            import cnnkit.backbones.preprocessing  # noqa: F401 - registers the Preprocess layer
+
+            try:
+                self._model = keras.saving.load_model(self.path, safe_mode=True, compile=False)
+            except Exception as error:  # noqa: BLE001 - Keras raises many kinds on a bad file
+                raise CnnkitError(f"{self.path}: cannot load the model safely ({error})") from None
+        return self._model
+
+    def _two_outputs(self):
         import keras
 
-        import cnnkit.backbones.preprocessing  # noqa: F401 - registers the Preprocess layer
-
-        path = run.file("model.keras")
-        self.feature_layer = run.model.feature_layer
         try:
-            self.model = keras.saving.load_model(path, safe_mode=True, compile=False)
-        except Exception as error:  # noqa: BLE001 - Keras raises many kinds on a bad file
-            raise CnnkitError(f"{path}: cannot load the model safely ({error})") from None
-        from cnnkit.features import inference_fn
-
-        self._predict = inference_fn(self.model)
-        self._features = None
+            features = self.model.get_layer(self.feature_layer).output
+        except ValueError:
+            raise CnnkitError(f"{self.path}: has no layer {self.feature_layer!r}, which the manifest names as "
+                              "its feature layer; re-create the run") from None
+        return keras.Model(self.model.input, {"probabilities": self.model.output, "features": features})
 
     def embed(self, images) -> np.ndarray:
         """The retrieval embedding: the pooled features before the classifier."""
-        import keras
-
-        from cnnkit.features import inference_fn
-
-        if self._features is None:
-            self._features = inference_fn(keras.Model(self.model.input, self.model.get_layer(self.feature_layer).output))
-        return np.asarray(self._features(images))
+        return self.runner(np.asarray(images))["features"]
 
     def __call__(self, images) -> np.ndarray:
-        return np.asarray(self._predict(images))
+        return self.runner(np.asarray(images))["probabilities"]
 
 
 def embed_features(head, features: np.ndarray) -> np.ndarray:
@@ -77,10 +115,14 @@ def embed_features(head, features: np.ndarray) -> np.ndarray:
     return np.asarray(head[:-1].transform(features), dtype=np.float32)
 
 
-def load_classifier(run):
-    """The classifier of a run (see ``Run.classifier``), by the kind of model it holds."""
+def load_classifier(run, engine: str = "tf"):
+    """The classifier of a run (see ``Run.classifier``), by the kind of model it holds.
+
+    Args:
+        engine: what runs the network (``cnnkit.engines``): tf, onnx, openvino or auto.
+    """
     if run.kind == "feature_head":
-        return FeatureHeadClassifier(run)
+        return FeatureHeadClassifier(run, engine)
     if run.kind == "network":
-        return NetworkClassifier(run)
+        return NetworkClassifier(run, engine)
     raise CnnkitError(f"{run.path}: cnnkit cannot use a {run.kind!r} model yet; upgrade cnnkit")

@@ -38,6 +38,15 @@ class Pool(Choice):
     max = "max"
 
 
+class Engine(Choice):
+    """What runs a forward pass that does not train (see ``cnnkit.engines``)."""
+
+    auto = "auto"
+    tf = "tf"
+    onnx = "onnx"
+    openvino = "openvino"
+
+
 def parse_pca(value: str | int | None) -> str | int | None:
     """``"auto"``, ``"none"`` or a positive integer number of components."""
     if value is None or str(value).lower() == "none":
@@ -76,9 +85,11 @@ class ExtractOptions:
     batch_size: int = 32
     use_cache: bool = True
     strict: bool = False
+    engine: Engine = Engine.auto
 
     def __post_init__(self):
         self.pool = Pool.parse(self.pool, "--pool")
+        self.engine = Engine.parse(self.engine, "--engine")
         self.head = Head.parse(self.head, "--head")
         self.pca = parse_pca(self.pca)
 
@@ -213,3 +224,20 @@ def option_flags(command: str, options) -> list[str]:
 def command_line(command: str, data: str | Path, options) -> str:
     """``cnnkit COMMAND DATA --flag value ...`` for ``options``, quoted for a POSIX shell."""
     return shlex.join(["cnnkit", command, str(data), *option_flags(command, options)])
+
+
+class ExportFormat(Choice):
+    """A file format `cnnkit export` writes."""
+
+    savedmodel = "savedmodel"
+    tflite = "tflite"
+    onnx = "onnx"
+
+
+class Quantize(Choice):
+    """Post-training quantization of a TFLite export."""
+
+    none = "none"
+    float16 = "float16"
+    dynamic = "dynamic"
+    int8 = "int8"

@@ -51,16 +51,20 @@ def run_classifier(model, inputs: Sequence[str | Path], class_names: Sequence[st
             ``predict_on_batch``).
     """
     paths, problems = find_images(list(inputs))
-    stream = ImageStream(paths, image_size, crop_pct)
-    outputs, kept = stream.map_batches(lambda images: np.asarray(model(images)), batch_size, progress)
-    tops = top_k(np.concatenate(outputs), class_names, k) if outputs else []
+    if hasattr(model, "predict_files"):  # a feature head: cached images need no forward pass
+        probabilities, kept, failures = model.predict_files(paths, batch_size, progress)
+    else:
+        stream = ImageStream(paths, image_size, crop_pct)
+        outputs, kept = stream.map_batches(lambda images: np.asarray(model(images)), batch_size, progress)
+        probabilities, failures = (np.concatenate(outputs) if outputs else None), stream.failures
+    tops = top_k(probabilities, class_names, k) if len(kept) else []
     predictions = [Prediction(paths[int(i)], top) for i, top in zip(kept, tops)]
-    return PredictionReport(predictions, problems + stream.failures)
+    return PredictionReport(predictions, problems + failures)
 
 
 def predict_imagenet(inputs: Sequence[str | Path], backbone: str = DEFAULT_BACKBONE, k: int = 5,
                      batch_size: int = 32, weights: str | Path = "imagenet",
-                     progress: ProgressFn | None = None) -> PredictionReport:
+                     progress: ProgressFn | None = None, engine: str = "tf") -> PredictionReport:
     """Name what is in each image with the backbone's own ImageNet classifier.
 
     Args:
@@ -68,21 +72,32 @@ def predict_imagenet(inputs: Sequence[str | Path], backbone: str = DEFAULT_BACKB
         backbone: a registry name.
         k: how many classes to return per image.
         weights: "imagenet" or a weights file for the backbone.
+        engine: what runs the network (``cnnkit.engines``).
     """
     from cnnkit.backbones import get_backbone, imagenet_class_names
-    from cnnkit.features import inference_fn
+    from cnnkit.engines import make_runner
+    from cnnkit.features import FeatureConfig
 
     spec = get_backbone(backbone)
-    model = spec.build(weights=weights, include_top=True)
-    return run_classifier(inference_fn(model), inputs, imagenet_class_names(), spec.input_size, spec.crop_pct,
-                          k, batch_size, progress)
+    if weights not in ("imagenet", None) and not Path(weights).exists():
+        spec.build(weights=weights, include_top=True)  # the registry's one-line error
+    tag = FeatureConfig(backbone, str(weights), spec.input_size).weights_tag
+    runner = make_runner(engine, backbone, f"{tag}-{spec.input_size}px-imagenet-classifier",
+                         lambda: spec.build(weights=weights, include_top=True), spec.input_size)
+    return run_classifier(lambda images: runner(images)["probabilities"], inputs, imagenet_class_names(),
+                          spec.input_size, spec.crop_pct, k, batch_size, progress)
 
 
 def predict_run(inputs: Sequence[str | Path], run_path: str | Path, k: int = 5, batch_size: int = 32,
-                progress: ProgressFn | None = None) -> PredictionReport:
-    """Classify images with a trained run (from extract, finetune or train)."""
+                progress: ProgressFn | None = None, engine: str = "tf") -> PredictionReport:
+    """Classify images with a trained run (from extract, finetune or train).
+
+    Args:
+        engine: what runs the network (``cnnkit.engines``); a feature-head run
+            whose images are all in the feature cache runs none.
+    """
     from cnnkit.runs import load_run
 
     run = load_run(run_path)
-    return run_classifier(run.classifier(), inputs, run.class_names, run.image_size,
+    return run_classifier(run.classifier(engine), inputs, run.class_names, run.image_size,
                           run.crop_pct, k, batch_size, progress)

@@ -293,11 +293,11 @@ class Run:
         except ValueError as error:
             raise CnnkitError(f"{self.path / name}: damaged JSON ({error})") from None
 
-    def classifier(self):
-        """A callable: raw ``uint8`` image batch -> class probabilities."""
+    def classifier(self, engine: str = "tf"):
+        """A callable: raw ``uint8`` image batch -> class probabilities (``engine``: see ``cnnkit.engines``)."""
         from cnnkit.models import load_classifier
 
-        return load_classifier(self)
+        return load_classifier(self, engine)
 
 
 def _field_error(manifest_path: Path, error: ValidationError) -> CnnkitError:

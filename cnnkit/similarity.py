@@ -58,8 +58,13 @@ def nearest(index: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65536) 
     return best_indices, best_scores
 
 
-def similar_images(run_path: str | Path, image: str | Path, k: int = 5) -> list[Neighbour]:
-    """The ``k`` training images of a run most similar to ``image``."""
+def similar_images(run_path: str | Path, image: str | Path, k: int = 5, engine: str = "tf") -> list[Neighbour]:
+    """The ``k`` training images of a run most similar to ``image``.
+
+    Args:
+        engine: what runs the network (``cnnkit.engines``); a feature-head
+            run whose query image is in the feature cache runs none.
+    """
     from cnnkit.runs import load_run
 
     run = load_run(run_path)
@@ -70,8 +75,13 @@ def similar_images(run_path: str | Path, image: str | Path, k: int = 5) -> list[
     paths = run.load_json("index/paths.json")
     if len(index) != len(labels) or len(index) != len(paths):
         raise CnnkitError(f"{run_path}: the retrieval index is inconsistent; re-create the run")
-    pixels = load_image(image, run.image_size, run.crop_pct)
-    query = run.classifier().embed(pixels[None])
+    classifier = run.classifier(engine)
+    if hasattr(classifier, "embed_files"):
+        query, kept, failures = classifier.embed_files([Path(image)])
+        if not len(kept):
+            raise CnnkitError(f"{failures[0].path}: {failures[0].reason}")
+    else:
+        query = classifier.embed(load_image(image, run.image_size, run.crop_pct)[None])
     if query.shape[1] != index.shape[1]:
         raise CnnkitError(f"{run_path}: index has {index.shape[1]} dims, the model gives {query.shape[1]}")
     rows, scores = nearest(index, query, k)

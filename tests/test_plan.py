@@ -123,15 +123,17 @@ def test_cli_defaults_are_the_library_presets(command, defaults):
 
 
 @pytest.mark.parametrize("command, choices", [
-    ("extract", {"--backbone": "Backbone", "--head": "Head", "--pool": "Pool"}),
+    ("extract", {"--backbone": "Backbone", "--head": "Head", "--pool": "Pool", "--engine": "Engine"}),
     ("finetune", {"--backbone": "Backbone", "--freeze": "Freeze", "--optimizer": "Optimizer",
                   "--schedule": "Schedule", "--augment": "Augment", "--device": "Device"}),
     ("train", {"--backbone": "Backbone", "--optimizer": "Optimizer", "--schedule": "Schedule",
                "--augment": "Augment", "--device": "Device"}),
-    ("advise", {"--backbone": "Backbone"}),
+    ("advise", {"--backbone": "Backbone", "--engine": "Engine"}),
     ("auto", {"--backbone": "Backbone"}),
-    ("predict", {"--backbone": "Backbone"}),
-    ("evaluate", {"--split": "Split"}),
+    ("predict", {"--backbone": "Backbone", "--engine": "Engine"}),
+    ("evaluate", {"--split": "Split", "--engine": "Engine"}),
+    ("similar", {"--engine": "Engine"}),
+    ("export", {"--format": "ExportFormat", "--quantize": "Quantize"}),
 ])
 def test_help_lists_the_values_of_every_fixed_choice_option(command, choices):
     import cnnkit.cli._common

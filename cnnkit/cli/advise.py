@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cnnkit.cli._common import (DEFAULT, BackboneOption, JsonOption, QuietOption, console, err_console,
+from cnnkit.options import Engine
+
+from cnnkit.cli._common import (DEFAULT, BackboneOption, EngineOption, JsonOption, QuietOption, console, err_console,
                                 print_json, progress_line, quiet_tensorflow, user_errors)
 
 Data = Annotated[Path, typer.Argument(help="Folder of class subfolders (optionally train/ val/ test/), or a CSV of path,label.", show_default=False)]
@@ -64,6 +66,7 @@ def advise(
     shift: Shift = None,
     confidence: Confidence = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    engine: EngineOption = Engine.auto,
     json_output: JsonOption = False,
 ) -> None:
     """Measure data size and similarity to ImageNet, pick the table's cell, say why and what to run."""
@@ -72,7 +75,7 @@ def advise(
 
     with user_errors():
         advice = measure(data, str(backbone), per_class, thresholds=_thresholds(little_data, shift, confidence),
-                         seed=seed, budget_minutes=budget)
+                         seed=seed, budget_minutes=budget, engine=engine)
     if json_output:
         print_json(advice.to_dict())
     else:

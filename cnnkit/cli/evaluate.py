@@ -9,7 +9,8 @@ import typer
 from rich.markup import escape
 
 from cnnkit.choices import Choice
-from cnnkit.cli._common import (BatchSizeOption, JsonOption, QuietOption, console, print_json,
+from cnnkit.options import Engine
+from cnnkit.cli._common import (BatchSizeOption, EngineOption, JsonOption, QuietOption, console, print_json,
                                 progress_bar, progress_callback, quiet_tensorflow, report_skipped,
                                 user_errors)
 
@@ -26,6 +27,7 @@ def evaluate(
     split: Annotated[Split | None, typer.Option(help="Which split of DATA (default: test if DATA has it, else all).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write metrics.json, confusion.json/png (default RUN/eval/<DATA name>).")] = None,
     batch_size: BatchSizeOption = 32,
+    engine: EngineOption = Engine.auto,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -34,7 +36,8 @@ def evaluate(
     from cnnkit.evaluation import evaluate_run, write_evaluation
 
     with user_errors(), progress_bar(quiet or json_output) as progress:
-        evaluation = evaluate_run(run, data, split and str(split), batch_size, progress_callback(progress, "evaluating"))
+        evaluation = evaluate_run(run, data, split and str(split), batch_size, progress_callback(progress, "evaluating"),
+                                  engine)
         written = write_evaluation(evaluation, out or run / "eval" / (data.stem or "data"))
     report_skipped(evaluation.skipped, quiet)
     result = evaluation.to_dict()

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, JsonOption, QuietOption, console,
+from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, EngineOption, JsonOption, QuietOption, console,
                                 print_json, progress_bar, progress_callback, progress_line, quiet_tensorflow,
                                 report_skipped, user_errors)
 from cnnkit.options import ExtractOptions, Head, Pool
@@ -35,6 +35,7 @@ def extract(
     seed: Annotated[int, typer.Option(help="Seed for the split and cross-validation.")] = _D.seed,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = not _D.use_cache,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image (exit 2).")] = _D.strict,
+    engine: EngineOption = _D.engine,
     force: Annotated[bool, typer.Option(help="Replace --out if it is an existing run.")] = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -47,7 +48,7 @@ def extract(
         options = ExtractOptions(backbone=str(backbone), layers=layer, weights=weights, image_size=image_size,
                                  pool=pool, flip=flip, l2_normalize=l2, pca=pca, whiten=whiten, head=head,
                                  cv=cv, val_split=val_split, seed=seed, batch_size=batch_size,
-                                 use_cache=not no_cache, strict=strict)
+                                 use_cache=not no_cache, strict=strict, engine=engine)
         result = run_extract(data, options, out, force, progress=progress_callback(progress, "features"),
                              report=None if quiet or json_output else lambda row: progress.console.print(
                                  progress_line(row), soft_wrap=True))

@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cnnkit.cli._common import (DEFAULT, BackboneOption, BatchSizeOption, JsonOption, QuietOption, console,
+from cnnkit.options import Engine
+
+from cnnkit.cli._common import (DEFAULT, BackboneOption, BatchSizeOption, EngineOption, JsonOption, QuietOption, console,
                                 print_json, progress_bar, progress_callback, quiet_tensorflow,
                                 report_skipped, user_errors, warn)
 
@@ -20,6 +22,7 @@ def predict(
     weights: Annotated[str, typer.Option(help="'imagenet' or a weights file for --backbone.")] = "imagenet",
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes shown per image.")] = 5,
     batch_size: BatchSizeOption = 32,
+    engine: EngineOption = Engine.auto,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -30,9 +33,10 @@ def predict(
         from cnnkit.predict import predict_imagenet, predict_run
 
         if model is not None:
-            report = predict_run(images, model, top_k, batch_size, progress=update)
+            report = predict_run(images, model, top_k, batch_size, progress=update, engine=engine)
         else:
-            report = predict_imagenet(images, str(backbone), top_k, batch_size, weights, progress=update)
+            report = predict_imagenet(images, str(backbone), top_k, batch_size, weights, progress=update,
+                                      engine=engine)
     report_skipped(report.failures, quiet=True)
     if json_output:
         print_json([p.to_dict() for p in report.predictions])

@@ -8,13 +8,16 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cnnkit.cli._common import JsonOption, console, print_json, quiet_tensorflow, user_errors
+from cnnkit.options import Engine
+
+from cnnkit.cli._common import EngineOption, JsonOption, console, print_json, quiet_tensorflow, user_errors
 
 
 def similar(
     run: Annotated[Path, typer.Argument(help="A run folder.", show_default=False)],
     image: Annotated[Path, typer.Argument(help="The query image.", show_default=False)],
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="How many neighbours.")] = 5,
+    engine: EngineOption = Engine.auto,
     json_output: JsonOption = False,
 ) -> None:
     """List the training images most similar to IMAGE (cosine similarity of the run's features)."""
@@ -22,7 +25,7 @@ def similar(
     from cnnkit.similarity import similar_images
 
     with user_errors():
-        neighbours = similar_images(run, image, k)
+        neighbours = similar_images(run, image, k, engine)
     if json_output:
         print_json([n.__dict__ for n in neighbours])
         return

@@ -1,15 +1,23 @@
-"""Streaming decoded images in batches with tf.data.
+"""Streaming decoded images in batches.
 
-Files are decoded by Pillow (so every format and mode in ``images.py`` works)
-in parallel tf.data map calls, batched and prefetched; the whole dataset is
-never held in memory. A file that fails to decode is recorded once in
-``ImageStream.failures`` and dropped from the stream.
+Files are decoded by Pillow (so every format and mode in ``images.py`` works),
+batched and prefetched; the whole dataset is never held in memory. A file that
+fails to decode is recorded once in ``ImageStream.failures`` and dropped from
+the stream.
+
+Two ways to stream: ``dataset`` is a tf.data pipeline (training feeds Keras'
+``fit`` with it); ``batches``/``map_batches`` decode in a pool of threads with
+no TensorFlow at all, so inference on another engine (``cnnkit.engines``)
+never imports it. Pillow releases the GIL while it decodes and resizes, so the
+threads decode in parallel.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +122,35 @@ class ImageStream:
             ds = ds.map(lambda image, index: (image, tf.gather(label_table, index)))
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
+    def batches(self, batch_size: int, workers: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(images, indices)`` batches in file order, decoded by threads ahead of the consumer.
+
+        At most ``2 * workers`` batches are decoded ahead, so memory stays
+        bounded however many files there are. Unreadable files are dropped
+        (see ``failures``); a batch whose files all failed is skipped.
+        """
+        workers = workers or min(os.cpu_count() or 1, 8)
+        starts = iter(range(0, len(self.paths), batch_size))
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="cnnkit-decode") as pool:
+            pending: deque = deque()
+
+            def submit() -> None:
+                start = next(starts, None)
+                if start is not None:
+                    chunk = np.arange(start, min(start + batch_size, len(self.paths)))
+                    pending.append((chunk, pool.submit(self._decode_chunk, chunk)))
+
+            for _ in range(2 * workers):
+                submit()
+            while pending:
+                chunk, future = pending.popleft()
+                images, ok = future.result()
+                submit()
+                if ok.any():
+                    yield (images, chunk) if ok.all() else (images[ok], chunk[ok])
+
     def map_batches(self, fn: Callable, batch_size: int,
                     progress: Callable[[int, int], None] | None = None) -> tuple[list, np.ndarray]:
         """Apply ``fn`` to every batch of decoded images, in file order.
@@ -125,9 +162,9 @@ class ImageStream:
         outputs, kept = [], []
         if progress:
             progress(0, len(self.paths))
-        for images, indices in self.dataset(batch_size):
+        for images, indices in self.batches(batch_size):
             outputs.append(fn(images))
-            kept.append(indices.numpy())
+            kept.append(indices)
             if progress:
                 progress(sum(len(k) for k in kept) + len(self.failures), len(self.paths))
         return outputs, np.concatenate(kept) if kept else np.zeros(0, np.int64)
