@@ -22,6 +22,9 @@ class Evaluation:
     probabilities: np.ndarray
     paths: list[Path]
     skipped: list[SkippedFile] = field(default_factory=list)
+    # With test-time augmentation: the views averaged, and the plain view's probabilities.
+    tta_views: int = 0
+    plain_probabilities: np.ndarray | None = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -56,16 +59,21 @@ class Evaluation:
                 "class_names": self.class_names, "confusion_matrix": self.confusion().tolist()}
         if len(self.class_names) > 5:
             data["top5_accuracy"] = self.top_k_accuracy(5)
+        if self.plain_probabilities is not None:
+            data["tta_views"] = self.tta_views
+            data["accuracy_without_tta"] = float(np.mean(self.plain_probabilities.argmax(axis=1) == self.labels))
         return data
 
 
 def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = None, batch_size: int = 32,
-                 progress: Callable[[int, int], None] | None = None) -> Evaluation:
+                 progress: Callable[[int, int], None] | None = None, tta=None) -> Evaluation:
     """Classify every labelled image of ``data`` with the run and score it.
 
     Args:
         split: "train", "val" or "test"; by default the test split when the
             data has one, else every image.
+        tta: a ``cnnkit.tta.TTA`` to average each image's views (the scores
+            without it come from the same pass), or ``None``.
     """
     from cnnkit.runs import load_run
 
@@ -83,13 +91,20 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
                           f"({', '.join(run.class_names)})")
     to_run_label = {i: run.class_names.index(name) for i, name in enumerate(dataset.class_names)}
     classifier = run.classifier()
+    if tta is not None:
+        from cnnkit.tta import TTAClassifier
+
+        classifier = TTAClassifier(classifier, tta)
     stream = ImageStream([s.path for s in samples], run.image_size, run.crop_pct)
-    outputs, kept = stream.map_batches(lambda images: np.asarray(classifier(images)), batch_size, progress)
+    outputs, kept = stream.map_batches(
+        lambda images: (np.asarray(classifier(images)), getattr(classifier, "last_plain", None)), batch_size, progress)
     if not len(kept):
         raise CnnkitError(f"{data}: no readable images to evaluate")
     labels = np.array([to_run_label[samples[i].label] for i in kept])
-    return Evaluation(run.class_names, labels, np.concatenate(outputs),
-                      [samples[i].path for i in kept], dataset.skipped + stream.failures)
+    plain = np.concatenate([o[1] for o in outputs]) if tta is not None else None
+    return Evaluation(run.class_names, labels, np.concatenate([o[0] for o in outputs]),
+                      [samples[i].path for i in kept], dataset.skipped + stream.failures,
+                      tta.views if tta is not None else 0, plain)
 
 
 def write_evaluation(evaluation: Evaluation, out: str | Path) -> Path:

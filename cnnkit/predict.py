@@ -42,14 +42,19 @@ def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list
 
 def run_classifier(model, inputs: Sequence[str | Path], class_names: Sequence[str], image_size: int,
                    crop_pct: float, k: int = 5, batch_size: int = 32,
-                   progress: ProgressFn | None = None) -> PredictionReport:
+                   progress: ProgressFn | None = None, tta=None) -> PredictionReport:
     """Classify image files.
 
     Args:
         model: a callable mapping a batch of raw ``uint8`` images to class
             probabilities (a run's classifier, or a Keras model's
             ``predict_on_batch``).
+        tta: a ``cnnkit.tta.TTA`` to average each image's views, or ``None``.
     """
+    if tta is not None:
+        from cnnkit.tta import TTAClassifier
+
+        model = TTAClassifier(model, tta)
     paths, problems = find_images(list(inputs))
     stream = ImageStream(paths, image_size, crop_pct)
     outputs, kept = stream.map_batches(lambda images: np.asarray(model(images)), batch_size, progress)
@@ -60,7 +65,7 @@ def run_classifier(model, inputs: Sequence[str | Path], class_names: Sequence[st
 
 def predict_imagenet(inputs: Sequence[str | Path], backbone: str = DEFAULT_BACKBONE, k: int = 5,
                      batch_size: int = 32, weights: str | Path = "imagenet",
-                     progress: ProgressFn | None = None) -> PredictionReport:
+                     progress: ProgressFn | None = None, tta=None) -> PredictionReport:
     """Name what is in each image with the backbone's own ImageNet classifier.
 
     Args:
@@ -68,6 +73,7 @@ def predict_imagenet(inputs: Sequence[str | Path], backbone: str = DEFAULT_BACKB
         backbone: a registry name.
         k: how many classes to return per image.
         weights: "imagenet" or a weights file for the backbone.
+        tta: a ``cnnkit.tta.TTA`` to average each image's views, or ``None``.
     """
     from cnnkit.backbones import get_backbone, imagenet_class_names
     from cnnkit.features import inference_fn
@@ -75,14 +81,14 @@ def predict_imagenet(inputs: Sequence[str | Path], backbone: str = DEFAULT_BACKB
     spec = get_backbone(backbone)
     model = spec.build(weights=weights, include_top=True)
     return run_classifier(inference_fn(model), inputs, imagenet_class_names(), spec.input_size, spec.crop_pct,
-                          k, batch_size, progress)
+                          k, batch_size, progress, tta)
 
 
 def predict_run(inputs: Sequence[str | Path], run_path: str | Path, k: int = 5, batch_size: int = 32,
-                progress: ProgressFn | None = None) -> PredictionReport:
-    """Classify images with a trained run (from extract, finetune or train)."""
+                progress: ProgressFn | None = None, tta=None) -> PredictionReport:
+    """Classify images with a trained run (from extract, finetune, train or ensemble)."""
     from cnnkit.runs import load_run
 
     run = load_run(run_path)
     return run_classifier(run.classifier(), inputs, run.class_names, run.image_size,
-                          run.crop_pct, k, batch_size, progress)
+                          run.crop_pct, k, batch_size, progress, tta)

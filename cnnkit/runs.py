@@ -299,6 +299,32 @@ class Run:
 
         return load_classifier(self)
 
+    def members(self) -> list[tuple[Run, float]]:
+        """An ensemble's member runs, each verified like ``load_run``, with its weight.
+
+        Raises:
+            CnnkitError: not an ensemble; a member outside the folder, damaged,
+                re-sealed since the ensemble was made, or with other classes.
+        """
+        if not isinstance(self.model, EnsembleModel):
+            raise CnnkitError(f"{self.path}: not an ensemble run")
+        members = []
+        for member in self.model.members:
+            run = load_run(_safe_member(self.path, member.path))
+            if run.manifest.seal != member.seal:
+                raise CnnkitError(f"{run.path}: is not the run the ensemble was made of (seal mismatch); "
+                                  "refusing to load it -- re-create the ensemble")
+            check_same_classes(self, run)
+            members.append((run, member.weight))
+        return members
+
+
+def check_same_classes(first: Run, other: Run) -> None:
+    """Refuse a run whose class names are not ``first``'s (in any order), with one line naming both."""
+    if sorted(first.class_names) != sorted(other.class_names):
+        raise CnnkitError(f"{other.path}: its classes ({', '.join(other.class_names)}) differ from {first.path}'s "
+                          f"({', '.join(first.class_names)}); an ensemble's members must have the same classes")
+
 
 def _field_error(manifest_path: Path, error: ValidationError) -> CnnkitError:
     first = error.errors()[0]

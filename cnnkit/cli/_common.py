@@ -34,6 +34,9 @@ BackboneOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
+TTAOption = Annotated[bool, typer.Option(
+    "--tta", help="Test-time augmentation: average the probabilities of 12 views per image (whole image + "
+    "centre and four corner crops at 87.5%, each also mirrored); 12x slower.")]
 
 
 def quiet_tensorflow() -> None:

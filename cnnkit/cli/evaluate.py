@@ -11,7 +11,7 @@ from rich.markup import escape
 from cnnkit.choices import Choice
 from cnnkit.cli._common import (BatchSizeOption, JsonOption, QuietOption, console, print_json,
                                 progress_bar, progress_callback, quiet_tensorflow, report_skipped,
-                                user_errors)
+                                TTAOption, user_errors)
 
 
 class Split(Choice):
@@ -26,15 +26,18 @@ def evaluate(
     split: Annotated[Split | None, typer.Option(help="Which split of DATA (default: test if DATA has it, else all).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write metrics.json, confusion.json/png (default RUN/eval/<DATA name>).")] = None,
     batch_size: BatchSizeOption = 32,
+    tta: TTAOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Score a trained run on labelled images and write the confusion matrix."""
     quiet_tensorflow()
     from cnnkit.evaluation import evaluate_run, write_evaluation
+    from cnnkit.tta import TTA
 
     with user_errors(), progress_bar(quiet or json_output) as progress:
-        evaluation = evaluate_run(run, data, split and str(split), batch_size, progress_callback(progress, "evaluating"))
+        evaluation = evaluate_run(run, data, split and str(split), batch_size, progress_callback(progress, "evaluating"),
+                                  tta=TTA() if tta else None)
         written = write_evaluation(evaluation, out or run / "eval" / (data.stem or "data"))
     report_skipped(evaluation.skipped, quiet)
     result = evaluation.to_dict()
@@ -54,6 +57,8 @@ def evaluate(
                       str(row["support"]))
     console.print(table)
     line = f"accuracy [bold green]{result['accuracy']:.3f}[/bold green]"
+    if "accuracy_without_tta" in result:
+        line += f" with TTA ({result['tta_views']} views), {result['accuracy_without_tta']:.3f} without"
     if "top5_accuracy" in result:
         line += f"   top-5 {result['top5_accuracy']:.3f}"
     console.print(line)

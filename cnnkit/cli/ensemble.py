@@ -1,0 +1,33 @@
+"""`cnnkit ensemble RUN RUN... --out RUN`: a run that averages other runs' probabilities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from cnnkit.cli._common import JsonOption, console, print_json, user_errors
+
+
+def ensemble(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more run folders with the same classes.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The ensemble run to write.")] = Path("runs/ensemble"),
+    weights: Annotated[str | None, typer.Option("--weights", "-w", help="One positive weight per run, e.g. 2,1 (default: equal).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace --out if it is an existing run.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Combine runs into one that averages their class probabilities (members are copied into it)."""
+    from cnnkit.ensemble import make_ensemble, parse_weights
+
+    with user_errors():
+        written = make_ensemble(runs, out, parse_weights(weights, len(runs)), force)
+    if json_output:
+        print_json({"run": str(written), "members": [str(r) for r in runs]})
+        return
+    console.print(escape(f"ensemble of {len(runs)} runs written to {written} (report: {written / 'report.html'})"))
+
+
+def register(app) -> None:
+    app.command()(ensemble)
