@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import shlex
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cnnkit.errors import CnnkitError
 from cnnkit.runs import (MANIFEST, EnsembleMember, EnsembleModel, Run, RunManifest, check_destination,
-                         check_same_classes, load_run, write_run)
+                         check_same_classes, load_run, open_unsealed, write_run)
 
 
 def parse_weights(text: str | None, count: int) -> list[float]:
@@ -40,7 +40,8 @@ def parse_weights(text: str | None, count: int) -> list[float]:
 
 
 def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Sequence[float] | None = None,
-                  force: bool = False, attach: Sequence = ()) -> Path:
+                  force: bool = False, attach: Sequence = (), data: str | Path | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a run at ``out`` averaging the probabilities of the runs ``members``.
 
     Args:
@@ -50,6 +51,9 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
             ``None`` for equal weights.
         force: replace an existing run at ``out``.
         attach: hooks adding reports to the run (see ``cnnkit.runs.Attachment``).
+        data: labelled images to score the ensemble on (their test split if
+            they have one), recorded as ``data_accuracy`` and shown in its report.
+        progress: ``(done, total)`` callback over those images.
 
     Raises:
         CnnkitError: fewer than two runs, a damaged member, members whose class
@@ -65,6 +69,7 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
     weights = list(weights) if weights is not None else [1.0] * len(runs)
     if len(weights) != len(runs) or not all(w > 0 for w in weights):
         raise CnnkitError(f"--weights: give one positive weight per run ({len(runs)})")
+    given = weights
     total = sum(weights)
     weights = [w / total for w in weights]
 
@@ -75,7 +80,7 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
     manifest = RunManifest(
         command="ensemble", command_line=shlex.join(
             ["cnnkit", "ensemble", *map(str, members), "--out", str(out),
-             "--weights", ",".join(f"{w:g}" for w in weights)]),
+             "--weights", ",".join(f"{w:g}" for w in given)]),
         options={"members": [str(Path(p).resolve()) for p in members], "weights": weights},
         class_names=runs[0].class_names, image_size=max(r.image_size for r in runs),
         crop_pct=max(r.crop_pct for r in runs), preprocessing="per member",
@@ -83,7 +88,19 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
         model=EnsembleModel(members=[EnsembleMember(path=f"members/{i}", seal=run.manifest.seal, weight=w)
                                      for i, (run, w) in enumerate(zip(runs, weights))]),
     )
-    return write_run(out, manifest, write_files, force, attach=attach)
+    from cnnkit.reporting import write_report
+
+    def score(folder: Path, manifest: RunManifest) -> None:
+        from cnnkit.evaluation import evaluate_run
+        from cnnkit.reporting.evidence import write_evidence
+
+        run = open_unsealed(folder, manifest)
+        evaluation = evaluate_run(run, data, progress=progress)
+        write_evidence(evaluation, folder / "heldout" / "data", run)
+        manifest.metrics["data_accuracy"] = evaluation.accuracy
+
+    hooks = [score] if data is not None else []
+    return write_run(out, manifest, write_files, force, attach=[*hooks, *attach, write_report])
 
 
 def copy_run(run: Run, destination: Path) -> None:

@@ -70,14 +70,15 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
     """Classify every labelled image of ``data`` with the run and score it.
 
     Args:
+        run_path: a run folder, or an already loaded ``Run``.
         split: "train", "val" or "test"; by default the test split when the
             data has one, else every image.
         tta: a ``cnnkit.tta.TTA`` to average each image's views (the scores
             without it come from the same pass), or ``None``.
     """
-    from cnnkit.runs import load_run
+    from cnnkit.runs import Run, load_run
 
-    run = load_run(run_path)
+    run = run_path if isinstance(run_path, Run) else load_run(run_path)
     dataset = load_dataset(data)
     if split is None:
         samples = dataset.splits.get("test") or dataset.samples
@@ -107,19 +108,30 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
                       tta.views if tta is not None else 0, plain)
 
 
-def write_evaluation(evaluation: Evaluation, out: str | Path) -> Path:
-    """Write metrics.json, confusion.json and confusion.png into ``out`` (replaced atomically)."""
+def write_evaluation(evaluation: Evaluation, out: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write metrics.json, confusion.json and confusion.png into ``out`` (replaced atomically).
+
+    Args:
+        extra: called with the folder being written, to add more files (a report).
+    """
     from cnnkit.paths import publish_folder
 
     def build(folder: Path) -> None:
-        data = evaluation.to_dict()
-        (folder / "metrics.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
-        (folder / "confusion.json").write_text(json.dumps(
-            {"class_names": evaluation.class_names, "matrix": data["confusion_matrix"],
-             "rows": "true class", "columns": "predicted class"}, indent=2, ensure_ascii=False))
-        plot_confusion(evaluation.confusion(), evaluation.class_names, folder / "confusion.png")
+        write_evaluation_files(evaluation, folder)
+        if extra is not None:
+            extra(folder)
 
     return publish_folder(out, build, replace=True)
+
+
+def write_evaluation_files(evaluation: Evaluation, folder: Path) -> None:
+    """metrics.json, confusion.json and confusion.png in an existing ``folder``."""
+    data = evaluation.to_dict()
+    (folder / "metrics.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    (folder / "confusion.json").write_text(json.dumps(
+        {"class_names": evaluation.class_names, "matrix": data["confusion_matrix"],
+         "rows": "true class", "columns": "predicted class"}, indent=2, ensure_ascii=False))
+    plot_confusion(evaluation.confusion(), evaluation.class_names, folder / "confusion.png")
 
 
 def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> None:

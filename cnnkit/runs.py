@@ -224,12 +224,12 @@ def write_run(out: str | Path, manifest: RunManifest, write_files: Callable[[Pat
     check_destination(out, force)
 
     def build(folder: Path) -> None:
-        write_files(folder)
-        for hook in attach:
-            hook(folder, manifest)
         manifest.format = FORMAT_VERSION
         manifest.cnnkit_version = __version__
         manifest.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        write_files(folder)
+        for hook in attach:
+            hook(folder, manifest)
         manifest.files = {p.relative_to(folder).as_posix(): file_digest(p)
                           for p in sorted(folder.rglob("*")) if p.is_file()}
         manifest.seal = manifest.seal_of()
@@ -324,6 +324,16 @@ def check_same_classes(first: Run, other: Run) -> None:
     if sorted(first.class_names) != sorted(other.class_names):
         raise CnnkitError(f"{other.path}: its classes ({', '.join(other.class_names)}) differ from {first.path}'s "
                           f"({', '.join(first.class_names)}); an ensemble's members must have the same classes")
+
+
+def open_unsealed(folder: Path, manifest: RunManifest) -> Run:
+    """A run still being written, as an attach hook sees it: its files as they are now, not verified.
+
+    For hooks that use the run's own model (a report's Grad-CAM overlays)
+    before it is sealed; everything else reads runs through ``load_run``.
+    """
+    files = {p.relative_to(folder).as_posix(): "" for p in sorted(folder.rglob("*")) if p.is_file()}
+    return Run(Path(folder), manifest.model_copy(update={"files": files}))
 
 
 def _field_error(manifest_path: Path, error: ValidationError) -> CnnkitError:

@@ -24,7 +24,7 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="A run folder.", show_default=False)],
     data: Annotated[Path, typer.Argument(help="Labelled images: class folders or a CSV.", show_default=False)],
     split: Annotated[Split | None, typer.Option(help="Which split of DATA (default: test if DATA has it, else all).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write metrics.json, confusion.json/png (default RUN/eval/<DATA name>).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write metrics.json, confusion.json/png and report.html (default RUN/eval/<DATA name>).")] = None,
     batch_size: BatchSizeOption = 32,
     tta: TTAOption = False,
     json_output: JsonOption = False,
@@ -32,13 +32,16 @@ def evaluate(
 ) -> None:
     """Score a trained run on labelled images and write the confusion matrix."""
     quiet_tensorflow()
-    from cnnkit.evaluation import evaluate_run, write_evaluation
+    from cnnkit.evaluation import evaluate_run
+    from cnnkit.reporting import write_evaluation_report
+    from cnnkit.runs import load_run
     from cnnkit.tta import TTA
 
     with user_errors(), progress_bar(quiet or json_output) as progress:
-        evaluation = evaluate_run(run, data, split and str(split), batch_size, progress_callback(progress, "evaluating"),
-                                  tta=TTA() if tta else None)
-        written = write_evaluation(evaluation, out or run / "eval" / (data.stem or "data"))
+        loaded = load_run(run)
+        evaluation = evaluate_run(loaded, data, split and str(split), batch_size,
+                                  progress_callback(progress, "evaluating"), tta=TTA() if tta else None)
+        written = write_evaluation_report(evaluation, out or run / "eval" / (data.stem or "data"), loaded)
     report_skipped(evaluation.skipped, quiet)
     result = evaluation.to_dict()
     result["written_to"] = str(written)
@@ -63,6 +66,7 @@ def evaluate(
         line += f"   top-5 {result['top5_accuracy']:.3f}"
     console.print(line)
     console.print(escape(f"confusion matrix: {written / 'confusion.png'}, {written / 'confusion.json'}"))
+    console.print(escape(f"report: {written / 'report.html'}"))
 
 
 def register(app) -> None:

@@ -193,7 +193,7 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
     outcome = TrainingOutcome(model, history, ratio_history, diagnosis, metrics, sanity, interrupted, best_epoch)
     skipped = dataset.skipped + train_stream.failures + val_stream.failures
     run_path = save_training_run(out, outcome, spec, options, dataset, splits, image_size, work,
-                                 replace=force or resume, skipped=len(skipped), attach=attach, strategy=strategy)
+                                 replace=force or resume, skipped=skipped, attach=attach, strategy=strategy)
     if not interrupted:
         shutil.rmtree(work, ignore_errors=True)
     return TrainResult(run_path, history, metrics, diagnosis, sanity, interrupted,
