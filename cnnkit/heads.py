@@ -47,7 +47,10 @@ def _classifier(head: Head, seed: int, calibration_folds: int):
         svm = LinearSVC(C=0.1, class_weight="balanced", max_iter=5000, random_state=seed)
         return (CalibratedClassifierCV(svm, cv=calibration_folds, method="sigmoid"),
                 "estimator__C", [0.001, 0.01, 0.1, 1.0])
-    return KNeighborsClassifier(n_neighbors=5, weights="distance"), "n_neighbors", [1, 3, 5, 10, 20]
+    # Brute force: on low-dimensional features scikit-learn would otherwise build a KD-tree, a type
+    # skops does not trust, and the saved head could not be loaded again.
+    return (KNeighborsClassifier(n_neighbors=5, weights="distance", algorithm="brute"), "n_neighbors",
+            [1, 3, 5, 10, 20])
 
 
 def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca: str | int | None = "auto",
