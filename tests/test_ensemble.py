@@ -15,18 +15,17 @@ from cnnkit.evaluation import evaluate_run
 from cnnkit.runs import load_run
 from cnnkit.similarity import similar_images
 from conftest import make_class_tree, reseal
-from tiny_runs import TINY, extract_run, make_data, train_run
+from tiny_runs import extract_run, shared_runs
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ensemble")
-    data = make_data(root / "data")
-    feat, net = extract_run(data, root / "feat"), train_run(data, root / "net")
-    ensemble = make_ensemble([feat, net], root / "ens", weights=[3, 1])
-    return root, data, feat, net, ensemble
+    data, runs = shared_runs(tmp_path_factory)
+    feat, net = runs["extract"], runs["train"]
+    ensemble = make_ensemble([feat, net], tmp_path_factory.mktemp("ensemble") / "ens", weights=[3, 1])
+    return data.parent, data, feat, net, ensemble
 
 
 def test_the_ensemble_is_the_weighted_mean_of_its_members(made):

@@ -12,7 +12,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.explain import explain, fold_linear_head, place_in_box, resolve_class
 from cnnkit.heads import fit_head
 from conftest import PHOTOS
-from tiny_runs import extract_run, make_data, train_run
+from tiny_runs import extract_run, shared_runs
 
 runner = CliRunner()
 
@@ -71,13 +71,12 @@ def test_class_by_name_or_index():
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("explain")
-    data = make_data(root / "data")
+    data, made = shared_runs(tmp_path_factory)
     wide = root / "images" / "wide.png"
     wide.parent.mkdir()
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(wide)
-    runs = {"network": train_run(data, root / "net"), "logreg": extract_run(data, root / "feat"),
-            "flip-l2": extract_run(data, root / "flip", flip=True, l2_normalize=True),
-            "knn": extract_run(data, root / "knn", head="knn")}
+    runs = {"network": made["train"], "logreg": made["extract"], "knn": made["knn"],
+            "flip-l2": extract_run(data, root / "flip", flip=True, l2_normalize=True)}
     return root, wide, runs
 
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from cnnkit.cli import app
 from cnnkit.evaluation import evaluate_run
 from cnnkit.tta import TTA, TTAClassifier, views
-from tiny_runs import extract_run, make_data, train_run
+from tiny_runs import shared_runs
 
 runner = CliRunner()
 
@@ -54,9 +54,8 @@ def test_the_classifier_averages_every_views_probabilities():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tta")
-    data = make_data(root / "data")
-    return data, {"feature_head": extract_run(data, root / "feat"), "network": train_run(data, root / "net")}
+    data, made = shared_runs(tmp_path_factory)
+    return data, {"feature_head": made["extract"], "network": made["train"]}
 
 
 @pytest.mark.parametrize("kind", ["feature_head", "network"])

@@ -39,3 +39,23 @@ def finetune_run(data: Path, out: Path) -> Path:
     options = preset("finetune", image_size=32, epochs=1, head_epochs=1, batch_size=8, val_split=0.25,
                      deterministic=True)
     return run_training(data, options, out).run_path
+
+
+_SHARED: dict = {}
+
+
+def shared_runs(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """One data set and one run of each tiny kind per test session, for tests that only read them.
+
+    Returns (data, {"extract", "knn", "train", "ensemble"} -> run folder); the data has unreadable
+    files in train/red. Tests that change a run copy it first.
+    """
+    if not _SHARED:
+        from cnnkit.ensemble import make_ensemble
+
+        root = tmp_path_factory.mktemp("shared-runs")
+        data = make_data(root / "data", bad_files=True)
+        feat, net = extract_run(data, root / "feat"), train_run(data, root / "net")
+        _SHARED.update(data=data, runs={"extract": feat, "knn": extract_run(data, root / "knn", head="knn"),
+                                        "train": net, "ensemble": make_ensemble([feat, net], root / "ens", data=data)})
+    return _SHARED["data"], _SHARED["runs"]

@@ -227,9 +227,41 @@ def cv_section(manifest) -> str:
     rows = [(t.get("layers"), t.get("head"), number(t.get("cv_accuracy")) if t.get("cv_accuracy") is not None
              else t.get("error", "-"), ", ".join(f"{k}={v}" for k, v in (t.get("best_params") or {}).items()))
             for t in tried]
+    chart = cv_png([f"{t.get('layers')} {t.get('head')}" for t in tried], scored, best)
+    chart = f"<figure>{png_tag(chart, 'CV accuracy of each candidate')}<figcaption>CV accuracy of each " \
+            "candidate (green: chosen).</figcaption></figure>" if chart else ""
     return ("<h2>What was tried (cross-validation)</h2><p>Each stage set and head scored by stratified "
             "cross-validation on the training images; the best (highlighted) was fitted on all of them.</p>"
-            + table(["stages", "head", "CV accuracy", "best parameters"], rows, [False, False, True, False], best))
+            + '<div class="grid"><div>'
+            + table(["stages", "head", "CV accuracy", "best parameters"], rows, [False, False, True, False], best)
+            + f"</div>{chart}</div>")
+
+
+def cv_png(labels: Sequence[str], scores: Sequence[float], best: int) -> bytes | None:
+    """Horizontal bars of each candidate's CV accuracy, the chosen one green (None if none scored)."""
+    if not any(s >= 0 for s in scores):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 0.45 * len(labels) + 1.0))
+    values = [max(s, 0.0) for s in scores]
+    colours = ["#2e9d4a" if i == best else "#7a8fa6" for i in range(len(labels))]
+    ax.barh(range(len(labels)), values, color=colours)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    low = min(v for v in values if v > 0) if any(v > 0 for v in values) else 0.0
+    ax.set_xlim(max(0.0, low - 0.1), 1.0)
+    ax.set_xlabel("CV accuracy")
+    for i, value in enumerate(values):
+        ax.text(value, i, f" {value:.3f}", va="center", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def training_section(manifest, folder: Path) -> str:
