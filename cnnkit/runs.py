@@ -19,6 +19,10 @@ RUN/
   plots/*.png       network: loss, accuracy, update/weight ratios, first-layer filters
   report.json       network: the diagnosis, update ratios and sanity check
   report.md         auto: what was measured, tried and chosen; auto.json the same as data
+  report.html       every run: one self-contained page about it (cnnkit.reporting)
+  heldout/<split>/  what report.html shows of the held-out images: scores, confusion matrix,
+                    the most confident mistakes, Grad-CAM overlays (cnnkit.reporting.evidence)
+  skipped.json      the files the run could not read, and why
   checkpoints/      an interrupted network run: what --resume continues from
 ```
 
