@@ -204,7 +204,7 @@ class NetworkExplainer(Explainer):
         maps = feature_map_layer(spec, backbone, self.layer)
         inner = keras.Model(backbone.input, [maps.output, backbone.output])
         position = model.layers.index(backbone)
-        before = [l for l in model.layers[1:position]]
+        before = [l for l in model.layers[:position] if not isinstance(l, keras.layers.InputLayer)]
         pool = model.get_layer(run.model.feature_layer)
         last = model.layers[-1]
 

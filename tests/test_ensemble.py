@@ -150,3 +150,53 @@ def test_members_of_different_input_sizes_each_see_their_own(made, tmp_path):
     # Resized by TensorFlow rather than decoded at 24 px by Pillow: close, not identical.
     expected = (evaluate_run(feat, data).probabilities + alone) / 2
     assert np.abs(combined - expected).max() < 0.1
+
+
+def test_cv_ensemble_scores_members_and_their_mean_on_the_same_folds():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from cnnkit.ensemble import cv_ensemble
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 10)
+    a = rng.normal(size=(30, 4)) + labels[:, None]
+    b = rng.normal(size=(30, 6)) + labels[:, None] * 0.5
+    estimators = [LogisticRegression(max_iter=500), KNeighborsClassifier(3)]
+    scores = cv_ensemble(estimators, [a, b], labels, folds=3, seed=1)
+    folds = StratifiedKFold(3, shuffle=True, random_state=1)
+    p = [cross_val_predict(e, x, labels, cv=folds, method="predict_proba") for e, x in zip(estimators, [a, b])]
+    assert scores["members"] == [np.mean(q.argmax(1) == labels) for q in p]
+    assert scores["ensemble"] == np.mean(((p[0] + p[1]) / 2).argmax(1) == labels)
+
+
+def test_auto_ends_with_the_ensemble_of_its_two_best_candidates_when_cv_says_so(tmp_path, monkeypatch):
+    import cnnkit.auto
+    from cnnkit.auto import run_auto
+    from cnnkit.predict import predict_run
+
+    checked = []
+    real = cnnkit.auto.ensemble_check
+
+    def forced(plan, dataset, tried):
+        found = real(plan, dataset, tried)
+        checked.append(found)
+        return {**found, "helps": True}  # whatever this tiny sample says, take the ensemble path
+
+    monkeypatch.setattr(cnnkit.auto, "ensemble_check", forced)
+    data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=40)
+    result = run_auto(data, tmp_path / "run", budget_minutes=5)
+    (found,) = checked
+    assert len(found["candidates"]) == 2 and len(found["members"]) == 2 and 0 <= found["ensemble"] <= 1
+    best = sorted((t for t in result.tried if t.get("cv_accuracy") is not None), key=lambda t: -t["cv_accuracy"])
+    assert [c["layers"] for c in found["candidates"]] == [t["layers"] for t in best[:2]]
+    run = load_run(result.run_path)
+    assert run.kind == "ensemble" and len(run.model.members) == 2
+    first, second = (member for member, _ in run.members())
+    assert (first.model.layers, first.model.head) != (second.model.layers, second.model.head)
+    assert {"report.md", "auto.json", "report.html"} <= set(run.manifest.files)
+    assert "their ensemble" in (result.run_path / "report.md").read_text()
+    assert json.loads((result.run_path / "auto.json").read_text())["ensemble"]["helps"] is True
+    assert len(predict_run([data], result.run_path).predictions) == 12
+    assert not list(tmp_path.glob(".run.*"))  # the second member's scratch folder is gone

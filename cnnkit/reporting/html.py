@@ -185,6 +185,14 @@ def why_section(folder: Path) -> str:
     reasons = advice.get("reasons") or []
     if reasons:
         parts.append("<ul>" + "".join(f"<li>{esc(r)}</li>" for r in reasons) + "</ul>")
+    ensemble = auto.get("ensemble")
+    if isinstance(ensemble, dict) and len(ensemble.get("candidates") or []) == 2:
+        (first, second), members = ensemble["candidates"], ensemble.get("members") or [None, None]
+        verdict = "it did, so this run is their ensemble" if ensemble.get("helps") else "it did not"
+        parts.append(f"<p>Would averaging the two best candidates help? {esc(first['layers'])} {esc(first['head'])} "
+                     f"({number(members[0])}) and {esc(second['layers'])} {esc(second['head'])} "
+                     f"({number(members[1])}) averaged scored {number(ensemble.get('ensemble'))} by "
+                     f"cross-validation on the same folds: {verdict}.</p>")
     probes = advice.get("probes") or {}
     if probes:
         parts.append(table(["linear probe", "CV accuracy"], [(k, number(v)) for k, v in probes.items()],
