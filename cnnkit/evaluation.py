@@ -22,6 +22,9 @@ class Evaluation:
     probabilities: np.ndarray
     paths: list[Path]
     skipped: list[SkippedFile] = field(default_factory=list)
+    # With test-time augmentation: the views averaged, and the plain view's probabilities.
+    tta_views: int = 0
+    plain_probabilities: np.ndarray | None = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -56,22 +59,29 @@ class Evaluation:
                 "class_names": self.class_names, "confusion_matrix": self.confusion().tolist()}
         if len(self.class_names) > 5:
             data["top5_accuracy"] = self.top_k_accuracy(5)
+        if self.plain_probabilities is not None:
+            data["tta_views"] = self.tta_views
+            data["accuracy_without_tta"] = float(np.mean(self.plain_probabilities.argmax(axis=1) == self.labels))
         return data
 
 
 def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = None, batch_size: int = 32,
-                 progress: Callable[[int, int], None] | None = None, engine: str = "tf") -> Evaluation:
+                 progress: Callable[[int, int], None] | None = None, engine: str = "tf",
+                 tta=None) -> Evaluation:
     """Classify every labelled image of ``data`` with the run and score it.
 
     Args:
+        run_path: a run folder, or an already loaded ``Run``.
         split: "train", "val" or "test"; by default the test split when the
             data has one, else every image.
         engine: what runs the network (``cnnkit.engines``); a feature-head run
             whose images are all in the feature cache runs none.
+        tta: a ``cnnkit.tta.TTA`` to average each image's views (the scores
+            without it come from the same pass), or ``None``.
     """
-    from cnnkit.runs import load_run
+    from cnnkit.runs import Run, load_run
 
-    run = load_run(run_path)
+    run = run_path if isinstance(run_path, Run) else load_run(run_path)
     dataset = load_dataset(data)
     if split is None:
         samples = dataset.splits.get("test") or dataset.samples
@@ -85,33 +95,54 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
                           f"({', '.join(run.class_names)})")
     to_run_label = {i: run.class_names.index(name) for i, name in enumerate(dataset.class_names)}
     classifier = run.classifier(engine)
+    if tta is not None:
+        from cnnkit.tta import TTAClassifier
+
+        classifier = TTAClassifier(classifier, tta)
     paths = [s.path for s in samples]
+    plain = None
     if hasattr(classifier, "predict_files"):  # a feature head: cached images need no forward pass
         probabilities, kept, failures = classifier.predict_files(paths, batch_size, progress)
     else:
         stream = ImageStream(paths, run.image_size, run.crop_pct)
-        outputs, kept = stream.map_batches(lambda images: np.asarray(classifier(images)), batch_size, progress)
-        probabilities, failures = (np.concatenate(outputs) if outputs else None), stream.failures
+        outputs, kept = stream.map_batches(
+            lambda images: (np.asarray(classifier(images)), getattr(classifier, "last_plain", None)),
+            batch_size, progress)
+        probabilities = np.concatenate([o[0] for o in outputs]) if outputs else None
+        if tta is not None and outputs:
+            plain = np.concatenate([o[1] for o in outputs])
+        failures = stream.failures
     if not len(kept):
         raise CnnkitError(f"{data}: no readable images to evaluate")
     labels = np.array([to_run_label[samples[i].label] for i in kept])
-    return Evaluation(run.class_names, labels, probabilities,
-                      [samples[i].path for i in kept], dataset.skipped + failures)
+    return Evaluation(run.class_names, labels, probabilities, [samples[i].path for i in kept],
+                      dataset.skipped + failures, tta.views if tta is not None else 0, plain)
 
 
-def write_evaluation(evaluation: Evaluation, out: str | Path) -> Path:
-    """Write metrics.json, confusion.json and confusion.png into ``out`` (replaced atomically)."""
+def write_evaluation(evaluation: Evaluation, out: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write metrics.json, confusion.json and confusion.png into ``out`` (replaced atomically).
+
+    Args:
+        extra: called with the folder being written, to add more files (a report).
+    """
     from cnnkit.paths import publish_folder
 
     def build(folder: Path) -> None:
-        data = evaluation.to_dict()
-        (folder / "metrics.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
-        (folder / "confusion.json").write_text(json.dumps(
-            {"class_names": evaluation.class_names, "matrix": data["confusion_matrix"],
-             "rows": "true class", "columns": "predicted class"}, indent=2, ensure_ascii=False))
-        plot_confusion(evaluation.confusion(), evaluation.class_names, folder / "confusion.png")
+        write_evaluation_files(evaluation, folder)
+        if extra is not None:
+            extra(folder)
 
     return publish_folder(out, build, replace=True)
+
+
+def write_evaluation_files(evaluation: Evaluation, folder: Path) -> None:
+    """metrics.json, confusion.json and confusion.png in an existing ``folder``."""
+    data = evaluation.to_dict()
+    (folder / "metrics.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    (folder / "confusion.json").write_text(json.dumps(
+        {"class_names": evaluation.class_names, "matrix": data["confusion_matrix"],
+         "rows": "true class", "columns": "predicted class"}, indent=2, ensure_ascii=False))
+    plot_confusion(evaluation.confusion(), evaluation.class_names, folder / "confusion.png")
 
 
 def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> None:

@@ -129,17 +129,16 @@ def _tag(run) -> str:
 def _ensemble_probabilities(run, images):
     from keras import ops
 
-    from cnnkit.runs import load_run
-
     total, weights = None, 0.0
-    for member in run.model.members:
-        member_run = load_run(run.path / member.path)
-        if member_run.image_size != run.image_size:
-            raise CnnkitError(f"{run.path}: member {member.path} takes {member_run.image_size} px, the ensemble "
-                              f"{run.image_size} px; cnnkit exports ensembles of one input size")
-        probabilities = class_probabilities(member_run, images) * member.weight
+    for member_run, weight in run.members():  # verified: inside the folder, sealed as recorded, same classes
+        if member_run.image_size != run.image_size or member_run.crop_pct != run.crop_pct:
+            raise CnnkitError(f"{run.path}: member {member_run.path} takes {member_run.image_size} px "
+                              f"(crop {member_run.crop_pct}), the ensemble {run.image_size} px (crop {run.crop_pct}); "
+                              "cnnkit exports ensembles whose members share one input size and crop")
+        order = [member_run.class_names.index(name) for name in run.class_names]
+        probabilities = ops.take(class_probabilities(member_run, images), order, axis=-1) * weight
         total = probabilities if total is None else total + probabilities
-        weights += member.weight
+        weights += weight
     return total / weights
 
 

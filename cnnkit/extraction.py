@@ -185,7 +185,19 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
                                    best_params=fitted.best_params, cv_folds=fitted.cv_folds,
                                    feature_dims=int(x_all.shape[1]), tried=tried),
         )
-        run_path = write_run(out, manifest, write_files, force, attach=attach)
+        held_out = next((name for name in ("test", "val") if len(rows.get(name, ()))), None)
+        evaluation = None
+        if held_out is not None:
+            from cnnkit.evaluation import Evaluation
+
+            picked = rows[held_out]
+            evaluation = Evaluation(dataset.class_names, kept_labels[picked],
+                                    fitted.pipeline.predict_proba(x_all[picked]).astype(np.float32),
+                                    [samples[i].path for i in table.kept[picked]])
+        from cnnkit.reporting import run_attachments
+
+        hooks = run_attachments(evaluation, held_out, dataset.skipped + table.failures, attach)
+        run_path = write_run(out, manifest, write_files, force, attach=hooks)
 
     return ExtractResult(run_path, dataset, layers, str(head), int(x_all.shape[1]), fitted, metrics, counts,
                          dataset.skipped + table.failures, table.computed, timings, tried)

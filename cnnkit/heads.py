@@ -48,7 +48,8 @@ def _classifier(head: Head, seed: int, calibration_folds: int):
         return (CalibratedClassifierCV(svm, cv=calibration_folds, method="sigmoid"),
                 "estimator__C", [0.001, 0.01, 0.1, 1.0])
     # Brute force: exact, what `cnnkit export` rebuilds as a matrix product, and nothing but the
-    # training vectors is saved (a KD/ball tree's node arrays would be types skops cannot vouch for).
+    # training vectors is saved (a KD/ball tree's node arrays would be types skops cannot vouch for,
+    # and the saved head could not be loaded again).
     return (KNeighborsClassifier(n_neighbors=5, weights="distance", algorithm="brute"), "n_neighbors",
             [1, 3, 5, 10, 20])
 

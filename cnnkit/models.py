@@ -115,6 +115,48 @@ def embed_features(head, features: np.ndarray) -> np.ndarray:
     return np.asarray(head[:-1].transform(features), dtype=np.float32)
 
 
+class EnsembleClassifier:
+    """The weighted mean of an ensemble's members' probabilities (ensemble runs).
+
+    The ensemble's images are decoded at its largest member's size and crop;
+    a member trained at another size or crop sees its own centre crop of them,
+    resized, and its columns are put in the ensemble's class order.
+    """
+
+    def __init__(self, run, engine: str = "tf"):
+        self.run = run
+        self.members = []
+        for member, weight in run.members():
+            order = [member.class_names.index(name) for name in run.class_names]
+            self.members.append((member, member.classifier(engine), weight, order))
+
+    def __call__(self, images) -> np.ndarray:
+        total = 0.0
+        for member, classifier, weight, order in self.members:
+            seen = member_view(images, self.run.crop_pct, member.crop_pct, member.image_size)
+            total = total + weight * np.asarray(classifier(seen), np.float64)[:, order]
+        return np.asarray(total, np.float32)
+
+    def embed(self, images) -> np.ndarray:
+        raise CnnkitError(f"{self.run.path}: an ensemble has no retrieval index; use `similar` with one of its "
+                          "members (members/<i>)")
+
+
+def member_view(images, crop_pct: float, member_crop_pct: float, member_size: int) -> np.ndarray:
+    """Raw ``uint8`` images decoded for an ensemble, as one of its members would have been given them."""
+    images = np.asarray(images)
+    share = member_crop_pct / crop_pct
+    if images.shape[1] == member_size and share >= 1.0:
+        return images
+    import tensorflow as tf
+
+    low = (1.0 - min(share, 1.0)) / 2
+    boxes = tf.tile(tf.constant([[low, low, 1.0 - low, 1.0 - low]], tf.float32), [len(images), 1])
+    resized = tf.image.crop_and_resize(tf.convert_to_tensor(images, tf.float32), boxes,
+                                       tf.range(len(images), dtype=tf.int32), (member_size, member_size))
+    return np.clip(np.rint(resized.numpy()), 0, 255).astype(np.uint8)
+
+
 def load_classifier(run, engine: str = "tf"):
     """The classifier of a run (see ``Run.classifier``), by the kind of model it holds.
 
@@ -125,4 +167,6 @@ def load_classifier(run, engine: str = "tf"):
         return FeatureHeadClassifier(run, engine)
     if run.kind == "network":
         return NetworkClassifier(run, engine)
+    if run.kind == "ensemble":
+        return EnsembleClassifier(run, engine)
     raise CnnkitError(f"{run.path}: cnnkit cannot use a {run.kind!r} model yet; upgrade cnnkit")

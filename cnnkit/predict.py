@@ -42,14 +42,19 @@ def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list
 
 def run_classifier(model, inputs: Sequence[str | Path], class_names: Sequence[str], image_size: int,
                    crop_pct: float, k: int = 5, batch_size: int = 32,
-                   progress: ProgressFn | None = None) -> PredictionReport:
+                   progress: ProgressFn | None = None, tta=None) -> PredictionReport:
     """Classify image files.
 
     Args:
         model: a callable mapping a batch of raw ``uint8`` images to class
             probabilities (a run's classifier, or a Keras model's
             ``predict_on_batch``).
+        tta: a ``cnnkit.tta.TTA`` to average each image's views, or ``None``.
     """
+    if tta is not None:
+        from cnnkit.tta import TTAClassifier
+
+        model = TTAClassifier(model, tta)
     paths, problems = find_images(list(inputs))
     if hasattr(model, "predict_files"):  # a feature head: cached images need no forward pass
         probabilities, kept, failures = model.predict_files(paths, batch_size, progress)
@@ -64,7 +69,7 @@ def run_classifier(model, inputs: Sequence[str | Path], class_names: Sequence[st
 
 def predict_imagenet(inputs: Sequence[str | Path], backbone: str = DEFAULT_BACKBONE, k: int = 5,
                      batch_size: int = 32, weights: str | Path = "imagenet",
-                     progress: ProgressFn | None = None, engine: str = "tf") -> PredictionReport:
+                     progress: ProgressFn | None = None, engine: str = "tf", tta=None) -> PredictionReport:
     """Name what is in each image with the backbone's own ImageNet classifier.
 
     Args:
@@ -73,6 +78,7 @@ def predict_imagenet(inputs: Sequence[str | Path], backbone: str = DEFAULT_BACKB
         k: how many classes to return per image.
         weights: "imagenet" or a weights file for the backbone.
         engine: what runs the network (``cnnkit.engines``).
+        tta: a ``cnnkit.tta.TTA`` to average each image's views, or ``None``.
     """
     from cnnkit.backbones import get_backbone, imagenet_class_names
     from cnnkit.engines import make_runner
@@ -85,19 +91,20 @@ def predict_imagenet(inputs: Sequence[str | Path], backbone: str = DEFAULT_BACKB
     runner = make_runner(engine, backbone, f"{tag}-{spec.input_size}px-imagenet-classifier",
                          lambda: spec.build(weights=weights, include_top=True), spec.input_size)
     return run_classifier(lambda images: runner(images)["probabilities"], inputs, imagenet_class_names(),
-                          spec.input_size, spec.crop_pct, k, batch_size, progress)
+                          spec.input_size, spec.crop_pct, k, batch_size, progress, tta)
 
 
 def predict_run(inputs: Sequence[str | Path], run_path: str | Path, k: int = 5, batch_size: int = 32,
-                progress: ProgressFn | None = None, engine: str = "tf") -> PredictionReport:
-    """Classify images with a trained run (from extract, finetune or train).
+                progress: ProgressFn | None = None, engine: str = "tf", tta=None) -> PredictionReport:
+    """Classify images with a trained run (from extract, finetune, train or ensemble).
 
     Args:
         engine: what runs the network (``cnnkit.engines``); a feature-head run
             whose images are all in the feature cache runs none.
+        tta: a ``cnnkit.tta.TTA`` to average each image's views, or ``None``.
     """
     from cnnkit.runs import load_run
 
     run = load_run(run_path)
     return run_classifier(run.classifier(engine), inputs, run.class_names, run.image_size,
-                          run.crop_pct, k, batch_size, progress)
+                          run.crop_pct, k, batch_size, progress, tta)

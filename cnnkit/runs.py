@@ -19,6 +19,10 @@ RUN/
   plots/*.png       network: loss, accuracy, update/weight ratios, first-layer filters
   report.json       network: the diagnosis, update ratios and sanity check
   report.md         auto: what was measured, tried and chosen; auto.json the same as data
+  report.html       every run: one self-contained page about it (cnnkit.reporting)
+  heldout/<split>/  what report.html shows of the held-out images: scores, confusion matrix,
+                    the most confident mistakes, Grad-CAM overlays (cnnkit.reporting.evidence)
+  skipped.json      the files the run could not read, and why
   checkpoints/      an interrupted network run: what --resume continues from
 ```
 
@@ -224,12 +228,12 @@ def write_run(out: str | Path, manifest: RunManifest, write_files: Callable[[Pat
     check_destination(out, force)
 
     def build(folder: Path) -> None:
-        write_files(folder)
-        for hook in attach:
-            hook(folder, manifest)
         manifest.format = FORMAT_VERSION
         manifest.cnnkit_version = __version__
         manifest.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        write_files(folder)
+        for hook in attach:
+            hook(folder, manifest)
         manifest.files = {p.relative_to(folder).as_posix(): file_digest(p)
                           for p in sorted(folder.rglob("*")) if p.is_file()}
         manifest.seal = manifest.seal_of()
@@ -298,6 +302,42 @@ class Run:
         from cnnkit.models import load_classifier
 
         return load_classifier(self, engine)
+
+    def members(self) -> list[tuple[Run, float]]:
+        """An ensemble's member runs, each verified like ``load_run``, with its weight.
+
+        Raises:
+            CnnkitError: not an ensemble; a member outside the folder, damaged,
+                re-sealed since the ensemble was made, or with other classes.
+        """
+        if not isinstance(self.model, EnsembleModel):
+            raise CnnkitError(f"{self.path}: not an ensemble run")
+        members = []
+        for member in self.model.members:
+            run = load_run(_safe_member(self.path, member.path))
+            if run.manifest.seal != member.seal:
+                raise CnnkitError(f"{run.path}: is not the run the ensemble was made of (seal mismatch); "
+                                  "refusing to load it -- re-create the ensemble")
+            check_same_classes(self, run)
+            members.append((run, member.weight))
+        return members
+
+
+def check_same_classes(first: Run, other: Run) -> None:
+    """Refuse a run whose class names are not ``first``'s (in any order), with one line naming both."""
+    if sorted(first.class_names) != sorted(other.class_names):
+        raise CnnkitError(f"{other.path}: its classes ({', '.join(other.class_names)}) differ from {first.path}'s "
+                          f"({', '.join(first.class_names)}); an ensemble's members must have the same classes")
+
+
+def open_unsealed(folder: Path, manifest: RunManifest) -> Run:
+    """A run still being written, as an attach hook sees it: its files as they are now, not verified.
+
+    For hooks that use the run's own model (a report's Grad-CAM overlays)
+    before it is sealed; everything else reads runs through ``load_run``.
+    """
+    files = {p.relative_to(folder).as_posix(): "" for p in sorted(folder.rglob("*")) if p.is_file()}
+    return Run(Path(folder), manifest.model_copy(update={"files": files}))
 
 
 def _field_error(manifest_path: Path, error: ValidationError) -> CnnkitError:

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from cnnkit.cli import advise, backbones, evaluate, export, extract, finetune, info, predict, similar
+from cnnkit.cli import advise, backbones, ensemble, evaluate, explain, export, extract, finetune, info, predict, similar
 from cnnkit.cli._common import err_console
 
 
@@ -44,7 +44,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-for module in (advise, info, backbones, predict, extract, finetune, evaluate, similar, export):
+for module in (advise, info, backbones, predict, explain, extract, finetune, evaluate, similar, ensemble, export):
     module.register(app)
 
 

@@ -12,7 +12,7 @@ from cnnkit.choices import Choice
 from cnnkit.options import Engine
 from cnnkit.cli._common import (BatchSizeOption, EngineOption, JsonOption, QuietOption, console, print_json,
                                 progress_bar, progress_callback, quiet_tensorflow, report_skipped,
-                                user_errors)
+                                TTAOption, user_errors)
 
 
 class Split(Choice):
@@ -25,20 +25,25 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="A run folder.", show_default=False)],
     data: Annotated[Path, typer.Argument(help="Labelled images: class folders or a CSV.", show_default=False)],
     split: Annotated[Split | None, typer.Option(help="Which split of DATA (default: test if DATA has it, else all).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write metrics.json, confusion.json/png (default RUN/eval/<DATA name>).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write metrics.json, confusion.json/png and report.html (default RUN/eval/<DATA name>).")] = None,
     batch_size: BatchSizeOption = 32,
     engine: EngineOption = Engine.auto,
+    tta: TTAOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Score a trained run on labelled images and write the confusion matrix."""
     quiet_tensorflow()
-    from cnnkit.evaluation import evaluate_run, write_evaluation
+    from cnnkit.evaluation import evaluate_run
+    from cnnkit.reporting import write_evaluation_report
+    from cnnkit.runs import load_run
+    from cnnkit.tta import TTA
 
     with user_errors(), progress_bar(quiet or json_output) as progress:
-        evaluation = evaluate_run(run, data, split and str(split), batch_size, progress_callback(progress, "evaluating"),
-                                  engine)
-        written = write_evaluation(evaluation, out or run / "eval" / (data.stem or "data"))
+        loaded = load_run(run)
+        evaluation = evaluate_run(loaded, data, split and str(split), batch_size,
+                                  progress_callback(progress, "evaluating"), engine, tta=TTA() if tta else None)
+        written = write_evaluation_report(evaluation, out or run / "eval" / (data.stem or "data"), loaded)
     report_skipped(evaluation.skipped, quiet)
     result = evaluation.to_dict()
     result["written_to"] = str(written)
@@ -57,10 +62,13 @@ def evaluate(
                       str(row["support"]))
     console.print(table)
     line = f"accuracy [bold green]{result['accuracy']:.3f}[/bold green]"
+    if "accuracy_without_tta" in result:
+        line += f" with TTA ({result['tta_views']} views), {result['accuracy_without_tta']:.3f} without"
     if "top5_accuracy" in result:
         line += f"   top-5 {result['top5_accuracy']:.3f}"
     console.print(line)
     console.print(escape(f"confusion matrix: {written / 'confusion.png'}, {written / 'confusion.json'}"))
+    console.print(escape(f"report: {written / 'report.html'}"))
 
 
 def register(app) -> None:

@@ -12,17 +12,18 @@ from cnnkit.options import Engine
 
 from cnnkit.cli._common import (DEFAULT, BackboneOption, BatchSizeOption, EngineOption, JsonOption, QuietOption, console,
                                 print_json, progress_bar, progress_callback, quiet_tensorflow,
-                                report_skipped, user_errors, warn)
+                                report_skipped, TTAOption, user_errors, warn)
 
 
 def predict(
     images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="A trained run directory (from extract, finetune, train).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="A trained run directory (from extract, finetune, train, ensemble).")] = None,
     backbone: BackboneOption = DEFAULT,
     weights: Annotated[str, typer.Option(help="'imagenet' or a weights file for --backbone.")] = "imagenet",
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes shown per image.")] = 5,
     batch_size: BatchSizeOption = 32,
     engine: EngineOption = Engine.auto,
+    tta: TTAOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -31,12 +32,14 @@ def predict(
     with user_errors(), progress_bar(quiet or json_output) as progress:
         update = progress_callback(progress, "predicting")
         from cnnkit.predict import predict_imagenet, predict_run
+        from cnnkit.tta import TTA
 
+        views = TTA() if tta else None
         if model is not None:
-            report = predict_run(images, model, top_k, batch_size, progress=update, engine=engine)
+            report = predict_run(images, model, top_k, batch_size, progress=update, engine=engine, tta=views)
         else:
             report = predict_imagenet(images, str(backbone), top_k, batch_size, weights, progress=update,
-                                      engine=engine)
+                                      engine=engine, tta=views)
     report_skipped(report.failures, quiet=True)
     if json_output:
         print_json([p.to_dict() for p in report.predictions])

@@ -108,7 +108,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _square_crop_box(width: int, height: int, crop_pct: float) -> tuple[int, int, int, int]:
+def square_crop_box(width: int, height: int, crop_pct: float) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centred square ``load_image`` keeps of a ``width`` x ``height`` image."""
     side = min(width, height) * crop_pct
     left = (width - side) / 2
     top = (height - side) / 2
@@ -140,7 +141,7 @@ def load_image(path: str | Path, size: int | None = None, crop_pct: float = 1.0)
                 image = ImageOps.exif_transpose(image) or image
                 image = _to_rgb(image)
                 if size is not None:
-                    box = _square_crop_box(image.width, image.height, crop_pct)
+                    box = square_crop_box(image.width, image.height, crop_pct)
                     image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
                 return np.asarray(image, dtype=np.uint8)
     # Pillow's decoders raise many types on bad data (OSError, SyntaxError,

@@ -257,7 +257,7 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
 
     def save(destination: Path, replace: bool) -> Path:
         return save_training_run(destination, outcome, spec, options, dataset, splits, image_size, work,
-                                 replace=replace, skipped=len(skipped), attach=attach, strategy=strategy)
+                                 replace=replace, skipped=skipped, attach=attach, strategy=strategy)
 
     if device.chief:
         run_path = save(out, force or point is not None)

@@ -43,9 +43,15 @@ def training_features(model, samples, image_size: int, batch_size: int):
 
 
 def save_training_run(out: Path, outcome: TrainingOutcome, spec, options, dataset, splits: dict,
-                      image_size: int, work: Path, replace: bool, skipped: int = 0,
+                      image_size: int, work: Path, replace: bool, skipped: int | Sequence = 0,
                       attach: Sequence[Attachment] = (), strategy: str | None = None) -> Path:
-    """Write the run folder of a finetune or train run (see ``cnnkit.runs`` for the layout)."""
+    """Write the run folder of a finetune or train run (see ``cnnkit.runs`` for the layout).
+
+    Args:
+        skipped: the unreadable files (or only their number).
+    """
+    skipped_files = [] if isinstance(skipped, int) else list(skipped)
+    skipped = skipped if isinstance(skipped, int) else len(skipped_files)
     from cnnkit.options import command_line
     from cnnkit.similarity import write_index
     from cnnkit.training.network import BACKBONE_LAYER, FEATURE_LAYER
@@ -80,4 +86,27 @@ def save_training_run(out: Path, outcome: TrainingOutcome, spec, options, datase
                            feature_layer=FEATURE_LAYER, epochs_run=len(outcome.history.get("loss", [])),
                            best_epoch=outcome.best_epoch, interrupted=outcome.interrupted),
     )
-    return write_run(out, manifest, write_files, force=replace, attach=attach)
+    from cnnkit.reporting import run_attachments
+
+    held_out = "test" if splits.get("test") and not outcome.interrupted else "val"
+    evaluation = held_out_evaluation(model, splits.get(held_out) or [], dataset.class_names, image_size,
+                                     options.batch_size)
+    hooks = run_attachments(evaluation, held_out, skipped_files, attach)
+    return write_run(out, manifest, write_files, force=replace, attach=hooks)
+
+
+def held_out_evaluation(model, samples, class_names, image_size: int, batch_size: int):
+    """The trained model's probabilities on held-out images, for the run's report (``None`` without any)."""
+    if not samples:
+        return None
+    from cnnkit.data import ImageStream
+    from cnnkit.evaluation import Evaluation
+    from cnnkit.features import inference_fn
+
+    predict = inference_fn(model)
+    stream = ImageStream([s.path for s in samples], image_size)
+    outputs, kept = stream.map_batches(lambda images: np.asarray(predict(images), np.float32), batch_size)
+    if not len(kept):
+        return None
+    return Evaluation(list(class_names), np.array([samples[i].label for i in kept]), np.concatenate(outputs),
+                      [samples[i].path for i in kept])

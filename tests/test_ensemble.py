@@ -1,0 +1,202 @@
+"""Ensembles: a run that averages its members, pinned so it cannot change behind its back."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cnnkit.cli import app
+from cnnkit.ensemble import make_ensemble, parse_weights
+from cnnkit.errors import CnnkitError
+from cnnkit.evaluation import evaluate_run
+from cnnkit.runs import load_run
+from cnnkit.similarity import similar_images
+from conftest import make_class_tree, reseal
+from tiny_runs import extract_run, shared_runs
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    data, runs = shared_runs(tmp_path_factory)
+    feat, net = runs["extract"], runs["train"]
+    ensemble = make_ensemble([feat, net], tmp_path_factory.mktemp("ensemble") / "ens", weights=[3, 1])
+    return data.parent, data, feat, net, ensemble
+
+
+def test_the_ensemble_is_the_weighted_mean_of_its_members(made):
+    root, data, feat, net, ensemble = made
+    run = load_run(ensemble)
+    assert run.kind == "ensemble" and run.manifest.command == "ensemble"
+    assert [m.weight for m in run.model.members] == [0.75, 0.25]
+    assert run.class_names == load_run(feat).class_names
+    combined = evaluate_run(ensemble, data).probabilities
+    expected = 0.75 * evaluate_run(feat, data).probabilities + 0.25 * evaluate_run(net, data).probabilities
+    np.testing.assert_allclose(combined, expected, atol=1e-5)
+
+
+def test_members_are_copies_and_the_originals_can_go(made, tmp_path):
+    root, data, feat, net, ensemble = made
+    moved = tmp_path / "ens"
+    shutil.copytree(ensemble, moved)
+    shutil.copytree(feat, tmp_path / "feat")
+    shutil.rmtree(tmp_path / "feat")  # nothing outside the ensemble is needed
+    run = load_run(moved)
+    assert "members/0/head.skops" in run.manifest.files and "members/1/model.keras" in run.manifest.files
+    assert [seal for seal in (m.seal for m in run.model.members)] == [load_run(feat).manifest.seal,
+                                                                      load_run(net).manifest.seal]
+    assert len(evaluate_run(moved, data).labels) == 9
+
+
+def test_a_changed_member_file_is_refused(made, tmp_path):
+    copy = tmp_path / "ens"
+    shutil.copytree(made[4], copy)
+    (copy / "members" / "1" / "history.csv").write_text("epoch\n")
+    with pytest.raises(CnnkitError, match="history.csv: was modified"):
+        load_run(copy)
+
+
+def test_a_member_resealed_after_the_fact_is_refused(made, tmp_path):
+    """Even if the member and the ensemble are both consistently re-sealed, the recorded member seal differs."""
+    copy = tmp_path / "ens"
+    shutil.copytree(made[4], copy)
+    reseal(copy / "members" / "0", lambda m: m["metrics"].update(test_accuracy=0.0))
+    reseal(copy)
+    with pytest.raises(CnnkitError, match="seal mismatch"):
+        load_run(copy).classifier()
+
+
+@pytest.mark.parametrize("path", ["../feat", "/tmp", "members/0/..", "."])
+def test_member_paths_stay_inside_the_run(made, tmp_path, path):
+    copy = tmp_path / "ens"
+    shutil.copytree(made[4], copy)
+    reseal(copy, lambda m: m["model"]["members"][0].update(path=path))
+    with pytest.raises(CnnkitError, match="not a file inside the run"):
+        load_run(copy).members()
+
+
+def test_a_member_behind_a_symbolic_link_is_refused(made, tmp_path):
+    copy = tmp_path / "ens"
+    shutil.copytree(made[4], copy)
+    shutil.copytree(made[2], tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", copy / "linked")
+    reseal(copy, lambda m: m["model"]["members"][0].update(path="linked"))
+    with pytest.raises(CnnkitError, match="symbolic link"):
+        load_run(copy).members()
+
+
+def test_members_with_other_classes_are_refused_in_one_line(made, tmp_path):
+    root, data, feat, net, ensemble = made
+    other = make_class_tree(tmp_path / "other", {"red": 6, "green": 6, "cyan": 6}, size=32)
+    odd = extract_run(other, tmp_path / "odd", val_split=0.0)
+    with pytest.raises(CnnkitError, match="an ensemble's members must have the same classes"):
+        make_ensemble([feat, odd], tmp_path / "bad")
+    result = runner.invoke(app, ["ensemble", str(feat), str(odd), "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "cyan" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_weights_and_member_count_are_checked():
+    assert parse_weights(None, 2) == [1.0, 1.0] and parse_weights("2,1", 2) == [2.0, 1.0]
+    for text, message in (("1", "1 number"), ("1,x", "comma-separated"), ("1,-1", "positive"), ("1,inf", "positive")):
+        with pytest.raises(CnnkitError, match=message):
+            parse_weights(text, 2)
+    with pytest.raises(CnnkitError, match="at least two"):
+        make_ensemble(["a"], "out")
+
+
+def test_cli_writes_an_ensemble_that_every_reader_takes(made, tmp_path):
+    root, data, feat, net, ensemble = made
+    out = tmp_path / "cli-ens"
+    result = runner.invoke(app, ["ensemble", str(feat), str(net), "--out", str(out), "--weights", "2,1",
+                                 "--data", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["run"] == str(out) and printed["data_accuracy"] == pytest.approx(evaluate_run(out, data).accuracy)
+    run = load_run(out)
+    assert {"report.html", "heldout/data/metrics.json", "heldout/data/confusion.png"} <= set(run.manifest.files)
+    assert run.manifest.command_line.endswith("--weights 2,1")
+
+    image = str(next((data / "test" / "blue").iterdir()))
+    predicted = runner.invoke(app, ["predict", image, "-m", str(out), "--json"])
+    assert predicted.exit_code == 0 and json.loads(predicted.stdout)[0]["top"][0]["label"] in run.class_names
+    evaluated = runner.invoke(app, ["evaluate", str(out), str(data), "--json", "--out", str(tmp_path / "ev")])
+    assert evaluated.exit_code == 0 and json.loads(evaluated.stdout)["images"] == 9
+    explained = runner.invoke(app, ["explain", image, "-m", str(out), "--out", str(tmp_path / "ex"), "--json"])
+    assert explained.exit_code == 0, explained.output
+    assert np.load(json.loads(explained.stdout)[0]["heatmap"]).shape == (32, 32)
+    again = runner.invoke(app, ["ensemble", str(feat), str(net), "--out", str(out)])
+    assert again.exit_code == 2 and "--force" in again.stderr
+
+
+def test_similar_on_an_ensemble_says_to_use_a_member(made):
+    root, data, feat, net, ensemble = made
+    with pytest.raises(CnnkitError, match="no retrieval index"):
+        similar_images(ensemble, next((data / "test" / "red").iterdir()))
+
+
+def test_members_of_different_input_sizes_each_see_their_own(made, tmp_path):
+    root, data, feat, net, ensemble = made
+    small = extract_run(data, tmp_path / "small", image_size=24)
+    mixed = make_ensemble([feat, small], tmp_path / "mixed")
+    run = load_run(mixed)
+    assert run.image_size == 32
+    combined = evaluate_run(mixed, data).probabilities
+    alone = evaluate_run(small, data).probabilities
+    # Resized by TensorFlow rather than decoded at 24 px by Pillow: close, not identical.
+    expected = (evaluate_run(feat, data).probabilities + alone) / 2
+    assert np.abs(combined - expected).max() < 0.1
+
+
+def test_cv_ensemble_scores_members_and_their_mean_on_the_same_folds():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from cnnkit.ensemble import cv_ensemble
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 10)
+    a = rng.normal(size=(30, 4)) + labels[:, None]
+    b = rng.normal(size=(30, 6)) + labels[:, None] * 0.5
+    estimators = [LogisticRegression(max_iter=500), KNeighborsClassifier(3)]
+    scores = cv_ensemble(estimators, [a, b], labels, folds=3, seed=1)
+    folds = StratifiedKFold(3, shuffle=True, random_state=1)
+    p = [cross_val_predict(e, x, labels, cv=folds, method="predict_proba") for e, x in zip(estimators, [a, b])]
+    assert scores["members"] == [np.mean(q.argmax(1) == labels) for q in p]
+    assert scores["ensemble"] == np.mean(((p[0] + p[1]) / 2).argmax(1) == labels)
+
+
+def test_auto_ends_with_the_ensemble_of_its_two_best_candidates_when_cv_says_so(tmp_path, monkeypatch):
+    import cnnkit.auto
+    from cnnkit.auto import run_auto
+    from cnnkit.predict import predict_run
+
+    checked = []
+    real = cnnkit.auto.ensemble_check
+
+    def forced(plan, dataset, tried):
+        found = real(plan, dataset, tried)
+        checked.append(found)
+        return {**found, "helps": True}  # whatever this tiny sample says, take the ensemble path
+
+    monkeypatch.setattr(cnnkit.auto, "ensemble_check", forced)
+    data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=40)
+    result = run_auto(data, tmp_path / "run", budget_minutes=5)
+    (found,) = checked
+    assert len(found["candidates"]) == 2 and len(found["members"]) == 2 and 0 <= found["ensemble"] <= 1
+    best = sorted((t for t in result.tried if t.get("cv_accuracy") is not None), key=lambda t: -t["cv_accuracy"])
+    assert [c["layers"] for c in found["candidates"]] == [t["layers"] for t in best[:2]]
+    run = load_run(result.run_path)
+    assert run.kind == "ensemble" and len(run.model.members) == 2
+    first, second = (member for member, _ in run.members())
+    assert (first.model.layers, first.model.head) != (second.model.layers, second.model.head)
+    assert {"report.md", "auto.json", "report.html"} <= set(run.manifest.files)
+    assert "their ensemble" in (result.run_path / "report.md").read_text()
+    assert json.loads((result.run_path / "auto.json").read_text())["ensemble"]["helps"] is True
+    assert len(predict_run([data], result.run_path).predictions) == 12
+    assert not list(tmp_path.glob(".run.*"))  # the second member's scratch folder is gone

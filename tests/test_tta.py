@@ -1,0 +1,90 @@
+"""Test-time augmentation: the views, their average, and --tta on predict and evaluate."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cnnkit.cli import app
+from cnnkit.evaluation import evaluate_run
+from cnnkit.tta import TTA, TTAClassifier, views
+from tiny_runs import shared_runs
+
+runner = CliRunner()
+
+
+def _gradient_batch(size=32):
+    y, x = np.mgrid[0:size, 0:size]
+    image = np.stack([x * 255 // (size - 1), y * 255 // (size - 1), np.full_like(x, 40)], axis=-1)
+    return np.stack([image, 255 - image]).astype(np.uint8)
+
+
+def test_twelve_views_plain_first_then_crops_and_mirrors():
+    batch = _gradient_batch()
+    found = list(views(batch))
+    assert TTA().views == 12 and len(found) == 12
+    assert all(v.shape == batch.shape and v.dtype == np.uint8 for v in found)
+    assert np.array_equal(found[0], batch)  # the plain image, untouched
+    assert np.array_equal(found[6], batch[:, :, ::-1])  # its mirror image
+    centre, top_left, top_right, bottom_left, bottom_right = found[1:6]
+    # Each crop keeps its own corner of the image and is enlarged from 87.5% of it.
+    assert np.abs(top_left[:, 0, 0].astype(int) - batch[:, 0, 0]).max() <= 1
+    assert np.abs(bottom_right[:, -1, -1].astype(int) - batch[:, -1, -1]).max() <= 1
+    assert top_left[0, -1, -1, 0] < batch[0, -1, -1, 0] - 20  # it does not reach the far edge
+    assert top_right[0, 0, -1, 0] > top_left[0, 0, -1, 0] and bottom_left[0, -1, 0, 1] > top_left[0, -1, 0, 1]
+    assert not np.array_equal(centre, batch)
+    assert len(list(views(batch, TTA(scales=(1.0,), flip=False)))) == 1
+
+
+def test_the_classifier_averages_every_views_probabilities():
+    def left_brightness(images):
+        p = images[:, :, : images.shape[2] // 2].mean(axis=(1, 2, 3)) / 255.0
+        return np.stack([p, 1 - p], axis=1)
+
+    batch = _gradient_batch()
+    averaged = TTAClassifier(left_brightness)
+    result = averaged(batch)
+    expected = np.mean([left_brightness(v) for v in views(batch)], axis=0)
+    np.testing.assert_allclose(result, expected, rtol=1e-6)
+    np.testing.assert_allclose(averaged.last_plain, left_brightness(batch), rtol=1e-6)
+    # Mirroring swaps the halves, so the average is pulled towards 0.5.
+    assert abs(result[0, 0] - 0.5) < abs(left_brightness(batch)[0, 0] - 0.5)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    data, made = shared_runs(tmp_path_factory)
+    return data, {"feature_head": made["extract"], "network": made["train"]}
+
+
+@pytest.mark.parametrize("kind", ["feature_head", "network"])
+def test_evaluate_with_tta_reports_both_accuracies(runs, kind):
+    data, paths = runs
+    plain = evaluate_run(paths[kind], data)
+    augmented = evaluate_run(paths[kind], data, tta=TTA())
+    scores = augmented.to_dict()
+    assert scores["tta_views"] == 12
+    assert scores["accuracy_without_tta"] == pytest.approx(plain.accuracy)
+    np.testing.assert_allclose(augmented.plain_probabilities, plain.probabilities, atol=1e-5)
+    assert not np.allclose(augmented.probabilities, plain.probabilities, atol=1e-4)
+
+    result = runner.invoke(app, ["evaluate", str(paths[kind]), str(data), "--tta", "--json",
+                                 "--out", str(data.parent / f"eval-{kind}")])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["tta_views"] == 12 and printed["accuracy"] == pytest.approx(augmented.accuracy)
+    html = (data.parent / f"eval-{kind}" / "report.html").read_text()
+    assert "accuracy with TTA" in html and "accuracy without TTA" in html
+
+
+def test_predict_with_tta(runs):
+    data, paths = runs
+    image = str(next((data / "test" / "red").iterdir()))
+    plain = json.loads(runner.invoke(app, ["predict", image, "-m", str(paths["network"]), "--json"]).stdout)
+    result = runner.invoke(app, ["predict", image, "-m", str(paths["network"]), "--json", "--tta"])
+    assert result.exit_code == 0, result.output
+    augmented = json.loads(result.stdout)
+    assert augmented[0]["path"] == image and len(augmented[0]["top"]) == 3
+    assert augmented[0]["top"] != plain[0]["top"]
+    assert sum(t["score"] for t in augmented[0]["top"]) == pytest.approx(1.0, abs=1e-4)
