@@ -55,7 +55,10 @@ def test_advise_json_from_the_command_line(tmp_path):
     assert advice["cell"]["data"] == "little" and advice["images_per_class"]["median"] == 6
     assert advice["strategy"] in ("linear-top", "linear-stages")
     plan = advice["plan"]
-    assert plan["command"] == "extract" and plan["options"]["head"] == "auto" and plan["options"]["val_split"] == 0
+    # Little data: one logistic head on fixed stages (no noisy CV choice among stage sets), flip-averaged.
+    assert plan["command"] == "extract" and plan["options"]["head"] == "logreg" and plan["options"]["val_split"] == 0
+    assert plan["options"]["layers"] == {"linear-top": "top", "linear-stages": "conv4,top"}[advice["strategy"]]
+    assert plan["options"]["flip"] is (advice["strategy"] == "linear-stages")
     assert advice["command"] == plan["command_line"] and plan["command_line"].startswith(f"cnnkit extract {data}")
     assert set(advice["similarity"]) >= {"shift", "imagenet_classifier", "probes"}
 
@@ -63,8 +66,8 @@ def test_advise_json_from_the_command_line(tmp_path):
 def test_auto_runs_the_choice_and_the_run_works_everywhere(tmp_path):
     data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=40)
     result = run_auto(data, tmp_path / "run", budget_minutes=5)
-    assert result.plan.command == "extract"
-    assert result.tried and all("cv_accuracy" in t or "error" in t for t in result.tried)
+    assert result.plan.command == "extract" and result.plan.options.head == "logreg"
+    assert result.metrics["cv_accuracy"] is not None
     report = result.report_path.read_text()
     assert "## Measured" in report and "## Chosen" in report and str(result.advice.strategy) in report
     assert result.plan.command_line in report
