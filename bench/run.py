@@ -359,7 +359,14 @@ def machine() -> str:
                 if line.startswith("model name")), platform.processor())
     from importlib.metadata import version
 
-    versions = ", ".join(f"{p} {version(p)}" for p in ("tensorflow-cpu", "keras", "onnxruntime", "openvino"))
+    def installed(package: str) -> str | None:
+        try:
+            return f"{package} {version(package)}"
+        except Exception:  # noqa: BLE001 - not installed
+            return None
+
+    versions = ", ".join(filter(None, map(installed, ("tensorflow", "tensorflow-cpu", "keras", "onnxruntime",
+                                                      "openvino"))))
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB; Python {platform.python_version()}; {versions}"
 

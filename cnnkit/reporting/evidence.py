@@ -88,7 +88,18 @@ def write_overlays(evaluation, run, folder: Path, count: int = OVERLAYS) -> None
     """gradcam.json and gradcam/<i>.png: where the run looked in a few held-out images.
 
     A run whose model cannot be explained records why instead of failing.
+    Heat maps need TensorFlow's gradients: when this process has not loaded
+    TensorFlow (every feature came from the cache, or another engine ran the
+    network) they are left out with a note, because importing it and running
+    a forward and backward pass per overlay would undo what the cache saved.
     """
+    import sys
+
+    if "tensorflow" not in sys.modules:
+        (folder / "gradcam.json").write_text(json.dumps({"error": (
+            "not drawn, so that this report needed no TensorFlow (its features came from the cache or "
+            "another engine); `cnnkit explain IMAGE --model RUN` draws them")}, ensure_ascii=False))
+        return
     from cnnkit.explain import explain_image, explainer_for, plot_overlay
 
     names = evaluation.class_names
