@@ -18,6 +18,9 @@ images and image sizes belong here too):
 - predict: `cnnkit predict IMAGE` from a cold start (new process), TensorFlow
   against the auto engine.
 - rss: peak RSS of `cnnkit extract` on 2,000 and on 8,000 images.
+- heads: the head search (logreg, k-NN) on 2,000 x 1,280 top features against
+  the time it took to extract them.
+- advise: `cnnkit advise` on the 60,000 Fashion-MNIST training images.
 - finetune: one `cnnkit finetune` epoch against a minimal ``model.fit`` on the
   same images (decoded up front) and network.
 - export: issue 10's check -- a finetune run and an extract run (logreg on
@@ -227,6 +230,43 @@ def bench_rss(ctx: Context) -> list[Row]:
                 f"+{(b['rss_mb'] / a['rss_mb'] - 1) * 100:.0f} %", command)]
 
 
+def bench_heads(ctx: Context) -> list[Row]:
+    """The head search on 2,000 x 1,280 features (top stage) against extracting those 2,000 images."""
+    from cnnkit.data import load_dataset
+
+    samples = [s for s in load_dataset(ctx.big).samples if int(s.path.stem) < 200]
+    listing = ctx.work / "heads2000.csv"
+    listing.write_text("path,label\n" + "".join(f"{s.path},{s.path.parent.name}\n" for s in samples))
+    home = ctx.work / "home-heads"  # cold feature cache, engines already converted
+    home.mkdir(exist_ok=True)
+    if not (home / "engines").exists() and (ctx.home / "engines").exists():
+        os.symlink(ctx.home / "engines", home / "engines")
+    fresh = Context(ctx.work, ctx.train, ctx.test, ctx.big, home)
+    rows, features = [], None
+    for head in ("logreg", "knn"):
+        done = cli(fresh, "extract", str(listing), "--layer", "top", "--head", head, "--val-split", "0", "--json",
+                   "--out", str(ctx.work / f"heads-{head}"), "--force")
+        seconds = json.loads(done["stdout"])["seconds"]
+        features = features or seconds["features"]  # the first run computes them, the second reads the cache
+        rows.append(Row(f"head search, --head {head} (default grid, PCA auto, 5-fold CV) on {len(samples):,} x "
+                        "1,280 top features", f"{seconds['head']:.1f} s",
+                        f"extracting those {len(samples):,} images {features:.1f} s",
+                        f"{seconds['head'] / features:.2f}x",
+                        f"cnnkit extract 2000.csv --layer top --head {head} --val-split 0 --json"))
+    return rows
+
+
+def bench_advise(ctx: Context) -> list[Row]:
+    """`cnnkit advise` on the whole Fashion-MNIST training set (60,000 PNGs), new process, wall time."""
+    full = ctx.work / "full"
+    if not full.exists():
+        write_image_folder(full, "train", 6000, seed=0)
+    done = cli(ctx, "advise", str(full), "--json")
+    choice = json.loads(done["stdout"]).get("strategy")
+    return [Row(f"advise on 60,000 training images (chose {choice}), whole command", f"{done['wall']:.1f} s",
+                "target 15 s", f"{done['wall'] / 15:.2f}x of target", "cnnkit advise FULL --json")]
+
+
 def bench_finetune(ctx: Context) -> list[Row]:
     import csv
 
@@ -351,7 +391,7 @@ def bench_export(ctx: Context) -> list[Row]:
 
 
 SECTIONS = {"engines": bench_engines, "cached": bench_cached, "predict": bench_predict, "rss": bench_rss,
-            "finetune": bench_finetune, "export": bench_export}
+            "finetune": bench_finetune, "export": bench_export, "heads": bench_heads, "advise": bench_advise}
 
 
 def machine() -> str:

@@ -38,6 +38,8 @@ from cnnkit.errors import CnnkitError
 from cnnkit.options import Quantize
 
 INPUT_NAME = "image"
+# TFLite ops that `--quantize int8` keeps in float32 (see write_tflite).
+FLOAT_OPS_IN_INT8 = ("ADD", "MEAN", "CONCATENATION", "FULLY_CONNECTED", "SOFTMAX", "LOGISTIC")
 ONNX_OPSET = 17
 TFLITE_LABELS = "labels.txt"
 
@@ -122,11 +124,21 @@ def write_tflite(model, path: Path, image_size: int, quantize: Quantize = Quanti
                         yield {INPUT_NAME: image[None]}
 
             converter.representative_dataset = calibration
-            # Every op that has an int8 kernel runs in int8; the uint8 -> float
-            # cast at the input and the softmax/sigmoid at the output stay float.
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
                                                    tf.lite.OpsSet.TFLITE_BUILTINS]
-        flatbuffer = converter.convert()
+            # Selective quantization: convolutions (weights and activations) run in int8; the
+            # residual additions, pooling, concatenation and the head stay float32. Measured on a
+            # Fashion-MNIST conv4+top logreg run (200 test images): everything int8 agreed with the
+            # float model on 73.5 %, float pooling and head 97.5 %, float additions too 98.5 %, for
+            # the same file size (4.0 MB). Int8 activations are quantized per tensor, so channels
+            # with a small range are lost, and a feature head's standardisation multiplies exactly
+            # those by up to thousands.
+            options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS_IN_INT8))
+            debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=calibration,
+                                                                 debug_options=options)
+            flatbuffer = debugger.get_nondebug_quantized_model()
+        if quantize != Quantize.int8:
+            flatbuffer = converter.convert()
     if labels is not None:
         flatbuffer = embed_tflite_labels(flatbuffer, labels)
     Path(path).write_bytes(flatbuffer)

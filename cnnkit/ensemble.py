@@ -19,7 +19,6 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 
 from cnnkit.errors import CnnkitError
 from cnnkit.runs import (MANIFEST, EnsembleMember, EnsembleModel, Run, RunManifest, check_destination,
@@ -122,26 +121,3 @@ def member_metrics(runs: Sequence[Run]) -> dict[str, float | None]:
             if isinstance(value, float):
                 metrics[f"member{i}_{key}"] = value
     return metrics
-
-
-def cv_ensemble(estimators: Sequence, features: Sequence, labels, folds: int, seed: int = 0) -> dict:
-    """Cross-validated accuracy of each estimator and of the mean of their probabilities, on the same folds.
-
-    Args:
-        estimators: unfitted or fitted scikit-learn classifiers (each is cloned per fold).
-        features: one feature matrix per estimator, rows in the same order.
-        labels: the rows' classes.
-        folds: stratified folds.
-
-    Returns:
-        ``{"members": [accuracy, ...], "ensemble": accuracy}``.
-    """
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-    labels = np.asarray(labels)
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    probabilities = [cross_val_predict(estimator, x, labels, cv=splitter, method="predict_proba")
-                     for estimator, x in zip(estimators, features)]
-    members = [float(np.mean(p.argmax(axis=1) == labels)) for p in probabilities]
-    combined = float(np.mean(np.mean(probabilities, axis=0).argmax(axis=1) == labels))
-    return {"members": members, "ensemble": combined}

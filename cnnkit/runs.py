@@ -21,7 +21,9 @@ RUN/
   report.md         auto: what was measured, tried and chosen; auto.json the same as data
   report.html       every run: one self-contained page about it (cnnkit.reporting)
   heldout/<split>/  what report.html shows of the held-out images: scores, confusion matrix,
-                    the most confident mistakes, Grad-CAM overlays (cnnkit.reporting.evidence)
+                    the most confident mistakes, Grad-CAM overlays (cnnkit.reporting.evidence);
+                    split test, val, data (ensemble --data) or cv (an extract run that trained on
+                    every image: its cross-validated predictions)
   skipped.json      the files the run could not read, and why
   checkpoints/      an interrupted network run: what --resume continues from
 ```

@@ -145,7 +145,7 @@ def test_help_lists_the_values_of_every_fixed_choice_option(command, choices):
     for flag, enum_name in choices.items():
         enum = next(getattr(m, enum_name) for m in (cnnkit.options, cnnkit.cli._common, cnnkit.cli.evaluate)
                     if hasattr(m, enum_name))
-        line = next(line for line in result.stdout.splitlines() if line.lstrip("│ ").startswith(flag + " "))
+        line = next(line for line in result.stdout.splitlines() if line.lstrip("│ *").startswith(flag + " "))
         for member in enum:
             assert member.value in line, (flag, member.value, line)
 

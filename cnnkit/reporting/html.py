@@ -388,7 +388,9 @@ def evaluation_section(folder: Path, title: str) -> str:
 def evidence_folders(folder: Path) -> list[tuple[str, Path]]:
     """The run's own evidence folders, test before validation."""
     found = []
-    for split, title in (("test", "Test images"), ("val", "Validation images"), ("data", "Evaluation data")):
+    for split, title in (("test", "Test images"), ("val", "Validation images"), ("data", "Evaluation data"),
+                         ("cv", "Training images, cross-validated (each predicted by the head refitted without "
+                                "its fold)")):
         if (folder / "heldout" / split / "metrics.json").is_file():
             found.append((title, folder / "heldout" / split))
     return found
