@@ -57,9 +57,12 @@ def cross_validated_probabilities(fitted, features: np.ndarray, labels: np.ndarr
     from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+    from threadpoolctl import threadpool_limits
+
     folds = StratifiedKFold(fitted.cv_folds, shuffle=True, random_state=seed)
-    return cross_val_predict(clone(fitted.pipeline), features, labels, cv=folds,
-                             method="predict_proba").astype(np.float32)
+    with threadpool_limits(1, user_api="blas"):  # small matrices: see heads.fit_head
+        return cross_val_predict(clone(fitted.pipeline), features, labels, cv=folds,
+                                 method="predict_proba").astype(np.float32)
 
 
 def _accuracy(pipeline, features: np.ndarray, labels: np.ndarray) -> float | None:

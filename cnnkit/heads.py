@@ -81,7 +81,8 @@ def _fold_scores(features: np.ndarray, labels: np.ndarray, train: np.ndarray, te
     are still projected on the training rows' principal axes when there are
     fewer rows than dimensions: every head here (L2-penalised linear models,
     RBF SVM, Euclidean k-NN) is unchanged by that rotation, and it is much
-    cheaper to fit. Logistic regression warm-starts along increasing C.
+    cheaper to fit. Logistic regression warm-starts along increasing C and
+    stops once its score has fallen twice in a row.
     """
     from sklearn.pipeline import Pipeline
 
@@ -99,9 +100,16 @@ def _fold_scores(features: np.ndarray, labels: np.ndarray, train: np.ndarray, te
         classifier, _, _ = _classifier(head, seed, calibration_folds)
         if head == Head.logreg:
             classifier.set_params(warm_start=True)
+        falls = 0
         for j, value in enumerate(values):
+            if falls >= 2:
+                # Early exit: the score fell twice in a row along C, and the weaker regularisation
+                # still to come is also the slowest to fit. The rest count as this fold's last score.
+                scores[i, j:] = scores[i, j - 1]
+                break
             classifier.set_params(**{param: value}).fit(a, labels[train])
             scores[i, j] = np.mean(classifier.predict(b) == labels[test])
+            falls = falls + 1 if head == Head.logreg and j and scores[i, j] < scores[i, j - 1] else 0
     return scores
 
 
@@ -173,7 +181,8 @@ def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca
 
     if folds < 2:
         default = classifier.get_params()[param]
-        return FittedHead(pipeline(sizes[-1] if sizes else None, default).fit(features, labels), {}, None, 0)
+        with threadpool_limits(1, user_api="blas"):
+            return FittedHead(pipeline(sizes[-1] if sizes else None, default).fit(features, labels), {}, None, 0)
     splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels)
     jobs = n_jobs if n_jobs is not None else (-1 if features.size * folds > 5_000_000 else 1)
     # One BLAS thread per fold: the folds' matrices are small, and threaded
@@ -189,8 +198,9 @@ def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca
     best = {param.rsplit("__", 1)[-1]: values[j]}
     if sizes is not None:
         best["n_components"] = None if sizes[i] == max_components else sizes[i]
-    return FittedHead(pipeline(sizes[i] if sizes else None, values[j]).fit(features, labels), best,
-                      float(scores[i, j]), folds)
+    with threadpool_limits(1, user_api="blas"):  # the final fit too: 0.5 s instead of 4-6 s (2,000 x 1,280, loaded)
+        final = pipeline(sizes[i] if sizes else None, values[j]).fit(features, labels)
+    return FittedHead(final, best, float(scores[i, j]), folds)
 
 
 # skops trusts scikit-learn estimators, numpy arrays and plain Python values on
