@@ -279,17 +279,23 @@ def bench_finetune(ctx: Context) -> list[Row]:
     subset = ctx.work / "ft.csv"
     from cnnkit.data import load_dataset
 
-    samples = [s for s in load_dataset(ctx.train).samples if int(s.path.stem) < 32]
+    samples = [s for s in load_dataset(ctx.train).samples if int(s.path.stem) < 36]
     subset.write_text("path,label\n" + "".join(f"{s.path},{s.path.parent.name}\n" for s in samples))
-    options = preset("finetune", epochs=1, head_epochs=0, val_split=0.0, augment="none", seed=0)
+    # Training needs validation images; both sides validate on as many images after the epoch.
+    options = preset("finetune", epochs=1, head_epochs=0, val_split=0.1, augment="none", seed=0)
     result = run_training(subset, options, ctx.work / "ft-run", force=True)
     with open(result.run_path / "history.csv") as handle:
         seconds = float(next(csv.DictReader(handle))["seconds"])
-    n = len(samples)
+    from cnnkit.runs import load_run
+
+    splits = load_run(result.run_path).manifest.data.splits
+    n, n_val = splits["train"], splits["val"]
 
     images, labels, _ = decoded(ctx.train)
-    keep = [i for i, s in enumerate(load_dataset(ctx.train).samples) if int(s.path.stem) < 32]
+    keep = [i for i, s in enumerate(load_dataset(ctx.train).samples) if int(s.path.stem) < 36]
     images, labels = images[keep], labels[keep]
+    order = np.random.default_rng(0).permutation(len(images))
+    train, val = order[:n], order[n:n + n_val]
     spec = get_backbone("efficientnet_lite0")
     base = spec.build(weights="imagenet")
     cut = base.layers.index(spec.stage_layer(base, "conv4"))
@@ -297,13 +303,16 @@ def bench_finetune(ctx: Context) -> list[Row]:
         layer.trainable = i > cut
     model = keras.Sequential([base, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, activation="softmax")])
     model.compile(keras.optimizers.SGD(0.001, momentum=0.9), "sparse_categorical_crossentropy", ["accuracy"])
-    model.fit(images[:32], labels[:32], batch_size=32, epochs=1, verbose=0)  # trace outside the timing
+    model.fit(images[:32], labels[:32], batch_size=32, epochs=1, verbose=0,
+              validation_data=(images[val], labels[val]))  # trace outside the timing
     started = time.perf_counter()
-    model.fit(images, labels, batch_size=32, epochs=1, verbose=0)
+    model.fit(images[train], labels[train], batch_size=32, epochs=1, verbose=0,
+              validation_data=(images[val], labels[val]))
     minimal = time.perf_counter() - started
     command = "python bench/run.py --only finetune"
-    return [Row(f"finetune --freeze conv4, one epoch of {n} images at 224 px (decode included)",
-                f"{n / seconds:.1f} img/s", f"minimal model.fit on decoded arrays {n / minimal:.1f} img/s",
+    return [Row(f"finetune --freeze conv4, one epoch of {n} images + validation on {n_val}, 224 px (decode "
+                "included)",
+                f"{n / seconds:.1f} img/s", f"minimal model.fit on decoded arrays, same counts {n / minimal:.1f} img/s",
                 ratio(n / seconds, n / minimal), command)]
 
 

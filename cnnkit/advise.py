@@ -128,11 +128,10 @@ def _median_side(samples: list[Sample], limit: int = 200) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _imagenet_network(backbone: str):
-    """(network, has its ImageNet classifier): built once for both similarity signals.
+    """(network, has its ImageNet classifier): one network for both similarity signals.
 
     The classifier's network holds the same BatchNorm layers as the bare
-    backbone, so domain_shift reads them from it too; building it once saves
-    a network build (seconds) per `advise`.
+    backbone, so ``similarity_signals`` reads the domain shift from it too.
     """
     from cnnkit.backbones import get_backbone
 
@@ -143,33 +142,42 @@ def _imagenet_network(backbone: str):
         return spec.build(weights="imagenet"), False
 
 
-def domain_shift(spec, images: np.ndarray, batch_size: int = 16) -> dict[str, float]:
-    """Mean per-channel KL(data || ImageNet) at the BatchNorm layers of each stage.
+def similarity_signals(spec, images: np.ndarray, batch_size: int = 64) -> tuple[dict[str, float], dict | None]:
+    """How far the images are from ImageNet, by two signals from one forward pass of the ImageNet network.
 
-    The ImageNet side is each BatchNorm layer's moving mean and variance; the
-    data side is the mean and variance of the same layer's input over the
-    sample. Returns {stage: median KL over the stage's BatchNorm layers} and
-    "mean" over stages.
+    Domain shift: the mean per-channel KL(data || ImageNet) at the BatchNorm
+    layers of each stage. The ImageNet side is each BatchNorm layer's moving
+    mean and variance; the data side is the mean and variance of the same
+    layer's input over the sample. Gives {stage: median KL over the stage's
+    BatchNorm layers} and "mean" over stages.
+
+    Confidence: the mean top-1 probability and normalised entropy of the
+    backbone's own ImageNet classifier (``None`` for a backbone without one).
     """
     import keras
     from keras import ops
 
     from cnnkit.training.network import stage_groups
 
-    backbone, _ = _imagenet_network(spec.name)
+    backbone, has_top = _imagenet_network(spec.name)
     groups = stage_groups(spec, backbone)
     bns = [(stage, layer) for stage, layers in groups.items() for layer in layers
            if isinstance(layer, keras.layers.BatchNormalization)]
-    if not bns:
-        return {}
     outputs = []
     for _, layer in bns:
         x = ops.cast(layer.input, "float32")
         outputs += [ops.mean(x, axis=(1, 2)), ops.mean(x * x, axis=(1, 2))]
+    if has_top:
+        outputs.append(backbone.output)
+    if not outputs:
+        return {}, None
+    # One model, one graph trace and one pass for both signals (tracing costs about a second each).
     probe = keras.Model(backbone.input, outputs)
-    sums = None
+    sums, probabilities = None, []
     for start in range(0, len(images), batch_size):
-        batch = probe.predict_on_batch(images[start:start + batch_size])
+        batch = list(probe.predict_on_batch(images[start:start + batch_size]))
+        if has_top:
+            probabilities.append(np.asarray(batch.pop(), np.float64))
         batch = [np.asarray(b, np.float64).sum(axis=0) for b in batch]
         sums = batch if sums is None else [a + b for a, b in zip(sums, batch)]
     n = len(images)
@@ -181,20 +189,15 @@ def domain_shift(spec, images: np.ndarray, batch_size: int = 16) -> dict[str, fl
         ref_var = np.maximum(np.asarray(layer.moving_variance.numpy(), np.float64), 1e-6)
         kl = 0.5 * (var / ref_var + (mean - ref_mean) ** 2 / ref_var - 1.0 + np.log(ref_var / var))
         per_stage.setdefault(stage, []).append(float(np.mean(kl)))
-    result = {stage: float(np.median(values)) for stage, values in per_stage.items()}
-    result["mean"] = float(np.mean(list(result.values())))
-    return result
-
-
-def imagenet_confidence(spec, images: np.ndarray, batch_size: int = 32) -> dict[str, float] | None:
-    """Mean top-1 probability and normalised entropy of the backbone's ImageNet classifier."""
-    classifier, has_top = _imagenet_network(spec.name)
-    if not has_top:
-        return None
-    probabilities = np.concatenate([np.asarray(classifier.predict_on_batch(images[i:i + batch_size]))
-                                    for i in range(0, len(images), batch_size)])
-    entropy = -(probabilities * np.log(np.maximum(probabilities, 1e-12))).sum(axis=1) / np.log(1000)
-    return {"top1": float(probabilities.max(axis=1).mean()), "entropy": float(entropy.mean())}
+    shift = {stage: float(np.median(values)) for stage, values in per_stage.items()}
+    if shift:
+        shift["mean"] = float(np.mean(list(shift.values())))
+    confidence = None
+    if has_top:
+        p = np.concatenate(probabilities)
+        entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1) / np.log(1000)
+        confidence = {"top1": float(p.max(axis=1).mean()), "entropy": float(entropy.mean())}
+    return shift, confidence
 
 
 def linear_probes(features: dict[str, np.ndarray], labels: np.ndarray, stages: list[str],
@@ -215,14 +218,19 @@ def linear_probes(features: dict[str, np.ndarray], labels: np.ndarray, stages: l
         # The same share of every class, at least two images each.
         keep = np.concatenate([members[: max(2, int(round(len(members) * fraction)))] for members in order.values()])
         subsets[f"{int(fraction * 100)}%"] = np.sort(keep)
-    for stage in stages:
-        x = features["conv5" if stage == "top" else stage]
-        result[stage] = {}
-        for name, keep in subsets.items():
-            folds = int(min(5, np.bincount(labels[keep])[np.bincount(labels[keep]) > 0].min()))
-            model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-            cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-            result[stage][name] = float(cross_val_score(model, x[keep], labels[keep], cv=cv).mean())
+    from threadpoolctl import threadpool_limits
+
+    # One BLAS thread: on these small matrices threaded BLAS mostly synchronises (the probes of
+    # advise on 60,000 images took 8 s instead of about 1 s on a loaded two-core machine).
+    with threadpool_limits(1, user_api="blas"):
+        for stage in stages:
+            x = features["conv5" if stage == "top" else stage]
+            result[stage] = {}
+            for name, keep in subsets.items():
+                folds = int(min(5, np.bincount(labels[keep])[np.bincount(labels[keep]) > 0].min()))
+                model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+                cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+                result[stage][name] = float(cross_val_score(model, x[keep], labels[keep], cv=cv).mean())
     return result
 
 
@@ -337,8 +345,8 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
     # The similarity signals are means over images and channels: 64 images,
     # spread over the classes, measure them as well as 200 at a third of the cost.
     images = np.stack([load_image(s.path, spec.input_size) for s in kept[::max(1, len(kept) // SIGNAL_IMAGES)]])
-    similarity = {"shift": domain_shift(spec, images)}
-    confidence = imagenet_confidence(spec, images)
+    shift, confidence = similarity_signals(spec, images)
+    similarity = {"shift": shift}
     if confidence is not None:
         similarity["imagenet_classifier"] = confidence
     probe_stages = [s for s in ("conv3", "conv4", "top") if s in spec.layer_choices]

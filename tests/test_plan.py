@@ -61,8 +61,8 @@ def test_advise_json_auto_and_the_printed_command_agree(strategy, tmp_path, monk
 
     data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=40)
     # The measurements are the slow part and are tested elsewhere; here every cell is forced in turn.
-    monkeypatch.setattr(cnnkit.advise, "domain_shift", lambda spec, images: {"mean": 0.5})
-    monkeypatch.setattr(cnnkit.advise, "imagenet_confidence", lambda spec, images: {"top1": 0.5, "entropy": 0.5})
+    monkeypatch.setattr(cnnkit.advise, "similarity_signals",
+                        lambda spec, images: ({"mean": 0.5}, {"top1": 0.5, "entropy": 0.5}))
     monkeypatch.setattr(cnnkit.advise, "decide", lambda *args: (CELLS[strategy], strategy, ["forced"]))
 
     advised = runner.invoke(app, ["advise", str(data), "--json"])
