@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-from importlib import metadata
 
 from rich.markup import escape
 
@@ -11,6 +10,8 @@ from cnnkit.cli._common import JsonOption, console, print_json, quiet_tensorflow
 
 
 def _version(package: str) -> str:
+    from importlib import metadata  # here, not at import: `cnnkit --help` stays light
+
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
