@@ -122,7 +122,8 @@ def auto(
     for key in ("cv_accuracy", "val_accuracy", "test_accuracy"):
         if result.metrics.get(key) is not None:
             console.print(f"{key.replace('_', ' ')}: [bold green]{result.metrics[key]:.3f}[/bold green]")
-    console.print(escape(f"model: {result.run_path}   report: {result.report_path}   ({result.seconds:.0f} s)"))
+    console.print(escape(f"model: {result.run_path}   reports: {result.run_path / 'report.html'}, "
+                         f"{result.report_path}   ({result.seconds:.0f} s)"))
 
 
 def register(app) -> None:
