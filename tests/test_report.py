@@ -102,3 +102,15 @@ def test_evaluate_writes_a_report_beside_its_results(made, tmp_path):
     assert re.search(rf"{metrics['accuracy']:.3f}", html)
     assert all(url.startswith("data:") for url in references(html).urls)
     load_run(runs["train"])  # the run itself is unchanged
+
+
+def test_a_run_that_trained_on_every_image_reports_its_cross_validated_predictions(tmp_path):
+    data = make_class_tree(tmp_path / "data", {"a": 8, "b": 8, "c": 8}, size=32)
+    run = load_run(extract_run(data, tmp_path / "run", val_split=0.0))
+    assert run.manifest.data.splits == {"train": 24}
+    metrics = json.loads(run.file("heldout/cv/metrics.json").read_text())
+    # Each image predicted by the head refitted without its fold: the folds and parameters of the CV score.
+    assert metrics["accuracy"] == pytest.approx(run.manifest.metrics["cv_accuracy"], abs=0.05)
+    html = run.file("report.html").read_text()
+    assert "cross-validated" in html and html.count("<img ") >= 1
+    assert "heldout/cv/metrics.json" in run.manifest.files
