@@ -179,7 +179,7 @@ def why_section(folder: Path) -> str:
         return ""
     advice = auto["advice"]
     cell = advice.get("cell") or {}
-    parts = [f"<h2>Why this strategy</h2><p>`auto` measured the data and chose the cell <b>{esc(cell.get('data'))} "
+    parts = [f"<h2>Why this strategy</h2><p><code>auto</code> measured the data and chose the cell <b>{esc(cell.get('data'))} "
              f"data, {esc(cell.get('domain'))} domain</b> of the notes' table: strategy "
              f"<b>{esc(advice.get('strategy'))}</b>.</p>"]
     reasons = advice.get("reasons") or []
