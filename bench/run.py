@@ -108,6 +108,16 @@ def cli(ctx: Context, *args: str) -> dict:
             "stdout": done.stdout}
 
 
+def cold_cache(ctx: Context, name: str, engines: bool = True) -> Context:
+    """``ctx`` with an empty ``$CNNKIT_HOME`` at ``work/name``; ``engines``: keep the converted engines."""
+    home = ctx.work / name
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir()
+    if engines and (ctx.home / "engines").exists():
+        os.symlink(ctx.home / "engines", home / "engines")
+    return Context(ctx.work, ctx.train, ctx.test, ctx.big, home)
+
+
 def decoded(folder: Path, size: int = 224) -> tuple[np.ndarray, np.ndarray, list[Path]]:
     from cnnkit.data import load_dataset, load_image
 
@@ -188,12 +198,7 @@ def bench_engines(ctx: Context) -> list[Row]:
 
 
 def bench_cached(ctx: Context) -> list[Row]:
-    home = ctx.work / "home-cached"  # cold feature cache, engines already converted
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir()
-    if not (home / "engines").exists() and (ctx.home / "engines").exists():
-        os.symlink(ctx.home / "engines", home / "engines")
-    fresh = Context(ctx.work, ctx.train, ctx.test, ctx.big, home)
+    fresh = cold_cache(ctx, "home-cached")
     # A head whose search costs little (k-NN, no PCA), so the figure is the feature stage's saving;
     # the default logreg + PCA search costs minutes on its own on a loaded machine (issue 11, item 2).
     args = ["extract", str(ctx.train), "--head", "knn", "--pca", "none", "--out", str(ctx.work / "cached-run"),
@@ -201,9 +206,7 @@ def bench_cached(ctx: Context) -> list[Row]:
     first = cli(fresh, *args)
     second = cli(fresh, *args)
     # The same first run on TensorFlow (cnnkit 0.1's only engine), on its own cold cache.
-    tf_home = ctx.work / "home-cached-tf"
-    shutil.rmtree(tf_home, ignore_errors=True)
-    first_tf = cli(Context(ctx.work, ctx.train, ctx.test, ctx.big, tf_home), *args, "--engine", "tf")
+    first_tf = cli(cold_cache(ctx, "home-cached-tf", engines=False), *args, "--engine", "tf")
     command = f"cnnkit extract {ctx.train.name} --head knn --pca none --out RUN --force (twice, cold feature cache)"
     return [Row("extract on 1,000 images: first run, whole command, --engine auto", f"{first['wall']:.1f} s", "-",
                 "-", command),
@@ -248,12 +251,7 @@ def bench_heads(ctx: Context) -> list[Row]:
     samples = [s for s in load_dataset(ctx.big).samples if int(s.path.stem) < 200]
     listing = ctx.work / "heads2000.csv"
     listing.write_text("path,label\n" + "".join(f"{s.path},{s.path.parent.name}\n" for s in samples))
-    home = ctx.work / "home-heads"  # cold feature cache, engines already converted
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir()
-    if not (home / "engines").exists() and (ctx.home / "engines").exists():
-        os.symlink(ctx.home / "engines", home / "engines")
-    fresh = Context(ctx.work, ctx.train, ctx.test, ctx.big, home)
+    fresh = cold_cache(ctx, "home-heads")
     rows, features = [], None
     for head in ("logreg", "knn"):
         done = cli(fresh, "extract", str(listing), "--layer", "top", "--head", head, "--val-split", "0", "--json",

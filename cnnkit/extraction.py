@@ -52,19 +52,6 @@ class ExtractResult:
     tried: list[dict] = field(default_factory=list)
 
 
-def cross_validated_probabilities(fitted, features: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
-    """Each training image's class probabilities from the fitted head's pipeline refitted without its fold."""
-    from sklearn.base import clone
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-    from threadpoolctl import threadpool_limits
-
-    folds = StratifiedKFold(fitted.cv_folds, shuffle=True, random_state=seed)
-    with threadpool_limits(1, user_api="blas"):  # small matrices: see heads.fit_head
-        return cross_val_predict(clone(fitted.pipeline), features, labels, cv=folds,
-                                 method="predict_proba").astype(np.float32)
-
-
 def _accuracy(pipeline, features: np.ndarray, labels: np.ndarray) -> float | None:
     if len(labels) == 0:
         return None
@@ -198,23 +185,22 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
                                    best_params=fitted.best_params, cv_folds=fitted.cv_folds,
                                    feature_dims=int(x_all.shape[1]), tried=tried),
         )
+        from cnnkit.evaluation import Evaluation
+        from cnnkit.heads import cross_validated_probabilities
+        from cnnkit.reporting import run_attachments
+
         held_out = next((name for name in ("test", "val") if len(rows.get(name, ()))), None)
         evaluation = None
         if held_out is not None:
-            from cnnkit.evaluation import Evaluation
-
             picked = rows[held_out]
             evaluation = Evaluation(dataset.class_names, kept_labels[picked],
                                     fitted.pipeline.predict_proba(x_all[picked]).astype(np.float32),
                                     [samples[i].path for i in table.kept[picked]])
         elif fitted.cv_folds >= 2:  # every image trained the head (--val-split 0): the report shows CV evidence
-            from cnnkit.evaluation import Evaluation
-
             held_out = "cv"
             evaluation = Evaluation(dataset.class_names, y_train,
                                     cross_validated_probabilities(fitted, x_train, y_train, options.seed),
                                     train_paths)
-        from cnnkit.reporting import run_attachments
 
         hooks = run_attachments(evaluation, held_out, dataset.skipped + table.failures, attach)
         run_path = write_run(out, manifest, write_files, force, attach=hooks)

@@ -113,6 +113,29 @@ def _fold_scores(features: np.ndarray, labels: np.ndarray, train: np.ndarray, te
     return scores
 
 
+def cv_folds(folds: int, seed: int):
+    """The stratified folds every head's cross-validation uses (the search and its evidence alike)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    return StratifiedKFold(folds, shuffle=True, random_state=seed)
+
+
+def cross_validated_probabilities(fitted: FittedHead, features: np.ndarray, labels: np.ndarray,
+                                  seed: int) -> np.ndarray:
+    """Each training image's class probabilities from the fitted head's pipeline refitted without its fold.
+
+    The folds are the search's (``cv_folds`` with the same seed), so the accuracy of these
+    predictions is the CV score the head was chosen by, up to fold sizes.
+    """
+    from sklearn.base import clone
+    from sklearn.model_selection import cross_val_predict
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):  # small matrices: see fit_head
+        return cross_val_predict(clone(fitted.pipeline), features, labels, cv=cv_folds(fitted.cv_folds, seed),
+                                 method="predict_proba").astype(np.float32)
+
+
 def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca: str | int | None = "auto",
              whiten: bool = False, l2_normalize: bool = False, cv: int = 5, seed: int = 0,
              n_jobs: int | None = None) -> FittedHead:
@@ -139,7 +162,6 @@ def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca
             enough to pay for starting the workers, else one).
     """
     from joblib import Parallel, delayed
-    from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import Pipeline
     from threadpoolctl import threadpool_limits
 
@@ -183,7 +205,7 @@ def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca
         default = classifier.get_params()[param]
         with threadpool_limits(1, user_api="blas"):
             return FittedHead(pipeline(sizes[-1] if sizes else None, default).fit(features, labels), {}, None, 0)
-    splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels)
+    splits = cv_folds(folds, seed).split(features, labels)
     jobs = n_jobs if n_jobs is not None else (-1 if features.size * folds > 5_000_000 else 1)
     # One BLAS thread per fold: the folds' matrices are small, and threaded
     # BLAS on small matrices spends its time synchronising (20x slower on a

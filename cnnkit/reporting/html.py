@@ -116,6 +116,13 @@ def learning_rate_png(history: dict[str, list]) -> bytes | None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
     ax.grid(alpha=0.3)
+    return png_bytes(fig)
+
+
+def png_bytes(fig) -> bytes:
+    """A finished matplotlib figure as PNG bytes (for inlining), closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
@@ -265,11 +272,7 @@ def cv_png(labels: Sequence[str], scores: Sequence[float], best: int) -> bytes |
     ax.set_xlabel("CV accuracy")
     for i, value in enumerate(values):
         ax.text(value, i, f" {value:.3f}", va="center", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def training_section(manifest, folder: Path) -> str:
