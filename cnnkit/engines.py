@@ -157,8 +157,21 @@ def make_runner(engine: Engine, name: str, key: str, build: BuildFn, image_size:
         engine = choose_engine(name, key, build, image_size)
     if engine == Engine.tf:
         return TensorFlowRunner(model if model is not None else build())
-    path = onnx_file(name, key, (lambda: model) if model is not None else build, image_size)
-    return OnnxRunner(path) if engine == Engine.onnx else OpenVinoRunner(path)
+    convert = (lambda: model) if model is not None else build
+    runner = OnnxRunner if engine == Engine.onnx else OpenVinoRunner
+    path = onnx_file(name, key, convert, image_size)
+    try:
+        return runner(path)
+    except Exception:  # noqa: BLE001 - each runtime has its own parse errors
+        # The file is only a cache of cnnkit's own conversion: a damaged or edited one is
+        # converted again, once, rather than trusted or turned into a traceback.
+        path.unlink(missing_ok=True)
+        path = onnx_file(name, key, convert, image_size)
+    try:
+        return runner(path)
+    except Exception as error:  # noqa: BLE001
+        raise CnnkitError(f"{path}: {engine} cannot load cnnkit's own conversion of this network "
+                          f"({str(error).splitlines()[0][:200]}); use --engine tf") from None
 
 
 def machine_id() -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cnnkit.data import load_image
-from cnnkit.engines import available_engines, check_engine, choose_engine
+from cnnkit.engines import OnnxRunner, available_engines, check_engine, choose_engine
 from cnnkit.errors import CnnkitError
 from cnnkit.features import FeatureConfig, FeatureExtractor
 from cnnkit.options import Engine
@@ -80,6 +80,24 @@ def test_engines_match_tensorflow_on_a_tiny_network(engine, tmp_path, monkeypatc
     for stage in reference:
         np.testing.assert_allclose(got[stage], reference[stage], rtol=5e-2, atol=5e-3)
     assert (tmp_path / "engines" / "tiny_cnn" / "none-32px-avg-stages" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_a_damaged_cached_conversion_is_converted_again_not_trusted(engine, damage, tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path))
+    config = FeatureConfig("tiny_cnn", "none", 32)
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8)
+    first = FeatureExtractor(config, engine)(images)
+    cached = tmp_path / "engines" / "tiny_cnn" / "none-32px-avg-stages" / "model.onnx"
+    original = cached.read_bytes()
+    damaged = {"garbage": b"\x08\xff" * 997, "truncated": original[: len(original) // 2], "empty": b""}[damage]
+    cached.write_bytes(damaged)
+    again = FeatureExtractor(config, engine)(images)
+    for stage in first:
+        np.testing.assert_allclose(again[stage], first[stage], rtol=1e-5, atol=1e-6)
+    assert cached.read_bytes() != damaged
+    OnnxRunner(cached)  # the cache holds a loadable conversion again
 
 
 _NO_TENSORFLOW = """
