@@ -72,7 +72,7 @@ def search_head(table, rows: np.ndarray, labels: np.ndarray, layer_sets: Sequenc
     def score(layers: list[str], head: Head) -> None:
         try:
             fitted = fit_head(table.select(layers)[rows], labels, head, None, options.whiten,
-                              options.l2_normalize, options.cv, options.seed)
+                              options.l2_normalize, options.cv, options.seed, cache=options.use_cache)
         except CnnkitError as error:  # e.g. too few images per class for this head
             tried.append({"layers": ",".join(layers), "head": str(head), "error": str(error)})
             return
@@ -152,7 +152,8 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
         tried, layers, head = search_head(table, rows["train"], y_train, layer_sets, heads, options, report)
     x_all = table.select(layers)
     x_train = x_all[rows["train"]]
-    fitted = fit_head(x_train, y_train, head, pca, options.whiten, options.l2_normalize, options.cv, options.seed)
+    fitted = fit_head(x_train, y_train, head, pca, options.whiten, options.l2_normalize, options.cv, options.seed,
+                      cache=options.use_cache)
     timings["head"] = time.perf_counter() - started
     metrics = {"cv_accuracy": fitted.cv_accuracy, "train_accuracy": _accuracy(fitted.pipeline, x_train, y_train)}
     for name in ("val", "test"):

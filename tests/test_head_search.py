@@ -68,6 +68,41 @@ def test_parallel_folds_give_the_same_answer_as_one_process():
     assert one.best_params == two.best_params and one.cv_accuracy == two.cv_accuracy
 
 
+def test_an_identical_search_is_answered_from_the_cache_and_a_crafted_cache_is_ignored(tmp_path, monkeypatch):
+    import cnnkit.heads as heads
+
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path))
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1, 2], 20)
+    features = rng.normal(size=(60, 30)) + labels[:, None] * 0.8
+    first = fit_head(features, labels, "logreg", pca="auto", cv=3, cache=True)
+    (table,) = (tmp_path / "heads").glob("*.json")
+
+    searched = []
+    real = heads._fold_scores
+    monkeypatch.setattr(heads, "_fold_scores", lambda *a, **k: searched.append(1) or real(*a, **k))
+    again = fit_head(features, labels, "logreg", pca="auto", cv=3, cache=True)
+    assert not searched  # no fold was scored: the table answered
+    assert (again.best_params, again.cv_accuracy) == (first.best_params, first.cv_accuracy)
+    assert np.array_equal(again.pipeline.predict(features), first.pipeline.predict(features))
+
+    # Other labels, other options or --no-cache: a search of their own.
+    fit_head(features, labels[::-1].copy(), "logreg", pca="auto", cv=3, cache=True)
+    fit_head(features, labels, "logreg", pca=None, cv=3, cache=True)
+    fit_head(features, labels, "logreg", pca="auto", cv=3)
+    assert len(searched) == 9
+
+    # A crafted or damaged table (code-like text, wrong shape, out-of-range or NaN scores, too big)
+    # is ignored: the search runs again, gives the true answer and rewrites the table.
+    for crafted in ("__import__('os').system('false')", '{"scores": [[0.5]]}', '{"scores": [[2, 2, 2, 2]]}',
+                    '{"scores": "NaN"}', '{"scores": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                    "x" * (heads._SEARCH_CACHE_LIMIT + 1)):
+        table.write_text(crafted)
+        searched.clear()
+        redone = fit_head(features, labels, "logreg", pca="auto", cv=3, cache=True)
+        assert searched and (redone.best_params, redone.cv_accuracy) == (first.best_params, first.cv_accuracy)
+
+
 def test_advise_lists_a_big_dataset_without_opening_every_file(tmp_path, monkeypatch):
     import cnnkit.data.dataset as dataset_module
     from cnnkit.data import load_dataset
