@@ -35,9 +35,6 @@ from cnnkit.data import Dataset, Sample, load_dataset, per_class_order, sample_p
 from cnnkit.errors import CnnkitError
 from cnnkit.plan import Plan, Strategy
 
-# Images per second of small_resnet training at 28-32 px on two CPU cores
-# (bench/train_fashion_mnist.py); a plan sizes its epochs to the budget with it.
-SCRATCH_TRAIN_IMAGES_PER_S = 600.0
 # The stages the little-data strategies fit their logistic head on. Fixed,
 # not chosen by cross-validation: on 10-100 images per class the CV choice
 # among stage sets is noise (it picked conv4 alone, 0.73 on test, where
@@ -53,6 +50,12 @@ LINEAR_FLIP = {Strategy.linear_top: False, Strategy.linear_stages: True}
 SIGNAL_IMAGES = 64
 # Training a few stages costs about three forward passes per image.
 FINETUNE_COST_IN_FORWARD_PASSES = 3.0
+# The most epochs a from-scratch plan may train: its --time-limit, not this, ends it on a
+# big dataset (Fashion-MNIST: about 90 s an epoch on two cores, so ~35 epochs in an hour).
+SCRATCH_MAX_EPOCHS = 100
+# Of the time left when training starts, what a plan keeps for the final evaluation, saving
+# the run and its report: a share plus a fixed part.
+RESERVE_SHARE, RESERVE_SECONDS = 0.06, 20.0
 
 
 @dataclass(frozen=True)
@@ -282,8 +285,12 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_side: f
     Little data: a logistic head on fixed stages (``LINEAR_LAYERS``, with
     ``LINEAR_FLIP``), fitted on every training image (``--val-split 0``: the CV accuracy is the
     estimate). More data: fine-tuning above conv4 (similar) or conv2
-    (different), or the compact network from scratch at the images' own size;
-    the epochs are what 80 % of the time left allows at the measured speed.
+    (different), or the compact network from scratch at the images' own size,
+    with ``--time-limit`` set to the time left less a reserve for evaluating
+    and saving: training measures its own epochs and stops on time. From
+    scratch the epochs are capped only by ``SCRATCH_MAX_EPOCHS``, so the
+    budget is used; fine-tuning keeps its preset's epochs as the most, fewer
+    when the speed measured by advise says they cannot fit.
     """
     from dataclasses import replace
 
@@ -293,17 +300,18 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_side: f
         return Plan(strategy, "extract", str(data),
                     ExtractOptions(backbone=backbone, layers=LINEAR_LAYERS[strategy], head="logreg",
                                    flip=LINEAR_FLIP[strategy], val_split=0.0, seed=seed))
+    training_seconds = max(seconds_left * (1 - RESERVE_SHARE) - RESERVE_SECONDS, 6.0)
     if strategy == Strategy.train_scratch:
-        options = preset("train", image_size=max(int(image_side), 28) if image_side else 32, seed=seed)
-        rate = SCRATCH_TRAIN_IMAGES_PER_S
+        options = preset("train", image_size=max(int(image_side), 28) if image_side else 32, seed=seed,
+                         epochs=SCRATCH_MAX_EPOCHS)
     else:
         freeze = "conv4" if strategy == Strategy.finetune_few else "conv2"
         options = preset("finetune", backbone=backbone, freeze=freeze, seed=seed)
         rate = max((forward_images_per_s or 30.0) / FINETUNE_COST_IN_FORWARD_PASSES, 1.0)
-    epoch_seconds = train_images / rate
-    epochs = int(np.clip(seconds_left * 0.8 / epoch_seconds - options.head_epochs, 1, options.epochs))
+        epochs = int(np.clip(training_seconds * rate / train_images - options.head_epochs, 1, options.epochs))
+        options = replace(options, epochs=epochs)
     command = "train" if strategy == Strategy.train_scratch else "finetune"
-    return Plan(strategy, command, str(data), replace(options, epochs=epochs))
+    return Plan(strategy, command, str(data), replace(options, time_limit=round(training_seconds / 60, 2)))
 
 
 def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 20, max_images: int = 400,

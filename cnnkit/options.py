@@ -172,6 +172,8 @@ class TrainOptions:
     tensorboard: bool = False
     sanity: bool = False
     strict: bool = False
+    # Minutes training may take (from the start of the command); the epochs are cut to what fits.
+    time_limit: float | None = None
 
     def __post_init__(self):
         self.mode = Mode.parse(self.mode, "mode")

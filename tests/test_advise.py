@@ -103,6 +103,20 @@ def test_auto_fine_tunes_when_the_thresholds_say_lot(tmp_path):
     assert result.advice.cell["data"] == "lot"
     assert result.plan.command == "finetune" and result.plan.options.freeze in ("conv2", "conv4")
     assert result.plan.options.epochs >= 1
+    # Training is given what is left of the minute, less a reserve for evaluating and saving.
+    assert 0.1 <= result.plan.options.time_limit < 1 and "--time-limit" in result.plan.command_line
+    assert result.seconds < 60 + 30  # one epoch's overshoot at most, on a busy machine
     assert load_run(result.run_path).manifest.command_line == result.plan.command_line
     assert (result.run_path / "model.keras").exists() and (result.run_path / "report.md").exists()
     assert len(predict_run([data], result.run_path).predictions) == 12
+
+
+def test_a_scratch_plan_trains_for_its_budget_not_a_fixed_epoch_count():
+    from cnnkit.advise import SCRATCH_MAX_EPOCHS, make_plan
+    from cnnkit.plan import Strategy
+
+    for minutes in (10, 60):
+        plan = make_plan(Strategy.train_scratch, "data", "efficientnet_lite0", 28, 54_000, minutes * 60 - 15, None)
+        assert plan.command == "train" and plan.options.epochs == SCRATCH_MAX_EPOCHS
+        # Most of the budget trains; a few percent are kept for the final evaluation and saving.
+        assert 0.85 * minutes < plan.options.time_limit < minutes

@@ -124,3 +124,47 @@ def test_schedules():
     assert schedule_factor("inv", 2, 10) == pytest.approx(0.5)
     assert schedule_factor("cosine", 0, 10, warmup=2) == pytest.approx(1 / 3)
     assert schedule_factor("cosine", 2, 10, warmup=2) == pytest.approx(1.0)
+
+
+def test_time_limit_cuts_the_epochs_and_the_cosine_schedule_to_what_fits(monkeypatch):
+    """Epochs of 10 s (the first, tracing, 20 s) and a 65 s limit: 5 epochs fit, and the schedule ends with them."""
+    import cnnkit.training.callbacks as callbacks
+    from cnnkit.training.callbacks import TimeLimit
+    from cnnkit.training.schedule import LearningRatePolicy
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["now"])
+    policy = LearningRatePolicy(0.1, "cosine", epochs=100, warmup=1, patience=0)
+    said = []
+    limit = TimeLimit(deadline=65.0, policy=policy, first_epoch=0, epochs=100, say=said.append)
+    limit.set_model(type("Model", (), {"stop_training": False})())
+    stopped_after = None
+    for epoch in range(100):
+        limit.on_epoch_begin(epoch)
+        clock["now"] += 20.0 if epoch == 0 else 10.0
+        limit.on_epoch_end(epoch)
+        if limit.model.stop_training:
+            stopped_after = epoch + 1
+            break
+    # After the first epoch: 45 s left at 20 s each -> 3 epochs; then 35 s left at 10 s each -> 5
+    # (a sixth would end at 70 s).
+    assert stopped_after == 5 and policy.epochs == 5 and clock["now"] <= 65.0
+    assert policy.rate(4) < 0.1 * 0.2  # the last epoch is near the cosine's end, not at its start
+    assert said[0].startswith("time limit: 3 epochs") and said[-1].startswith("time limit: 5 epochs")
+    # A cut schedule survives a restart from a checkpoint.
+    restored = LearningRatePolicy(0.1, "cosine", epochs=100, warmup=1)
+    restored.restore(policy.state())
+    assert restored.epochs == 5
+
+
+def test_a_time_limited_run_stops_on_time_and_records_what_it_ran(data, tmp_path):
+    import time
+
+    started = time.monotonic()
+    result = run_training(data, _tiny(epochs=10_000, patience=10_000, time_limit=0.15), tmp_path / "run")
+    seconds = time.monotonic() - started
+    manifest = load_run(result.run_path).manifest
+    assert 1 <= manifest.model.epochs_run < 10_000
+    assert manifest.options["time_limit"] == 0.15
+    # 9 s of training, one epoch's overshoot at most, then evaluation and saving.
+    assert seconds < 9 + 15

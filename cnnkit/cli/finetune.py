@@ -26,6 +26,7 @@ LabelSmoothing = Annotated[float, typer.Option(min=0.0, max=0.5, help="Label smo
 ValSplit = Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of train held out for validation when DATA has no val/.")]
 Patience = Annotated[int, typer.Option(min=1, help="Stop after this many epochs without a better validation accuracy.")]
 PlateauPatience = Annotated[int, typer.Option(min=0, help="Divide the rate by 10 after this many epochs without a better validation accuracy (0: never).")]
+TimeLimitOption = Annotated[float | None, typer.Option("--time-limit", min=0.1, help="Minutes the command may train for: the epochs are cut to what fits, measured as it trains, and the schedule ends on time.", show_default=False)]
 Seed = Annotated[int, typer.Option(help="Seed for the split, initialisation, data order and augmentation.")]
 Deterministic = Annotated[bool, typer.Option(help="Deterministic TensorFlow ops (slower).")]
 DeviceOption = Annotated[Device, typer.Option("--device", help="auto, cpu or gpu (mixed precision; several GPUs are mirrored).")]
@@ -104,6 +105,7 @@ def finetune(
     val_split: ValSplit = FINETUNE.val_split,
     patience: Patience = FINETUNE.patience,
     plateau_patience: PlateauPatience = FINETUNE.plateau_patience,
+    time_limit: TimeLimitOption = FINETUNE.time_limit,
     image_size: ImageSize = FINETUNE.image_size,
     weights: Annotated[str, typer.Option(help="'imagenet' or a weights file.")] = FINETUNE.weights,
     seed: Seed = FINETUNE.seed,
@@ -124,7 +126,7 @@ def finetune(
         optimizer=optimizer, momentum=momentum, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
         dropout=dropout, augment=augment, label_smoothing=label_smoothing, val_split=val_split, patience=patience,
         plateau_patience=plateau_patience, seed=seed, deterministic=deterministic, device=device,
-        tensorboard=tensorboard, sanity=sanity, strict=strict)
+        tensorboard=tensorboard, sanity=sanity, strict=strict, time_limit=time_limit)
     _run(data, options, out, force, resume, json_output, quiet)
 
 
@@ -147,6 +149,7 @@ def train(
     val_split: ValSplit = TRAIN.val_split,
     patience: Patience = TRAIN.patience,
     plateau_patience: PlateauPatience = TRAIN.plateau_patience,
+    time_limit: TimeLimitOption = TRAIN.time_limit,
     image_size: ImageSize = TRAIN.image_size,
     seed: Seed = TRAIN.seed,
     deterministic: Deterministic = TRAIN.deterministic,
@@ -166,7 +169,7 @@ def train(
         optimizer=optimizer, momentum=momentum, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
         dropout=dropout, augment=augment, label_smoothing=label_smoothing, val_split=val_split, patience=patience,
         plateau_patience=plateau_patience, seed=seed, deterministic=deterministic, device=device,
-        tensorboard=tensorboard, sanity=sanity, strict=strict)
+        tensorboard=tensorboard, sanity=sanity, strict=strict, time_limit=time_limit)
     _run(data, options, out, force, resume, json_output, quiet)
 
 

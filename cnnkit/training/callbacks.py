@@ -118,6 +118,40 @@ class EpochCheckpoint(keras.callbacks.Callback):
                 shutil.rmtree(old, ignore_errors=True)
 
 
+class TimeLimit(keras.callbacks.Callback):
+    """Ends a phase by a deadline: after each epoch its epochs become what the time left allows.
+
+    An epoch's time is the mean of the phase's epochs after its first (the first
+    also builds the graph), or the first alone. The learning-rate policy's span
+    is cut with the epochs, so a cosine decay still reaches zero at the end.
+    ``share`` gives every worker of a multi-worker run the chief's count, so
+    they stop at the same epoch.
+    """
+
+    def __init__(self, deadline: float, policy, first_epoch: int, epochs: int,
+                 share: Callable[[int], int] = lambda value: value, say: Callable[[str], None] = lambda m: None):
+        super().__init__()
+        self.deadline, self.policy, self.first, self.cap = deadline, policy, first_epoch, epochs
+        self.share, self.say = share, say
+        self.started = 0.0
+        self.durations: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.monotonic()
+        self.durations.append(now - self.started)
+        done = epoch + 1 - self.first
+        typical = float(np.mean(self.durations[1:] or self.durations))
+        fits = self.share(int(min(self.cap, done + max(self.deadline - now, 0.0) // max(typical, 1e-3))))
+        if fits != self.policy.epochs:
+            self.say(f"time limit: {fits} epochs of this phase fit ({typical:.0f} s each)")
+        self.policy.epochs = max(fits, done)
+        if fits <= done:
+            self.model.stop_training = True
+
+
 class EpochReporter(keras.callbacks.Callback):
     """Passes each finished epoch's numbers to ``report`` (a table row in the CLI)."""
 

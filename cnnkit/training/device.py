@@ -75,18 +75,24 @@ class DeviceSetup:
         """
         if self.workers == 1:
             return
-        import tensorflow as tf
-
-        def total(local):
-            # Summed over replicas: each worker's devices all hold its value.
-            summed = self.strategy.reduce("sum", self.strategy.run(lambda: tf.constant(local, tf.int64)), axis=None)
-            return int(summed) // (self.replicas // self.workers)
-
         # The chief's value to everyone, then a count of the workers that differ
         # from it: the same count, and so the same decision, on every worker.
-        chief_value = total(value if self.chief else 0)
-        if total(int(value != chief_value)):
+        chief_value = self.chief_value(value)
+        if self._total(int(value != chief_value)):
             raise CnnkitError(f"the {self.workers} workers see different {what}; {remedy}")
+
+    def chief_value(self, value: int) -> int:
+        """The chief's ``value`` on every worker (a collective: every worker must call it); ``value`` alone."""
+        if self.workers == 1:
+            return value
+        return self._total(value if self.chief else 0)
+
+    def _total(self, local: int) -> int:
+        import tensorflow as tf
+
+        # Summed over replicas: each worker's devices all hold its value.
+        summed = self.strategy.reduce("sum", self.strategy.run(lambda: tf.constant(local, tf.int64)), axis=None)
+        return int(summed) // (self.replicas // self.workers)
 
 
 @dataclass(frozen=True)

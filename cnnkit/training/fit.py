@@ -24,6 +24,7 @@ import json
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,7 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
     from cnnkit.training.resume import find_resume_point
 
     out = Path(out)
+    started = time.monotonic()
     say = progress or (lambda message: None)
     task = helper_task()
     point = None
@@ -138,7 +140,9 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
     device = setup_device(options.device, options.deterministic, options.seed)
     say(f"training on {device.description}")
     try:
-        return _train(data, options, out, force, point, report, say, dataset, attach, strategy, spec, device)
+        deadline = started + options.time_limit * 60 if options.time_limit else None
+        return _train(data, options, out, force, point, report, say, dataset, attach, strategy, spec, device,
+                      deadline)
     except (tf.errors.UnavailableError, tf.errors.InternalError, tf.errors.CancelledError,
             tf.errors.DeadlineExceededError, tf.errors.AbortedError) as error:
         if device.workers == 1:
@@ -164,7 +168,7 @@ def _first_words(error: Exception, limit: int = 240) -> str:
 
 
 def _train(data, options: TrainOptions, out: Path, force: bool, point, report, say, dataset, attach, strategy,
-           spec, device) -> TrainResult:
+           spec, device, deadline: float | None = None) -> TrainResult:
     import tensorflow as tf
 
     from cnnkit.training.augment import Augmentation
@@ -230,7 +234,8 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
     train_ds, train_stream = training_batches(train, num_classes, image_size, options.batch_size, options.seed,
                                               epoch_var, device.strategy)
     val_ds, val_stream = evaluation_batches(val, num_classes, image_size, options.batch_size, device.strategy)
-    ctx = LoopContext(model, spec, options, device, train_ds, val_ds, epoch_var, len(train), work, sanity)
+    ctx = LoopContext(model, spec, options, device, train_ds, val_ds, epoch_var, len(train), work, sanity,
+                      deadline=deadline)
     interrupted = False
     try:
         with sigterm_as_interrupt():

@@ -243,6 +243,7 @@ class LoopContext:
     ratios: object = None  # the run-wide UpdateRatioMonitor, set by run_phases
     best: object = None  # the run-wide BestWeights, set by run_phases
     steps: Steps | None = None  # the last phase's steps, for evaluating the trained network
+    deadline: float | None = None  # time.monotonic() by which training must end (--time-limit)
 
 
 def run_phases(ctx: LoopContext, resume=None, report: Callable[[dict], None] | None = None,
@@ -258,6 +259,7 @@ def run_phases(ctx: LoopContext, resume=None, report: Callable[[dict], None] | N
     import keras
 
     from cnnkit.training.callbacks import BestWeights, EpochCheckpoint, EpochReporter, EpochSeeding, EpochStats
+    from cnnkit.training.callbacks import TimeLimit
     from cnnkit.training.callbacks import restore_optimizer
     from cnnkit.training.monitor import UpdateRatioMonitor
     from cnnkit.training.network import backbone_of, freeze_through, stage_groups
@@ -303,6 +305,8 @@ def run_phases(ctx: LoopContext, resume=None, report: Callable[[dict], None] | N
             EpochSeeding(ctx.epoch_var, options.seed),
             EpochStats(phase.name, ctx.train_images),
             policy,
+            *([TimeLimit(ctx.deadline, policy, first, phase.epochs, ctx.device.chief_value, say)]
+              if ctx.deadline is not None else []),
             ratios,
             best,
             keras.callbacks.CSVLogger(str(history), append=True),

@@ -85,7 +85,8 @@ class LearningRatePolicy(keras.callbacks.Callback):
                 self.wait = 0
 
     def state(self) -> dict:
-        return {"plateau": self.plateau, "best": self.best, "wait": self.wait}
+        return {"plateau": self.plateau, "best": self.best, "wait": self.wait, "epochs": self.epochs}
 
     def restore(self, state: dict) -> None:
         self.plateau, self.best, self.wait = state["plateau"], state["best"], state["wait"]
+        self.epochs = int(state.get("epochs", self.epochs))  # a --time-limit run's shortened schedule
