@@ -43,6 +43,10 @@ from cnnkit.plan import Plan, Strategy
 # (docs/quality.md). C and the PCA size by CV on top of that; one linear
 # head, so a run exports as one graph.
 LINEAR_LAYERS = {Strategy.linear_top: "top", Strategy.linear_stages: "conv4,top"}
+# No PCA in the little-data plans: choosing its size by CV on 100 images is noise. On three
+# Fashion-MNIST subsets (conv4+top, flip, logreg; bench/fewshot_explore), PCA chosen by CV gave
+# 0.783 +- 0.016 at 10 per class against 0.792 +- 0.010 without, and 0.862 against 0.863 at 100,
+# at three times the search time.
 # Flip-averaged features: +0.3 to +0.9 point on Fashion-MNIST subsets, level
 # on photo crops (docs/quality.md), for twice the forward passes.
 LINEAR_FLIP = {Strategy.linear_top: False, Strategy.linear_stages: True}
@@ -50,6 +54,13 @@ LINEAR_FLIP = {Strategy.linear_top: False, Strategy.linear_stages: True}
 SIGNAL_IMAGES = 64
 # Training a few stages costs about three forward passes per image.
 FINETUNE_COST_IN_FORWARD_PASSES = 3.0
+# Input sizes for images smaller than the backbone's input, measured by bench/image_size.py
+# (docs/advise.md, "Image size"): EfficientNet-Lite0 conv4+top features of 28 px Fashion-MNIST,
+# test accuracy (mean of the 10- and 100-per-class cells over three subsets) and the feature
+# stage's speed against 224 px. A plan takes the fastest size within IMAGE_SIZE_MARGIN of the
+# most accurate one.
+IMAGE_SIZE_MARGIN = 0.01
+SMALL_IMAGE_SIZES = {224: (0.825, 1.0), 160: (0.8125, 1.1), 128: (0.7985, 1.6), 96: (0.789, 2.6)}
 # The most epochs a from-scratch plan may train: its --time-limit, not this, ends it on a
 # big dataset (Fashion-MNIST: about 90 s an epoch on two cores, so ~35 epochs in an hour).
 SCRATCH_MAX_EPOCHS = 100
@@ -237,6 +248,31 @@ def linear_probes(features: dict[str, np.ndarray], labels: np.ndarray, stages: l
     return result
 
 
+def choose_image_size(strategy: Strategy, image_side: float, backbone_size: int) -> tuple[int, str]:
+    """The input size a plan runs at, and why.
+
+    From scratch: the images' own median side (at least 28 px), what the
+    compact network is built for. Pretrained backbones: on images smaller than
+    their input, the fastest measured size within ``IMAGE_SIZE_MARGIN`` of the
+    most accurate (``SMALL_IMAGE_SIZES``); otherwise their own input size.
+    """
+    if strategy == Strategy.train_scratch:
+        size = max(int(image_side), 28) if image_side else 32
+        return size, f"input {size} px: the images' own size, which the compact network is built for"
+    if not image_side or image_side >= backbone_size:
+        return backbone_size, f"input {backbone_size} px: the backbone's own size (the images are not smaller)"
+    best = max(accuracy for accuracy, _ in SMALL_IMAGE_SIZES.values())
+    size = max((s for s, (accuracy, _) in SMALL_IMAGE_SIZES.items() if accuracy >= best - IMAGE_SIZE_MARGIN),
+               key=lambda s: SMALL_IMAGE_SIZES[s][1])
+    faster = min((s for s in SMALL_IMAGE_SIZES if s < size), key=lambda s: size - s, default=None)
+    why = (f"; {faster * backbone_size // 224} px would be {SMALL_IMAGE_SIZES[faster][1] / SMALL_IMAGE_SIZES[size][1]:.1f}x "
+           f"faster but lost {(SMALL_IMAGE_SIZES[size][0] - SMALL_IMAGE_SIZES[faster][0]) * 100:.1f} points "
+           "(docs/advise.md)") if faster else ""
+    size = size * backbone_size // 224  # measured on a 224 px backbone; the same share of another's input
+    return size, (f"input {size} px for {image_side:g} px images: the fastest size within "
+                  f"{IMAGE_SIZE_MARGIN * 100:g} point of the most accurate measured on small images{why}")
+
+
 def decide(per_class_median: float, image_side: float, similarity: dict, probes: dict,
            thresholds: Thresholds) -> tuple[dict[str, str], Strategy, list[str]]:
     """Map measurements to the table's cell and a strategy, with the reasons in words."""
@@ -278,7 +314,7 @@ def decide(per_class_median: float, image_side: float, similarity: dict, probes:
     return {"data": data, "domain": domain}, strategy, reasons
 
 
-def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_side: float, train_images: int,
+def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: int | None, train_images: int,
               seconds_left: float, forward_images_per_s: float | None, seed: int = 0) -> Plan:
     """The command and options that carry out ``strategy``, with epochs sized to ``seconds_left``.
 
@@ -294,19 +330,21 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_side: f
     """
     from dataclasses import replace
 
+    from cnnkit.backbones import get_backbone
     from cnnkit.options import ExtractOptions, preset
 
+    if strategy != Strategy.train_scratch and image_size == get_backbone(backbone).input_size:
+        image_size = None  # the backbone's own: left out of the command line
     if strategy in (Strategy.linear_top, Strategy.linear_stages):
         return Plan(strategy, "extract", str(data),
-                    ExtractOptions(backbone=backbone, layers=LINEAR_LAYERS[strategy], head="logreg",
-                                   flip=LINEAR_FLIP[strategy], val_split=0.0, seed=seed))
+                    ExtractOptions(backbone=backbone, layers=LINEAR_LAYERS[strategy], head="logreg", pca=None,
+                                   flip=LINEAR_FLIP[strategy], val_split=0.0, image_size=image_size, seed=seed))
     training_seconds = max(seconds_left * (1 - RESERVE_SHARE) - RESERVE_SECONDS, 6.0)
     if strategy == Strategy.train_scratch:
-        options = preset("train", image_size=max(int(image_side), 28) if image_side else 32, seed=seed,
-                         epochs=SCRATCH_MAX_EPOCHS)
+        options = preset("train", image_size=image_size or 32, seed=seed, epochs=SCRATCH_MAX_EPOCHS)
     else:
         freeze = "conv4" if strategy == Strategy.finetune_few else "conv2"
-        options = preset("finetune", backbone=backbone, freeze=freeze, seed=seed)
+        options = preset("finetune", backbone=backbone, freeze=freeze, image_size=image_size, seed=seed)
         rate = max((forward_images_per_s or 30.0) / FINETUNE_COST_IN_FORWARD_PASSES, 1.0)
         epochs = int(np.clip(training_seconds * rate / train_images - options.head_epochs, 1, options.epochs))
         options = replace(options, epochs=epochs)
@@ -364,9 +402,12 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
     median = float(statistics.median(counts)) if counts else 0.0
     side = _median_side(kept)
     cell, strategy, reasons = decide(median, side, similarity, probes, thresholds)
+    image_size, why = choose_image_size(strategy, side, spec.input_size)
+    reasons.append(why)
     forward_rate = table.computed / forward_seconds if table.computed > 20 else None
     seconds_left = budget_minutes * 60 - (time.perf_counter() - started)
-    plan = make_plan(strategy, data, backbone, side, len(dataset.splits["train"]), seconds_left, forward_rate, seed)
+    plan = make_plan(strategy, data, backbone, image_size, len(dataset.splits["train"]), seconds_left, forward_rate,
+                     seed)
     return Advice(
         images_per_class={"min": float(min(counts, default=0)), "median": median, "total": float(sum(counts)),
                           "classes": float(n_classes)},

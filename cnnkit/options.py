@@ -121,6 +121,13 @@ class Augment(Choice):
     strong = "strong"
 
 
+class BatchNorm(Choice):
+    """What fine-tuning does with the BatchNorm layers of the stages it unfreezes."""
+
+    frozen = "frozen"  # inference mode: ImageNet's statistics and scales stay
+    train = "train"  # batch statistics while training, moving averages updated
+
+
 class Device(Choice):
     auto = "auto"
     cpu = "cpu"
@@ -162,6 +169,7 @@ class TrainOptions:
     weight_decay: float = 1e-4
     dropout: float = 0.2
     augment: Augment = Augment.light
+    batchnorm: BatchNorm = BatchNorm.train
     label_smoothing: float = 0.0
     val_split: float = 0.2
     patience: int = 5
@@ -181,6 +189,7 @@ class TrainOptions:
         self.optimizer = Optimizer.parse(self.optimizer, "--optimizer")
         self.schedule = Schedule.parse(self.schedule, "--schedule")
         self.augment = Augment.parse(self.augment, "--augment")
+        self.batchnorm = BatchNorm.parse(self.batchnorm, "--batchnorm")
         self.device = Device.parse(self.device, "--device")
 
 

@@ -120,3 +120,20 @@ def test_a_scratch_plan_trains_for_its_budget_not_a_fixed_epoch_count():
         assert plan.command == "train" and plan.options.epochs == SCRATCH_MAX_EPOCHS
         # Most of the budget trains; a few percent are kept for the final evaluation and saving.
         assert 0.85 * minutes < plan.options.time_limit < minutes
+
+
+def test_the_input_size_is_the_fastest_within_the_stated_margin():
+    from cnnkit.advise import IMAGE_SIZE_MARGIN, SMALL_IMAGE_SIZES, choose_image_size
+    from cnnkit.plan import Strategy
+
+    # From scratch: the images' own side.
+    assert choose_image_size(Strategy.train_scratch, 28, 224)[0] == 28
+    # Photos at or above the backbone's input: its own size.
+    assert choose_image_size(Strategy.linear_top, 480, 224)[0] == 224
+    # Small images: the measured table decides; every faster size is more than the margin below the best.
+    size, why = choose_image_size(Strategy.linear_stages, 28, 224)
+    best = max(accuracy for accuracy, _ in SMALL_IMAGE_SIZES.values())
+    assert SMALL_IMAGE_SIZES[size][0] >= best - IMAGE_SIZE_MARGIN
+    assert all(SMALL_IMAGE_SIZES[s][0] < best - IMAGE_SIZE_MARGIN
+               for s, (_, speed) in SMALL_IMAGE_SIZES.items() if speed > SMALL_IMAGE_SIZES[size][1])
+    assert f"input {size} px" in why and "docs/advise.md" in why

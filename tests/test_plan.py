@@ -88,9 +88,10 @@ def test_advise_json_auto_and_the_printed_command_agree(strategy, tmp_path, monk
     ("extract", ExtractOptions(layers="conv3,conv4", head="svm", pca=64, whiten=True, l2_normalize=True,
                                pool="max", flip=True, use_cache=False, cv=3, val_split=0.0, image_size=96)),
     ("finetune", preset("finetune", freeze="conv2", optimizer="adamw", schedule="cosine", warmup=1, augment="strong",
-                        finetune_lr_scale=0.3, momentum=0.8, plateau_patience=0, deterministic=True, device="cpu")),
+                        finetune_lr_scale=0.3, momentum=0.8, plateau_patience=0, deterministic=True, device="cpu",
+                        batchnorm="frozen", time_limit=12.5)),
     ("train", preset("train", backbone="tiny_cnn", weights="imagenet", epochs=3, image_size=28, dropout=0.0,
-                     label_smoothing=0.1, sanity=True, strict=True)),
+                     label_smoothing=0.1, sanity=True, strict=True, time_limit=0.5)),
 ])
 def test_any_options_survive_a_round_trip_through_their_command_line(command, options, captured, tmp_path):
     line = command_line(command, tmp_path / "data", options)
@@ -101,7 +102,8 @@ def test_any_options_survive_a_round_trip_through_their_command_line(command, op
 
 
 # Option fields the CLI does not expose for a command, because the command fixes them.
-_FIXED = {"extract": set(), "finetune": {"mode"}, "train": {"mode", "freeze", "head_epochs", "finetune_lr_scale"}}
+_FIXED = {"extract": set(), "finetune": {"mode"},
+          "train": {"mode", "freeze", "head_epochs", "finetune_lr_scale", "batchnorm"}}
 _PARAM_OF = {"layers": "layer", "l2_normalize": "l2", "use_cache": "no_cache"}
 
 
@@ -125,7 +127,7 @@ def test_cli_defaults_are_the_library_presets(command, defaults):
 @pytest.mark.parametrize("command, choices", [
     ("extract", {"--backbone": "Backbone", "--head": "Head", "--pool": "Pool", "--engine": "Engine"}),
     ("finetune", {"--backbone": "Backbone", "--freeze": "Freeze", "--optimizer": "Optimizer",
-                  "--schedule": "Schedule", "--augment": "Augment", "--device": "Device"}),
+                  "--schedule": "Schedule", "--augment": "Augment", "--device": "Device", "--batchnorm": "BatchNorm"}),
     ("train", {"--backbone": "Backbone", "--optimizer": "Optimizer", "--schedule": "Schedule",
                "--augment": "Augment", "--device": "Device"}),
     ("advise", {"--backbone": "Backbone", "--engine": "Engine"}),

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from cnnkit.cli._common import (Backbone, BackboneOption, JsonOption, QuietOption, console, err_console,
                                 print_json, progress_line, quiet_tensorflow, report_skipped, user_errors)
-from cnnkit.options import FINETUNE, TRAIN, Augment, Device, Freeze, Optimizer, Schedule, TrainOptions
+from cnnkit.options import FINETUNE, TRAIN, Augment, BatchNorm, Device, Freeze, Optimizer, Schedule, TrainOptions
 
 Epochs = Annotated[int, typer.Option(min=1, help="Epochs of the main phase.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per step (the notes: 32-256).")]
@@ -101,6 +101,7 @@ def finetune(
     weight_decay: WeightDecay = FINETUNE.weight_decay,
     dropout: Dropout = FINETUNE.dropout,
     augment: AugmentOption = FINETUNE.augment,
+    batchnorm: Annotated[BatchNorm, typer.Option("--batchnorm", help="BatchNorm of the unfrozen stages: frozen (ImageNet statistics, inference mode) or train (batch statistics).")] = FINETUNE.batchnorm,
     label_smoothing: LabelSmoothing = FINETUNE.label_smoothing,
     val_split: ValSplit = FINETUNE.val_split,
     patience: Patience = FINETUNE.patience,
@@ -124,8 +125,8 @@ def finetune(
         mode="finetune", backbone=str(backbone), weights=weights, freeze=freeze, image_size=image_size,
         epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, finetune_lr_scale=finetune_lr_scale,
         optimizer=optimizer, momentum=momentum, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
-        dropout=dropout, augment=augment, label_smoothing=label_smoothing, val_split=val_split, patience=patience,
-        plateau_patience=plateau_patience, seed=seed, deterministic=deterministic, device=device,
+        dropout=dropout, augment=augment, batchnorm=batchnorm, label_smoothing=label_smoothing, val_split=val_split,
+        patience=patience, plateau_patience=plateau_patience, seed=seed, deterministic=deterministic, device=device,
         tensorboard=tensorboard, sanity=sanity, strict=strict, time_limit=time_limit)
     _run(data, options, out, force, resume, json_output, quiet)
 

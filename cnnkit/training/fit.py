@@ -223,7 +223,8 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
         def fresh():
             # Outside the strategy: each worker checks its own copy, no gradient exchange.
             copy = network(0.0, Augmentation(), distributed=False)
-            freeze_through(spec, copy, str(options.freeze) if options.mode == Mode.finetune else "none")
+            freeze_through(spec, copy, str(options.freeze) if options.mode == Mode.finetune else "none",
+                           str(options.batchnorm) if options.mode == Mode.finetune else "train")
             return copy
 
         sanity = sanity_check(fresh, images, labels, num_classes)

@@ -285,7 +285,8 @@ def run_phases(ctx: LoopContext, resume=None, report: Callable[[dict], None] | N
         if start >= last:
             first = last
             continue
-        freeze_through(ctx.spec, model, phase.freeze)
+        freeze_through(ctx.spec, model, phase.freeze,
+                       str(options.batchnorm) if options.mode == Mode.finetune else "train")
         with strategy.scope():
             compile_model(model, options, phase.rate)
         policy = LearningRatePolicy(phase.rate, phase.schedule, phase.epochs, phase.warmup,

@@ -52,22 +52,25 @@ def stage_index(spec: BackboneSpec, backbone, stage: str) -> int:
     return backbone.layers.index(layer)
 
 
-def freeze_through(spec: BackboneSpec, model, stage: str) -> int:
+def freeze_through(spec: BackboneSpec, model, stage: str, batchnorm: str = "train") -> int:
     """Freeze the backbone from its input through the end of ``stage``; unfreeze the rest.
 
     Frozen BatchNorm layers run in inference mode (Keras does this for
     ``trainable=False``), keeping the ImageNet statistics: updating them on a
     few small batches would shift every activation the frozen weights were
-    trained for.
+    trained for. ``batchnorm="frozen"`` keeps the unfrozen stages' BatchNorm
+    layers that way too (the convolutions train, the normalisation does not).
 
     Returns:
         how many backbone layers are frozen.
     """
+    import keras
+
     backbone = backbone_of(model)
     cut = stage_index(spec, backbone, stage)
     backbone.trainable = True
     for i, layer in enumerate(backbone.layers):
-        layer.trainable = i > cut
+        layer.trainable = i > cut and not (batchnorm == "frozen" and isinstance(layer, keras.layers.BatchNormalization))
     return cut + 1
 
 
