@@ -164,7 +164,9 @@ def make_runner(engine: Engine, name: str, key: str, build: BuildFn, image_size:
         return runner(path)
     except Exception:  # noqa: BLE001 - each runtime has its own parse errors
         # The file is only a cache of cnnkit's own conversion: a damaged or edited one is
-        # converted again, once, rather than trusted or turned into a traceback.
+        # converted again, once, rather than trusted or turned into a traceback. An edited one
+        # whose weights point at "external data" outside its folder (/etc/passwd, ../..) is
+        # refused by both runtimes' path checks before anything is read (tests/test_engines.py).
         path.unlink(missing_ok=True)
         path = onnx_file(name, key, convert, image_size)
     try:
@@ -202,10 +204,18 @@ def _speeds_path() -> Path:
 
 
 def _read_speeds() -> dict:
+    """The remembered measurements; ``{}`` when the file is missing, damaged, crafted or too big.
+
+    Safe on a crafted file: ``json.loads`` (data only, no code) on at most 1 MiB, deep nesting
+    caught; an entry is only used when its engine is one of the installed ones (``choose_engine``).
+    """
     try:
-        data = json.loads(_speeds_path().read_text("utf-8"))
+        path = _speeds_path()
+        if path.stat().st_size > 1 << 20:
+            return {}
+        data = json.loads(path.read_text("utf-8"))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}  # only a speed-up: a missing or damaged file means "measure again"
 
 

@@ -60,6 +60,23 @@ def test_auto_measures_once_per_network_and_remembers(tmp_path, monkeypatch):
     assert choose_engine("tiny_cnn", "test-key", build, 32) == chosen and built == [1]  # no second build
 
 
+@pytest.mark.parametrize("content", [b"\x00garbage", b'{"a": ' * 50_000, b"[1, 2]", b"x" * (2 << 20),
+                                     b'{"%s": {"engine": "../../evil"}}', b'{"%s": "openvino"}'])
+def test_a_damaged_or_crafted_speed_record_means_measuring_again(content, tmp_path, monkeypatch):
+    from cnnkit.engines import machine_id
+
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path))
+    extractor = FeatureExtractor(FeatureConfig("tiny_cnn", "none", 32))
+    (tmp_path / "engines").mkdir()
+    entry = f"{machine_id()} | tiny_cnn/test-key".encode()
+    (tmp_path / "engines" / "auto.json").write_bytes(content.replace(b"%s", entry) if b"%s" in content else content)
+    built = []
+    chosen = choose_engine("tiny_cnn", "test-key", lambda: built.append(1) or extractor.model, 32)
+    assert chosen in available_engines() and built == [1]  # measured again, no traceback
+    record = json.loads((tmp_path / "engines" / "auto.json").read_text())
+    assert record[entry.decode()]["engine"] == chosen
+
+
 def test_a_missing_engine_package_is_one_line_saying_what_to_install(monkeypatch):
     import cnnkit.engines
 
@@ -82,8 +99,23 @@ def test_engines_match_tensorflow_on_a_tiny_network(engine, tmp_path, monkeypatc
     assert (tmp_path / "engines" / "tiny_cnn" / "none-32px-avg-stages" / "model.onnx").is_file()
 
 
+def _pointing_outside(model: bytes, location: str) -> bytes:
+    """The model with its largest weight moved to "external data" at ``location`` (a crafted cache file)."""
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    weight = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    length = len(weight.raw_data)
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("length", str(length))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "/etc/passwd", "../../../../etc/passwd"])
 def test_a_damaged_cached_conversion_is_converted_again_not_trusted(engine, damage, tmp_path, monkeypatch):
     monkeypatch.setenv("CNNKIT_HOME", str(tmp_path))
     config = FeatureConfig("tiny_cnn", "none", 32)
@@ -91,7 +123,10 @@ def test_a_damaged_cached_conversion_is_converted_again_not_trusted(engine, dama
     first = FeatureExtractor(config, engine)(images)
     cached = tmp_path / "engines" / "tiny_cnn" / "none-32px-avg-stages" / "model.onnx"
     original = cached.read_bytes()
-    damaged = {"garbage": b"\x08\xff" * 997, "truncated": original[: len(original) // 2], "empty": b""}[damage]
+    damaged = ({"garbage": b"\x08\xff" * 997, "truncated": original[: len(original) // 2], "empty": b""}.get(damage)
+               or _pointing_outside(original, damage))
+    # A crafted conversion whose weights are "external data" in a file outside the cache: both
+    # runtimes refuse the path (checked here), so it is converted again and nothing is read.
     cached.write_bytes(damaged)
     again = FeatureExtractor(config, engine)(images)
     for stage in first:
