@@ -167,6 +167,7 @@ def train(
     options = TrainOptions(
         mode="train", backbone=str(backbone), weights=weights, freeze="none", image_size=image_size,
         epochs=epochs, head_epochs=0, batch_size=batch_size, lr=lr, finetune_lr_scale=TRAIN.finetune_lr_scale,
+        batchnorm=TRAIN.batchnorm,
         optimizer=optimizer, momentum=momentum, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
         dropout=dropout, augment=augment, label_smoothing=label_smoothing, val_split=val_split, patience=patience,
         plateau_patience=plateau_patience, seed=seed, deterministic=deterministic, device=device,
