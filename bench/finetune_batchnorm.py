@@ -80,7 +80,7 @@ def main() -> None:
             results.setdefault(f"finetune --freeze {args.freeze} {name}", []).append(
                 {"seed": seed, "test": test_accuracy(done.run_path), "seconds": time.perf_counter() - started,
                  "history_loss": done.history.get("loss"), "val_accuracy": done.history.get("val_accuracy")})
-            print(name, {k: v for k, v in results[f"finetune --freeze {args.freeze} {name}"][-1].items()}, flush=True)
+            print(name, results[f"finetune --freeze {args.freeze} {name}"][-1], flush=True)
     for name, rows in results.items():
         tests = [r["test"] for r in rows]
         print(f"{name:40s} test {statistics.fmean(tests):.3f} +- {statistics.pstdev(tests):.3f} "

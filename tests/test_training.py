@@ -168,3 +168,17 @@ def test_a_time_limited_run_stops_on_time_and_records_what_it_ran(data, tmp_path
     assert manifest.options["time_limit"] == 0.15
     # 9 s of training, one epoch's overshoot at most, then evaluation and saving.
     assert seconds < 9 + 15
+
+
+def test_an_edited_checkpoint_state_is_a_one_line_error_on_resume(data, tmp_path):
+    def interrupt_after_epoch_2(row):
+        if row["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run_training(data, _tiny(), tmp_path / "part", report=interrupt_after_epoch_2)
+    (state_file,) = (tmp_path / ".part.training").rglob("state.json")
+    state = json.loads(state_file.read_text())
+    state["callbacks"]["policy"]["epochs"] = "__import__('os')"  # a crafted value of the wrong type
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CnnkitError, match="damaged checkpoint .policy state"):
+        run_training(data, TrainOptions(), tmp_path / "part", resume=True)

@@ -275,8 +275,8 @@ def run_phases(ctx: LoopContext, resume=None, report: Callable[[dict], None] | N
     start = 0
     if resume is not None:
         start = resume.next_epoch
-        ratios.restore(resume.callbacks["update_ratios"])
-        best.restore(resume.callbacks["best"])
+        _restore(ratios, resume.callbacks, "update_ratios")
+        _restore(best, resume.callbacks, "best")
         truncate_history(history, start)
 
     first = 0
@@ -296,7 +296,7 @@ def run_phases(ctx: LoopContext, resume=None, report: Callable[[dict], None] | N
             model.load_weights(resume.weights)
             if resume.phase == phase.name and start > first:
                 restore_optimizer(model, resume.optimizer)
-                policy.restore(resume.callbacks["policy"])
+                _restore(policy, resume.callbacks, "policy")
             resume = None
         say(f"phase {phase.name}: {'backbone frozen' if phase.freeze == 'all' else 'frozen through ' + phase.freeze}, "
             f"lr {phase.rate:g}, epochs {max(start, first) + 1}-{last}")
@@ -325,6 +325,21 @@ def run_phases(ctx: LoopContext, resume=None, report: Callable[[dict], None] | N
             break
         first = last
         start = max(start, last)
+
+
+def _restore(callback, states: dict, name: str) -> None:
+    """Put a checkpointed callback state back; a damaged or edited one is a one-line error.
+
+    The states come from the checkpoint's state.json (plain JSON: no code runs); the
+    restore methods only convert its values with float/int, so a wrong type or a
+    missing key is caught here instead of becoming a traceback mid-training.
+    """
+    from cnnkit.errors import CnnkitError
+
+    try:
+        callback.restore(states[name])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CnnkitError(f"--resume: damaged checkpoint ({name} state: {error!r}); start a new run") from None
 
 
 def fit_phase(steps: Steps, train_ds, val_ds, callbacks: list, first: int, last: int, replicas: int = 1) -> None:
