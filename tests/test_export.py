@@ -112,6 +112,42 @@ def test_int8_tflite_is_calibrated_smaller_and_carries_its_labels(runs, tmp_path
     assert bytes(model.buffers[entry.buffer].data).decode().split() == ["a", "b", "c"]
 
 
+def test_float_convolutions_of_an_int8_model_get_int8_weights_and_the_same_outputs():
+    """The weight-only rewrite: large float conv weights become int8 + DEQUANTIZE, small ones stay float."""
+    import keras
+    import tensorflow as tf
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from cnnkit.convert import int8_weights_for_float_convolutions
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)  # 432 weights: stays float
+    x = keras.layers.Conv2D(128, 1, activation="relu")(x)  # 2,048
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)  # 1,152
+    x = keras.layers.Conv2D(128, 1)(x)  # 16,384
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    original = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    rewritten = int8_weights_for_float_convolutions(original, min_weights=1_000)
+
+    assert len(rewritten) < 0.5 * len(original)
+    graph = flatbuffer_utils.convert_bytearray_to_object(bytearray(rewritten)).subgraphs[0]
+    int8 = sorted(int(np.prod(t.shape)) for t in graph.tensors if t.type == schema.TensorType.INT8)
+    assert int8 == [1_152, 2_048, 16_384]
+    images = np.random.default_rng(0).uniform(0, 1, (1, 8, 8, 3)).astype(np.float32)
+
+    def outputs(flatbuffer):
+        interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], images)
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+    expected = outputs(original)
+    np.testing.assert_allclose(outputs(rewritten), expected, atol=0.02 * np.abs(expected).max())
+    assert not np.array_equal(outputs(rewritten), expected)  # the weights really were rounded
+
+
 def test_check_data_can_be_any_folder_of_images(runs, tmp_path):
     result = runner.invoke(app, ["export", str(runs["knn"]), "-f", "onnx", "-o", str(tmp_path / "o"),
                                  "--check", str(runs["data"] / "b"), "--check-images", "5", "--json"])
