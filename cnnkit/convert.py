@@ -170,8 +170,8 @@ def noisy_int8_tensors(debugger) -> list[str]:
     float op on the same input, and ``rmse/scale`` (the RMS difference in units of the output's
     quantization step) is ~0.29 (1/sqrt(12), rounding alone) for a well-quantized tensor. Those
     above ``INT8_MAX_RMSE_PER_SCALE`` stay float. Measured on Fashion-MNIST, 1,000 test images,
-    agreement with the float run / file size (float32 13.5 MB), EfficientNet-Lite0
-    (bench/int8_explore/explore.py):
+    agreement with the float run / file size before int8_weights_for_float_convolutions (float32
+    13.5 MB), EfficientNet-Lite0 (bench/int8_explore/explore.py):
 
     - conv4+top logreg head: no tensor float 96.7 % / 4.0 MB; > 0.45: 97.0 % / 4.2 MB;
       > 0.42: 99.0 % / 6.1 MB; > 0.4: 99.2 % / 6.1 MB (18 of 50 tensors); > 0.38: 99.2 % / 7.0 MB;
