@@ -60,7 +60,7 @@ def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE
     found: dict = {"tried": []}
 
     def attach_report(folder: Path, manifest) -> None:
-        tried = manifest.model.tried if manifest.model.kind == "feature_head" else found["tried"]
+        tried = tried_in(folder, manifest) if manifest.model.kind != "network" else found["tried"]
         result = AutoResult(advice, out, tried, manifest.metrics, time.perf_counter() - started)
         (folder / "report.md").write_text(render_report(result), encoding="utf-8")
         (folder / "auto.json").write_text(json.dumps(
@@ -70,6 +70,22 @@ def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE
     result = advice.plan.run(out, force, dataset=dataset, attach=[attach_report], report=report, progress=say)
     found["tried"] = getattr(result, "tried", [])
     return AutoResult(advice, result.run_path, found["tried"], result.metrics, time.perf_counter() - started)
+
+
+def tried_in(folder: Path, manifest) -> list[dict]:
+    """The candidates a feature-head run scored; an ensemble's, member by member, named by backbone."""
+    from cnnkit.runs import read_manifest
+
+    if manifest.model.kind == "feature_head":
+        return manifest.model.tried
+    if manifest.model.kind != "ensemble":
+        return []
+    rows = []
+    for member in manifest.model.members:
+        inner = read_manifest(folder / member.path)
+        backbone = getattr(inner.model, "backbone", "")
+        rows += [{**row, "layers": f"{backbone}: {row['layers']}"} for row in tried_in(folder / member.path, inner)]
+    return rows
 
 
 def render_report(result: AutoResult) -> str:

@@ -42,7 +42,8 @@ def parse_weights(text: str | None, count: int) -> list[float]:
 
 def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Sequence[float] | None = None,
                   force: bool = False, attach: Sequence = (), data: str | Path | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> Path:
+                  progress: Callable[[int, int], None] | None = None, strategy: str | None = None,
+                  command_line: str | None = None) -> Path:
     """Write a run at ``out`` averaging the probabilities of the runs ``members``.
 
     Args:
@@ -55,6 +56,8 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
         data: labelled images to score the ensemble on (their test split if
             they have one), recorded as ``data_accuracy`` and shown in its report.
         progress: ``(done, total)`` callback over those images.
+        strategy: the strategy-table cell this run carries out (`auto`), to record.
+        command_line: the commands that made it, to record, when not this one call (`auto`'s plan).
 
     Raises:
         CnnkitError: fewer than two runs, a damaged member, members whose class
@@ -79,7 +82,7 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
             copy_run(run, folder / "members" / str(i))
 
     manifest = RunManifest(
-        command="ensemble", command_line=shlex.join(
+        command="ensemble", strategy=strategy, command_line=command_line or shlex.join(
             ["cnnkit", "ensemble", *map(str, members), "--out", str(out),
              "--weights", ",".join(f"{w:g}" for w in given)]),
         options={"members": [str(Path(p).resolve()) for p in members], "weights": weights},

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from cnnkit.errors import CnnkitError
 from cnnkit.features import FeatureConfig, compute_features, parse_layers
 from cnnkit.heads import FittedHead, fit_head, save_head
 from cnnkit.options import ExtractOptions, Head
+
+if TYPE_CHECKING:
+    from cnnkit.evaluation import Evaluation
 
 # Stage sets `--layer auto` compares: single stages, and the combinations
 # that beat single stages on our benchmarks (docs/benchmarks.md).
@@ -35,7 +39,9 @@ AUTO = "auto"
 class ExtractResult:
     """What an extract run measured and where it was saved.
 
-    ``tried`` lists each (layers, head) the search scored, with its CV accuracy.
+    ``tried`` lists each (layers, head) the search scored, with its CV accuracy; ``evaluation``
+    holds the held-out probabilities the run's report shows, measured on ``held_out`` ("test",
+    "val", or "cv": out-of-fold on the training images), when there were any.
     """
 
     run_path: Path | None
@@ -50,6 +56,8 @@ class ExtractResult:
     computed: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     tried: list[dict] = field(default_factory=list)
+    evaluation: Evaluation | None = None
+    held_out: str | None = None
 
 
 def _accuracy(pipeline, features: np.ndarray, labels: np.ndarray) -> float | None:
@@ -161,7 +169,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
             metrics[f"{name}_accuracy"] = _accuracy(fitted.pipeline, x_all[rows[name]], kept_labels[rows[name]])
     counts = {name: int(len(r)) for name, r in rows.items()}
 
-    run_path = None
+    run_path, evaluation, held_out = None, None, None
     if out is not None:
         from cnnkit.models import embed_features
         from cnnkit.options import command_line
@@ -207,4 +215,4 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
         run_path = write_run(out, manifest, write_files, force, attach=hooks)
 
     return ExtractResult(run_path, dataset, layers, str(head), int(x_all.shape[1]), fitted, metrics, counts,
-                         dataset.skipped + table.failures, table.computed, timings, tried)
+                         dataset.skipped + table.failures, table.computed, timings, tried, evaluation, held_out)

@@ -7,7 +7,7 @@ line comes from ``cnnkit.options.command_line``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -31,21 +31,31 @@ class Plan:
 
     Attributes:
         strategy: the table's strategy.
-        command: "extract", "finetune" or "train".
+        command: "extract", "finetune", "train" or "ensemble".
         data: the dataset.
-        options: ``ExtractOptions`` or ``TrainOptions``.
+        options: ``ExtractOptions`` or ``TrainOptions``; ``None`` for an ensemble.
+        members: an ensemble's plans, each run on its own, then averaged (``cnnkit ensemble``).
     """
 
     strategy: Strategy
     command: str
     data: str
-    options: object
+    options: object = None
+    members: list[Plan] = field(default_factory=list)
 
     @property
     def command_line(self) -> str:
-        return command_line(self.command, self.data, self.options)
+        """The commands a user would type; an ensemble's members go to ``RUN-0``, ``RUN-1``..."""
+        if self.command != "ensemble":
+            return command_line(self.command, self.data, self.options)
+        names = [f"RUN-{i}" for i in range(len(self.members))]
+        steps = [f"{member.command_line} --out {name}" for member, name in zip(self.members, names)]
+        return " && ".join([*steps, f"cnnkit ensemble {' '.join(names)} --out RUN"])
 
     def to_dict(self) -> dict:
+        if self.command == "ensemble":
+            return {"strategy": str(self.strategy), "command": self.command, "data": self.data,
+                    "members": [member.to_dict() for member in self.members], "command_line": self.command_line}
         return {"strategy": str(self.strategy), "command": self.command, "data": self.data,
                 "options": {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self.options).items()},
                 "command_line": self.command_line}
@@ -55,6 +65,8 @@ class Plan:
 
         ``report`` gets each searched candidate (extract) or finished epoch (training).
         """
+        if self.command == "ensemble":
+            return self._run_ensemble(out, force, dataset, attach, report, progress)
         if self.command == "extract":
             from cnnkit.extraction import run_extract
 
@@ -64,3 +76,62 @@ class Plan:
 
         return run_training(self.data, self.options, out, force, report=report, progress=progress,
                             dataset=dataset, attach=attach, strategy=str(self.strategy))
+
+    def _run_ensemble(self, out, force, dataset, attach, report, progress) -> EnsembleResult:
+        """Each member into a scratch folder, then the ensemble run (which copies them in) at ``out``."""
+        import tempfile
+
+        from cnnkit.ensemble import make_ensemble
+        from cnnkit.runs import read_manifest
+
+        with tempfile.TemporaryDirectory(prefix="cnnkit-members-") as scratch:
+            results = [member.run(Path(scratch) / f"{i}-{member.options.backbone}", dataset=dataset, report=report,
+                                  progress=progress)
+                       for i, member in enumerate(self.members)]
+            path = make_ensemble([result.run_path for result in results], out, force=force,
+                                 attach=[*_held_out_average(results), *attach], strategy=str(self.strategy),
+                                 command_line=self.command_line)
+        from cnnkit.auto import tried_in
+
+        manifest = read_manifest(path)
+        return EnsembleResult(path, manifest.metrics, tried_in(path, manifest))
+
+
+@dataclass
+class EnsembleResult:
+    """What an ensemble plan wrote: the run, its metrics (the members', see ``member_metrics``), and
+    every candidate its members scored (``tried``)."""
+
+    run_path: Path
+    metrics: dict
+    tried: list[dict]
+
+
+def _held_out_average(results) -> list:
+    """A hook writing the ensemble's own held-out evidence and accuracy, when its members have some.
+
+    Members of one plan see the same images in the same order and, with ``--val-split 0``, the
+    same CV folds (same labels and seed), so the mean of their held-out (or out-of-fold)
+    probabilities is exactly what the ensemble predicts there: its CV accuracy and confusion
+    matrix, not the members'.
+    """
+    evaluations = [getattr(result, "evaluation", None) for result in results]
+    splits = {getattr(result, "held_out", None) for result in results}
+    if None in evaluations or len(splits) != 1 or any(e.paths != evaluations[0].paths for e in evaluations):
+        return []
+    from dataclasses import replace
+
+    import numpy as np
+
+    split = splits.pop()
+    evaluation = replace(evaluations[0], probabilities=np.mean([e.probabilities for e in evaluations], axis=0),
+                         tta_views=0, plain_probabilities=None)
+
+    def evidence(folder: Path, manifest) -> None:
+        from cnnkit.reporting.evidence import write_evidence
+        from cnnkit.runs import open_unsealed
+
+        write_evidence(evaluation, folder / "heldout" / split, open_unsealed(folder, manifest))
+        manifest.metrics[f"{split}_accuracy"] = evaluation.accuracy
+
+    return [evidence]

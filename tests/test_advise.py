@@ -55,25 +55,33 @@ def test_advise_json_from_the_command_line(tmp_path):
     assert advice["cell"]["data"] == "little" and advice["images_per_class"]["median"] == 6
     assert advice["strategy"] in ("linear-top", "linear-stages")
     plan = advice["plan"]
-    # Little data: one logistic head on fixed stages (no noisy CV choice among stage sets), flip-averaged.
-    assert plan["command"] == "extract" and plan["options"]["head"] == "logreg" and plan["options"]["val_split"] == 0
-    assert plan["options"]["layers"] == {"linear-top": "top", "linear-stages": "conv4,top"}[advice["strategy"]]
-    assert plan["options"]["flip"] is (advice["strategy"] == "linear-stages")
+    # Little data: one logistic head on fixed stages (no noisy CV choice among stage sets), flip-averaged,
+    # and, with the budget's room, the same head on EfficientNet-Lite2's features, averaged with it.
+    assert plan["command"] == "ensemble"
+    first, second = plan["members"]
+    for member in (first, second):
+        assert member["command"] == "extract" and member["options"]["head"] == "logreg"
+        assert member["options"]["val_split"] == 0
+        assert member["options"]["layers"] == {"linear-top": "top", "linear-stages": "conv4,top"}[advice["strategy"]]
+    assert first["options"]["backbone"] == "efficientnet_lite0" and second["options"]["backbone"] == "efficientnet_lite2"
+    assert first["options"]["flip"] is (advice["strategy"] == "linear-stages") and second["options"]["flip"] is False
     assert advice["command"] == plan["command_line"] and plan["command_line"].startswith(f"cnnkit extract {data}")
+    assert plan["command_line"].endswith("cnnkit ensemble RUN-0 RUN-1 --out RUN")
     assert set(advice["similarity"]) >= {"shift", "imagenet_classifier", "probes"}
 
 
 def test_auto_runs_the_choice_and_the_run_works_everywhere(tmp_path):
     data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=40)
     result = run_auto(data, tmp_path / "run", budget_minutes=5)
-    assert result.plan.command == "extract" and result.plan.options.head == "logreg"
-    assert result.metrics["cv_accuracy"] is not None
+    assert result.plan.command == "ensemble" and [m.options.head for m in result.plan.members] == ["logreg"] * 2
+    assert result.metrics["member0_cv_accuracy"] is not None and result.metrics["member1_cv_accuracy"] is not None
     report = result.report_path.read_text()
     assert "## Measured" in report and "## Chosen" in report and str(result.advice.strategy) in report
     assert result.plan.command_line in report
     run = load_run(result.run_path)  # report.md and auto.json are part of the sealed run
     assert {"report.md", "auto.json"} <= set(run.manifest.files)
-    assert run.manifest.strategy == str(result.advice.strategy) and run.model.tried == result.tried
+    assert run.manifest.strategy == str(result.advice.strategy) and run.manifest.command_line == result.plan.command_line
+    assert run.model.kind == "ensemble" and len(run.model.members) == 2
     assert len(predict_run([data], result.run_path).predictions) == 12
 
 
@@ -109,6 +117,21 @@ def test_auto_fine_tunes_when_the_thresholds_say_lot(tmp_path):
     assert load_run(result.run_path).manifest.command_line == result.plan.command_line
     assert (result.run_path / "model.keras").exists() and (result.run_path / "report.md").exists()
     assert len(predict_run([data], result.run_path).predictions) == 12
+
+
+def test_little_data_adds_a_second_backbone_only_when_the_budget_has_room():
+    from cnnkit.advise import make_plan
+    from cnnkit.plan import Strategy
+
+    def plan(backbone="efficientnet_lite0", minutes=10.0, rate=50.0):
+        return make_plan(Strategy.linear_stages, "data", backbone, None, 1_000, minutes * 60, rate)
+
+    roomy = plan()  # 1,000 images x (2 flipped + 2.2) passes at 50/s: 84 s of 10 minutes
+    assert roomy.command == "ensemble"
+    assert [m.options.backbone for m in roomy.members] == ["efficientnet_lite0", "efficientnet_lite2"]
+    assert plan(minutes=1.0).command == "extract"  # 84 s do not fit in a minute less the reserve
+    assert plan(rate=5.0).command == "extract"
+    assert plan(backbone="efficientnet_lite2").command == "extract"  # no partner for other backbones
 
 
 def test_a_scratch_plan_trains_for_its_budget_not_a_fixed_epoch_count():

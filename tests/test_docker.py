@@ -92,7 +92,7 @@ def test_predict_and_auto_offline_write_files_the_calling_user_owns(image, user)
     assert ran.returncode == 0, ran.stderr[-3000:]
     run_path = out / "fashion"
     run = load_run(run_path)  # every file present and matching its checksum
-    assert run.manifest.command == "extract" and len(run.class_names) == 10
+    assert run.manifest.command == "ensemble" and len(run.class_names) == 10  # Lite0 + Lite2 feature heads
     assert (run_path / "report.md").is_file()
     for path in [run_path, *run_path.rglob("*")]:
         assert (path.stat().st_uid, path.stat().st_gid) == (uid, gid), path

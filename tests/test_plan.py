@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from cnnkit.cli import app
 from cnnkit.options import FINETUNE, TRAIN, ExtractOptions, TrainOptions, command_line, preset
+import cnnkit.plan
 from cnnkit.plan import Strategy
 from conftest import make_class_tree
 
@@ -50,9 +51,20 @@ def captured(monkeypatch):
         calls.append((str(options.mode), options))
         return result
 
+    def fake_ensemble(plan, out, force, dataset, attach, report, progress):
+        for member in plan.members:
+            member.run(out, force, dataset=dataset)
+        return result
+
     monkeypatch.setattr(cnnkit.extraction, "run_extract", fake_extract)
     monkeypatch.setattr(cnnkit.training.fit, "run_training", fake_training)
+    monkeypatch.setattr(cnnkit.plan.Plan, "_run_ensemble", fake_ensemble)
     return calls
+
+
+def _steps(plan: dict) -> list[tuple[str, dict]]:
+    """(command, options) of each run a plan makes: an ensemble's members, in order."""
+    return [(m["command"], m["options"]) for m in plan.get("members", [])] or [(plan["command"], plan["options"])]
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))
@@ -72,16 +84,20 @@ def test_advise_json_auto_and_the_printed_command_agree(strategy, tmp_path, monk
 
     ran = runner.invoke(app, ["auto", str(data), "--out", str(tmp_path / "run"), "--json"])
     assert ran.exit_code == 0, ran.output
-    (command, options), = captured
-    assert command == plan["command"] and _plain(options) == plan["options"]
+    assert [(command, _plain(options)) for command, options in captured] == _steps(plan)
     assert json.loads(ran.stdout)["plan"]["command_line"] == plan["command_line"]
 
-    # Pasting the printed command runs the very same options.
+    # Pasting the printed command runs the very same options (an ensemble's: each member's step;
+    # `cnnkit ensemble` then only averages them).
     captured.clear()
-    pasted = runner.invoke(app, [*shlex.split(plan["command_line"])[1:], "--out", str(tmp_path / "pasted")])
-    assert pasted.exit_code == 0, pasted.output
-    (command, options), = captured
-    assert command == plan["command"] and _plain(options) == plan["options"]
+    steps = plan["command_line"].split(" && ")
+    if plan["command"] == "ensemble":
+        assert steps[-1] == "cnnkit ensemble RUN-0 RUN-1 --out RUN"
+        steps = [step.removesuffix(f" --out RUN-{i}") for i, step in enumerate(steps[:-1])]
+    for i, step in enumerate(steps):
+        pasted = runner.invoke(app, [*shlex.split(step)[1:], "--out", str(tmp_path / f"pasted-{i}")])
+        assert pasted.exit_code == 0, pasted.output
+    assert [(command, _plain(options)) for command, options in captured] == _steps(plan)
 
 
 @pytest.mark.parametrize("command, options", [
