@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 
 from cnnkit.cli import app
 from cnnkit.options import FINETUNE, TRAIN, ExtractOptions, TrainOptions, command_line, preset
-import cnnkit.plan
 from cnnkit.plan import Strategy
 from conftest import make_class_tree
 
@@ -34,6 +33,7 @@ def _plain(options) -> dict:
 def captured(monkeypatch):
     """Replace the two runners by recorders of the options they are given."""
     import cnnkit.extraction
+    import cnnkit.plan
     import cnnkit.training.fit
 
     calls = []
