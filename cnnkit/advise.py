@@ -391,7 +391,9 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
     # The similarity signals are means over images and channels: 64 images,
     # spread over the classes, measure them as well as 200 at a third of the cost.
     images = np.stack([load_image(s.path, spec.input_size) for s in kept[::max(1, len(kept) // SIGNAL_IMAGES)]])
-    shift, confidence = similarity_signals(spec, images)
+    # In one batch (at most 2 x SIGNAL_IMAGES images): each new batch shape costs a graph
+    # trace of over a second, and 67 images in batches of 64 traced twice.
+    shift, confidence = similarity_signals(spec, images, batch_size=len(images))
     similarity = {"shift": shift}
     if confidence is not None:
         similarity["imagenet_classifier"] = confidence
