@@ -181,7 +181,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
         train_paths = [samples[i].path for i in table.kept[rows["train"]]]
 
         def write_files(folder: Path) -> None:
-            save_head(fitted.pipeline, folder / "head.skops")
+            save_head(fitted.pipeline, folder / "head.skops", cache=options.use_cache)
             write_index(folder, embed_features(fitted.pipeline, x_train), y_train, train_paths)
 
         manifest = RunManifest(
