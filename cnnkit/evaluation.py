@@ -155,13 +155,17 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> No
     `extract` rerun does not import matplotlib (~0.5 s with the drawing).
     """
     import hashlib
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     from cnnkit.paths import reuse_or_write
 
-    key = hashlib.sha256(json.dumps(["confusion.png 1", version("matplotlib"), matrix.dtype.kind, matrix.tolist(),
-                                     list(class_names)]).encode()).hexdigest()
-    reuse_or_write(path, f"plots/{key}.png", lambda target: _draw_confusion(matrix, class_names, target))
+    matrix = np.asarray(matrix)
+    try:
+        key = hashlib.sha256(json.dumps(["confusion.png 1", version("matplotlib"), matrix.dtype.kind,
+                                         matrix.tolist(), list(class_names)]).encode()).hexdigest()
+    except PackageNotFoundError:  # no version to key on: draw it
+        key = None
+    reuse_or_write(path, key and f"plots/{key}.png", lambda target: _draw_confusion(matrix, class_names, target))
 
 
 def _draw_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> None:

@@ -327,7 +327,8 @@ def _fitted_digest(pipeline) -> str | None:
     import skops
     import sklearn
 
-    digest = hashlib.sha256(f"cnnkit-head 1 sklearn {sklearn.__version__} skops {skops.__version__}".encode())
+    digest = hashlib.sha256(f"cnnkit-head 1 sklearn {sklearn.__version__} skops {skops.__version__} "
+                            f"numpy {np.__version__}".encode())
 
     def feed(value) -> None:
         if isinstance(value, np.ndarray) and not value.dtype.hasobject:
@@ -352,7 +353,7 @@ def _fitted_digest(pipeline) -> str | None:
 
     try:
         feed(pipeline)
-    except _Opaque:
+    except (_Opaque, RecursionError):  # RecursionError: an object that refers to itself
         return None
     return digest.hexdigest()
 
