@@ -113,11 +113,11 @@ def reuse_or_write(path: Path, key: str | None, write: Callable[[Path], None]) -
     costs the next run the write, nothing else.
     """
     kept = cache_dir() / key if key else None
-    if kept is not None and kept.is_file():
+    if kept is not None:
         try:
             shutil.copyfile(kept, path)
             return
-        except OSError:
+        except OSError:  # none kept yet (or unreadable): write it
             pass
     write(path)
     if kept is not None and path.stat().st_size <= REUSE_LIMIT:
