@@ -156,7 +156,8 @@ def _imagenet_network(backbone: str):
         return spec.build(weights="imagenet"), False
 
 
-def similarity_signals(spec, images: np.ndarray, batch_size: int = 64) -> tuple[dict[str, float], dict | None]:
+def similarity_signals(spec, images: np.ndarray,
+                       batch_size: int = 2 * SIGNAL_IMAGES) -> tuple[dict[str, float], dict | None]:
     """How far the images are from ImageNet, by two signals from one forward pass of the ImageNet network.
 
     Domain shift: the mean per-channel KL(data || ImageNet) at the BatchNorm
@@ -167,6 +168,10 @@ def similarity_signals(spec, images: np.ndarray, batch_size: int = 64) -> tuple[
 
     Confidence: the mean top-1 probability and normalised entropy of the
     backbone's own ImageNet classifier (``None`` for a backbone without one).
+
+    ``batch_size`` holds `advise`'s whole sample (under 2 x SIGNAL_IMAGES images): each
+    batch shape costs a graph trace of over a second, and its 67 images in batches of
+    64 traced twice.
     """
     import keras
     from keras import ops
@@ -391,9 +396,7 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
     # The similarity signals are means over images and channels: 64 images,
     # spread over the classes, measure them as well as 200 at a third of the cost.
     images = np.stack([load_image(s.path, spec.input_size) for s in kept[::max(1, len(kept) // SIGNAL_IMAGES)]])
-    # In one batch (at most 2 x SIGNAL_IMAGES images): each new batch shape costs a graph
-    # trace of over a second, and 67 images in batches of 64 traced twice.
-    shift, confidence = similarity_signals(spec, images, batch_size=len(images))
+    shift, confidence = similarity_signals(spec, images)
     similarity = {"shift": shift}
     if confidence is not None:
         similarity["imagenet_classifier"] = confidence
