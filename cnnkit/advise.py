@@ -164,7 +164,8 @@ def _imagenet_network(backbone: str):
         return spec.build(weights="imagenet"), False
 
 
-def similarity_signals(spec, images: np.ndarray, batch_size: int = 64) -> tuple[dict[str, float], dict | None]:
+def similarity_signals(spec, images: np.ndarray,
+                       batch_size: int = 2 * SIGNAL_IMAGES) -> tuple[dict[str, float], dict | None]:
     """How far the images are from ImageNet, by two signals from one forward pass of the ImageNet network.
 
     Domain shift: the mean per-channel KL(data || ImageNet) at the BatchNorm
@@ -175,6 +176,10 @@ def similarity_signals(spec, images: np.ndarray, batch_size: int = 64) -> tuple[
 
     Confidence: the mean top-1 probability and normalised entropy of the
     backbone's own ImageNet classifier (``None`` for a backbone without one).
+
+    ``batch_size`` holds `advise`'s whole sample (under 2 x SIGNAL_IMAGES images): each
+    batch shape costs a graph trace of over a second, and its 67 images in batches of
+    64 traced twice.
     """
     import keras
     from keras import ops

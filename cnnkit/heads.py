@@ -294,11 +294,68 @@ _EXTRA_TRUSTED = frozenset({
 })
 
 
-def save_head(pipeline, path: Path) -> None:
-    """Write a fitted pipeline with skops (no pickle)."""
-    import skops.io as sio
+def save_head(pipeline, path: Path, cache: bool = False) -> None:
+    """Write a fitted pipeline with skops (no pickle).
 
-    sio.dump(pipeline, path)
+    ``cache``: reuse the file written before for an identical fitted pipeline (a digest
+    of everything it holds, ``_fitted_digest``; see ``cnnkit.paths.reuse_or_write``): a
+    cached `extract` rerun refits the very same head, and importing skops to write it
+    costs ~0.5 s, as skops lists every scikit-learn estimator at import.
+    """
+    from cnnkit.paths import reuse_or_write
+
+    def write(target: Path) -> None:
+        import skops.io as sio
+
+        sio.dump(pipeline, target)
+
+    digest = _fitted_digest(pipeline) if cache else None
+    reuse_or_write(path, f"heads/{digest}.skops" if digest else None, write)
+
+
+class _Opaque(Exception):
+    """A fitted pipeline holds something ``_fitted_digest`` cannot read exactly."""
+
+
+def _fitted_digest(pipeline) -> str | None:
+    """SHA-256 of a fitted pipeline's whole state, with the scikit-learn and skops versions.
+
+    Walks the estimators' attributes (scikit-learn objects, numeric arrays, plain values,
+    lists, tuples, string-keyed dicts) with their types; ``None`` when it meets anything
+    else, so a digest names exactly one skops file.
+    """
+    import skops
+    import sklearn
+
+    digest = hashlib.sha256(f"cnnkit-head 1 sklearn {sklearn.__version__} skops {skops.__version__} "
+                            f"numpy {np.__version__}".encode())
+
+    def feed(value) -> None:
+        if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+            digest.update(f"array {value.dtype.str} {value.shape}:".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        elif value is None or isinstance(value, (bool, int, float, str, np.generic)):
+            digest.update(f"{type(value).__qualname__} {value!r};".encode())
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__} {len(value)}:".encode())
+            for item in value:
+                feed(item)
+        elif isinstance(value, dict) and all(isinstance(key, str) for key in value):
+            digest.update(f"dict {len(value)}:".encode())
+            for key in sorted(value):
+                feed(key)
+                feed(value[key])
+        elif type(value).__module__.startswith("sklearn.") and hasattr(value, "__dict__"):
+            digest.update(f"object {type(value).__module__}.{type(value).__qualname__}:".encode())
+            feed(vars(value))
+        else:
+            raise _Opaque
+
+    try:
+        feed(pipeline)
+    except (_Opaque, RecursionError):  # RecursionError: an object that refers to itself
+        return None
+    return digest.hexdigest()
 
 
 def load_head(path: Path):

@@ -97,6 +97,36 @@ def atomic_write(path: str | Path, write: Callable[[Path], None] | bytes | str) 
     return path
 
 
+# The largest output ``reuse_or_write`` keeps a copy of (a k-NN head holds its training features:
+# 1,000 x 1,280 float32 is 5 MB; copies of big ones would double the disk a run takes).
+REUSE_LIMIT = 32 << 20
+
+
+def reuse_or_write(path: Path, key: str | None, write: Callable[[Path], None]) -> None:
+    """``write(path)``, or a copy of the file an earlier ``write`` made for the same ``key``.
+
+    For outputs that are a pure function of what ``key`` digests (a saved head, a
+    plot): a cached `extract` rerun then skips importing skops or matplotlib just to
+    write the very same bytes again. Copies are kept in ``$CNNKIT_HOME/<key>`` (a
+    relative path naming a digest), up to ``REUSE_LIMIT`` bytes; ``key=None`` only
+    writes. A copy is only ever copied, never run or loaded here; an unusable cache
+    costs the next run the write, nothing else.
+    """
+    kept = cache_dir() / key if key else None
+    if kept is not None:
+        try:
+            shutil.copyfile(kept, path)
+            return
+        except OSError:  # none kept yet (or unreadable): write it
+            pass
+    write(path)
+    if kept is not None and path.stat().st_size <= REUSE_LIMIT:
+        try:
+            atomic_write(kept, path.read_bytes())
+        except OSError:
+            pass
+
+
 def exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
 

@@ -36,6 +36,25 @@ def test_help_and_usage_errors_do_not_import_tensorflow(args, code):
     assert f"TF_NOT_LOADED {code}" in result.stderr, result.stderr
 
 
+_ENTRY_POINT = """
+import atexit, sys
+atexit.register(lambda: print("ATEXIT", file=sys.stderr))
+from cnnkit.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("args, code, stream, text", [
+    (["--help"], 0, "stdout", "Usage"),
+    (["no-such-command"], 2, "stderr", "No such command"),
+])
+def test_the_entry_point_exits_with_the_code_output_flushed_and_atexit_handlers_run(args, code, stream, text):
+    """main() leaves without the interpreter's teardown (os._exit), keeping what a normal exit does."""
+    result = subprocess.run([sys.executable, "-c", _ENTRY_POINT, *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == code, result.stderr
+    assert text in getattr(result, stream) and result.stderr.rstrip().endswith("ATEXIT"), result.stderr
+
+
 def test_predict_json_on_real_photos():
     result = runner.invoke(app, ["predict", str(PHOTOS / "coffee.png"), str(PHOTOS / "cat.png"),
                                  "--json", "--top-k", "3"])

@@ -184,3 +184,33 @@ def test_exact_nearest_search_matches_brute_force():
     rows, scores = nearest(index, queries, k=4, chunk=128)
     expected = np.argsort(-(queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ index.T, axis=1)[:, :4]
     assert rows.tolist() == expected.tolist()
+
+
+def test_a_cached_rerun_reuses_the_same_head_and_plot_files(data, tmp_path, monkeypatch):
+    """An identical rerun copies head.skops and confusion.png kept from the first run (no skops
+    or matplotlib import): the same bytes, the head still loads and predicts alike."""
+    import cnnkit.evaluation
+    import cnnkit.heads
+
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path / "own_cache"))
+    options = ExtractOptions(**TINY, layers="top", head="knn", pca=None, cv=3, val_split=0.25)
+    first = run_extract(data, options, tmp_path / "first")
+
+    def must_not_draw(*args):
+        raise AssertionError("drew again")
+
+    monkeypatch.setattr(cnnkit.evaluation, "_draw_confusion", must_not_draw)
+    monkeypatch.setattr(sio, "dump", must_not_draw)
+    second = run_extract(data, options, tmp_path / "second")
+    for name in ("head.skops", "heldout/val/confusion.png"):
+        assert (first.run_path / name).read_bytes() == (second.run_path / name).read_bytes()
+    assert second.metrics == first.metrics
+    head = load_head(second.run_path / "head.skops")
+    x = np.random.default_rng(0).random((4, first.feature_dims), dtype=np.float32)
+    assert np.array_equal(head.predict(x), first.fitted.pipeline.predict(x))
+    # Another head, or --no-cache, writes its own.
+    assert cnnkit.heads._fitted_digest(first.fitted.pipeline) == cnnkit.heads._fitted_digest(second.fitted.pipeline)
+    other = fit_head(x, np.array([0, 0, 1, 1]), "knn", None, cv=2)
+    assert cnnkit.heads._fitted_digest(other.pipeline) != cnnkit.heads._fitted_digest(first.fitted.pipeline)
+    with pytest.raises(AssertionError, match="drew again"):
+        run_extract(data, ExtractOptions(**{**options.__dict__, "use_cache": False}), tmp_path / "third")

@@ -41,7 +41,7 @@ def test_a_full_disk_while_writing_leaves_the_existing_run_intact(run, data, mon
 
     before = _snapshot(run)
 
-    def full_disk(pipeline, path):
+    def full_disk(pipeline, path, cache=False):
         path.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
