@@ -55,9 +55,13 @@ LINEAR_FLIP = {Strategy.linear_top: False, Strategy.linear_stages: True}
 # run, when the budget has room for it. On three random Fashion-MNIST subsets (2,000 test images,
 # conv4+top, C=0.1; bench/fewshot_explore/partner.py): Lite0 alone 0.787 / 0.863 at 10 / 100 per
 # class, Lite2 alone 0.778 / 0.852, the average of both 0.798 / 0.870 (better on every subset but
-# one, level there). Lite2 costs about 2.2 Lite0 forward passes (0.9 against 0.4 GFLOPs).
+# one, level there). Lite2 costs about three Lite0 forward passes (docs/quality.md).
+# Both heads of that ensemble use C = ENSEMBLE_HEAD_C instead of a CV choice: averaging CV-tuned
+# heads gained only 0.3 / 0.2 points through `auto` (0.794 / 0.865), because the CV choice of C on
+# 100-1,000 images is noise (it ranged from 0.01 to 10 across the subsets, like the PCA size above).
 PARTNER_BACKBONES = {"efficientnet_lite0": "efficientnet_lite2"}
-PARTNER_COST_IN_FORWARD_PASSES = 2.2
+PARTNER_COST_IN_FORWARD_PASSES = 3.0
+ENSEMBLE_HEAD_C = 0.1
 # Images the domain-shift and ImageNet-confidence signals are measured on.
 SIGNAL_IMAGES = 64
 # Training a few stages costs about three forward passes per image.
@@ -358,8 +362,10 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
         passes = train_images * ((2 if options.flip else 1) + PARTNER_COST_IN_FORWARD_PASSES)
         if partner is None or passes / (forward_images_per_s or 30.0) > training_seconds:
             return plan
+        options = replace(options, head_param=ENSEMBLE_HEAD_C)
         return Plan(strategy, "ensemble", str(data), members=[
-            plan, Plan(strategy, "extract", str(data), replace(options, backbone=partner, flip=False, image_size=None))])
+            Plan(strategy, "extract", str(data), options),
+            Plan(strategy, "extract", str(data), replace(options, backbone=partner, flip=False, image_size=None))])
     if strategy == Strategy.train_scratch:
         options = preset("train", image_size=image_size or 32, seed=seed, epochs=SCRATCH_MAX_EPOCHS)
     else:

@@ -90,7 +90,8 @@ def search_head(table, rows: np.ndarray, labels: np.ndarray, layer_sets: Sequenc
     def score(layers: list[str], head: Head) -> None:
         try:
             fitted = fit_head(table.select(layers)[rows], labels, head, None, options.whiten,
-                              options.l2_normalize, options.cv, options.seed, cache=options.use_cache)
+                              options.l2_normalize, options.cv, options.seed, cache=options.use_cache,
+                              param_value=options.head_param)
         except CnnkitError as error:  # e.g. too few images per class for this head
             tried.append({"layers": ",".join(layers), "head": str(head), "error": str(error)})
             return
@@ -140,6 +141,10 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
                       if all(part in spec.layer_choices for part in c.split(","))]
     else:
         layer_sets = [parse_layers(spec, options.layers)]
+    if options.head == Head.auto and options.head_param is not None:
+        raise CnnkitError("--head-param needs one --head (C and k mean different things): drop one of them")
+    if options.head_param is not None and not options.head_param > 0:
+        raise CnnkitError(f"--head-param {options.head_param:g}: give a positive number (C, or k for --head knn)")
     heads = [Head.logreg, Head.svm] if options.head == Head.auto else [options.head]
     pca = options.pca
     config = FeatureConfig(options.backbone, options.weights, options.image_size, options.pool,
@@ -171,7 +176,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
     x_all = table.select(layers)
     x_train = x_all[rows["train"]]
     fitted = fit_head(x_train, y_train, head, pca, options.whiten, options.l2_normalize, options.cv, options.seed,
-                      cache=options.use_cache)
+                      cache=options.use_cache, param_value=options.head_param)
     timings["head"] = time.perf_counter() - started
     metrics = {"cv_accuracy": fitted.cv_accuracy, "train_accuracy": _accuracy(fitted.pipeline, x_train, y_train)}
     for name in ("val", "test"):

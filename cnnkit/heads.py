@@ -185,7 +185,7 @@ def _write_cached_scores(path: Path, scores: np.ndarray) -> None:
 
 def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca: str | int | None = "auto",
              whiten: bool = False, l2_normalize: bool = False, cv: int = 5, seed: int = 0,
-             n_jobs: int | None = None, cache: bool = False) -> FittedHead:
+             n_jobs: int | None = None, cache: bool = False, param_value: float | None = None) -> FittedHead:
     """Fit a head, choosing its hyper-parameters by stratified cross-validation.
 
     The search fits scaling and PCA once per fold and slices the PCA sizes
@@ -207,6 +207,8 @@ def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca
             images in some class the defaults are used without CV.
         n_jobs: parallel folds (``None``: every core when the problem is big
             enough to pay for them, else one).
+        param_value: the head's hyper-parameter (C, or k for k-NN) to use instead of searching
+            ``_classifier``'s grid; CV then still scores it (and the PCA sizes).
         cache: keep the CV score table in ``$CNNKIT_HOME/heads``, keyed by a digest
             of the features, labels and every setting, and reuse it: an identical
             rerun (same cached features, same options) skips the search and only
@@ -241,6 +243,8 @@ def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca
         sizes = [min(int(pca), max_components)]
     else:
         sizes = None
+    if param_value is not None:
+        values = [int(param_value) if head == Head.knn else float(param_value)]
     if head == Head.knn:  # k cannot exceed the training fold size
         values = [k for k in values if k < fold_rows] or [1]
 
@@ -253,7 +257,7 @@ def fit_head(features: np.ndarray, labels: np.ndarray, head: str = "logreg", pca
         return Pipeline([*steps, ("clf", classifier.set_params(**{param: value}))])
 
     if folds < 2:
-        default = classifier.get_params()[param]
+        default = values[0] if param_value is not None else classifier.get_params()[param]
         with threadpool_limits(1, user_api="blas"):
             return FittedHead(pipeline(sizes[-1] if sizes else None, default).fit(features, labels), {}, None, 0)
     cached_at = (_search_cache_file(features, labels, [str(head), sizes, values, whiten, l2_normalize, folds, seed])

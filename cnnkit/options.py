@@ -66,7 +66,8 @@ def parse_pca(value: str | int | None) -> str | int | None:
 class ExtractOptions:
     """Settings of an extract run (the CLI flags, as a library object).
 
-    ``layers`` is a stage, a comma-separated list of stages or ``"auto"``.
+    ``layers`` is a stage, a comma-separated list of stages or ``"auto"``; ``head_param`` fixes
+    the head's hyper-parameter (C of logreg and the SVMs, k of k-NN) instead of choosing it by CV.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -79,6 +80,7 @@ class ExtractOptions:
     pca: str | int | None = "auto"
     whiten: bool = False
     head: Head = Head.logreg
+    head_param: float | None = None
     cv: int = 5
     val_split: float = 0.2
     seed: int = 0

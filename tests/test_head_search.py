@@ -59,6 +59,33 @@ def test_logreg_search_matches_gridsearch_and_records_the_pca_size():
     assert fitted.pipeline.score(features, labels) > 0.9
 
 
+@pytest.mark.parametrize("head, value, key", [("logreg", 0.1, "C"), ("knn", 3.0, "n_neighbors")])
+def test_a_fixed_head_parameter_is_used_and_still_scored(head, value, key):
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1, 2], 30)
+    features = rng.normal(size=(90, 20)) + labels[:, None] * rng.normal(size=20)
+    fitted = fit_head(features, labels, head, pca=None, cv=3, param_value=value)
+    reference = _reference(features, labels, head, None, folds=3)
+    scored = dict(zip([p[f"clf__{key}"] for p in reference["params"]], reference["mean_test_score"]))
+    assert fitted.best_params == {key: value} and fitted.cv_accuracy == pytest.approx(scored[value], abs=1e-9)
+    assert fitted.pipeline.named_steps["clf"].get_params()[key] == value
+
+
+def test_a_bad_head_param_is_a_one_line_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from cnnkit.cli import app
+    from conftest import make_class_tree
+
+    data = make_class_tree(tmp_path / "data", {"a": 4, "b": 4}, size=32)
+    result = CliRunner().invoke(app, ["extract", str(data), "--head", "auto", "--head-param", "0.1",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--head-param needs one --head" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    result = CliRunner().invoke(app, ["extract", str(data), "--head-param", "0", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--head-param 0: give a positive number" in result.stderr
+
+
 def test_parallel_folds_give_the_same_answer_as_one_process():
     rng = np.random.default_rng(2)
     labels = np.repeat([0, 1], 30)

@@ -101,7 +101,7 @@ def test_advise_json_auto_and_the_printed_command_agree(strategy, tmp_path, monk
 
 
 @pytest.mark.parametrize("command, options", [
-    ("extract", ExtractOptions(layers="conv3,conv4", head="svm", pca=64, whiten=True, l2_normalize=True,
+    ("extract", ExtractOptions(layers="conv3,conv4", head="svm", head_param=3.0, pca=64, whiten=True, l2_normalize=True,
                                pool="max", flip=True, use_cache=False, cv=3, val_split=0.0, image_size=96)),
     ("finetune", preset("finetune", freeze="conv2", optimizer="adamw", schedule="cosine", warmup=1, augment="strong",
                         finetune_lr_scale=0.3, momentum=0.8, plateau_patience=0, deterministic=True, device="cpu",

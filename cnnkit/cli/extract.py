@@ -22,6 +22,7 @@ def extract(
     backbone: BackboneOption = Backbone(_D.backbone),
     layer: Annotated[str, typer.Option("--layer", "-l", help="Stage(s) to take pooled features from: conv1..conv5, top, a list like conv4,top, or 'auto' (the best of conv3, conv4, top, conv4,top and conv3,conv4,top by cross-validation).")] = _D.layers,
     head: Annotated[Head, typer.Option(help="Classifier: logistic regression, RBF SVM, linear SVM, k-NN, or auto (logreg or svm by cross-validation).")] = _D.head,
+    head_param: Annotated[float | None, typer.Option(help="Fix the head's hyper-parameter (C of logreg and the SVMs, k of k-NN) instead of choosing it by cross-validation.")] = _D.head_param,
     pca: Annotated[str, typer.Option(help="PCA components: a number, 'auto' (picked by cross-validation) or 'none'.")] = str(_D.pca),
     whiten: Annotated[bool, typer.Option(help="Whiten the PCA components.")] = _D.whiten,
     l2: Annotated[bool, typer.Option("--l2", help="L2-normalise each feature vector before scaling.")] = _D.l2_normalize,
@@ -46,7 +47,7 @@ def extract(
 
     with user_errors(), progress_bar(quiet or json_output) as progress:
         options = ExtractOptions(backbone=str(backbone), layers=layer, weights=weights, image_size=image_size,
-                                 pool=pool, flip=flip, l2_normalize=l2, pca=pca, whiten=whiten, head=head,
+                                 pool=pool, flip=flip, l2_normalize=l2, pca=pca, whiten=whiten, head=head, head_param=head_param,
                                  cv=cv, val_split=val_split, seed=seed, batch_size=batch_size,
                                  use_cache=not no_cache, strict=strict, engine=engine)
         result = run_extract(data, options, out, force, progress=progress_callback(progress, "features"),
