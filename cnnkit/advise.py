@@ -58,7 +58,8 @@ LINEAR_FLIP = {Strategy.linear_top: False, Strategy.linear_stages: True}
 # one, level there). Lite2 costs about three Lite0 forward passes (docs/quality.md).
 # Both heads of that ensemble use C = ENSEMBLE_HEAD_C instead of a CV choice: averaging CV-tuned
 # heads gained only 0.3 / 0.2 points through `auto` (0.794 / 0.865), because the CV choice of C on
-# 100-1,000 images is noise (it ranged from 0.01 to 10 across the subsets, like the PCA size above).
+# 100-1,000 images is noise (it ranged from 0.01 to 10 across the subsets, like the PCA size above);
+# with C = 0.1, 0.795 / 0.870 against 0.791 / 0.863 for the one-head plan (bench/quality_fewshot.py).
 PARTNER_BACKBONES = {"efficientnet_lite0": "efficientnet_lite2"}
 PARTNER_COST_IN_FORWARD_PASSES = 3.0
 ENSEMBLE_HEAD_C = 0.1
@@ -436,8 +437,8 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
                      seed)
     if plan.command == "ensemble":
         reasons.append(f"two backbones averaged ({backbone} + {plan.members[1].options.backbone}): the budget has "
-                       f"room for the second one's forward passes, and the average was +0.7 to +1.1 points "
-                       f"over {backbone} alone on Fashion-MNIST subsets (docs/advise.md)")
+                       f"room for the second one's forward passes, and the average beat {backbone} alone by "
+                       f"0.4 and 0.7 points at 10 and 100 Fashion-MNIST images per class (docs/advise.md)")
     return Advice(
         images_per_class={"min": float(min(counts, default=0)), "median": median, "total": float(sum(counts)),
                           "classes": float(n_classes)},
