@@ -16,6 +16,7 @@ from pathlib import Path
 from cnnkit.advise import Advice, Thresholds, advise
 from cnnkit.backbones.registry import DEFAULT_BACKBONE
 from cnnkit.data import load_dataset
+from cnnkit.plan import tried_in
 
 
 @dataclass
@@ -70,22 +71,6 @@ def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE
     result = advice.plan.run(out, force, dataset=dataset, attach=[attach_report], report=report, progress=say)
     found["tried"] = getattr(result, "tried", [])
     return AutoResult(advice, result.run_path, found["tried"], result.metrics, time.perf_counter() - started)
-
-
-def tried_in(folder: Path, manifest) -> list[dict]:
-    """The candidates a feature-head run scored; an ensemble's, member by member, named by backbone."""
-    from cnnkit.runs import read_manifest
-
-    if manifest.model.kind == "feature_head":
-        return manifest.model.tried
-    if manifest.model.kind != "ensemble":
-        return []
-    rows = []
-    for member in manifest.model.members:
-        inner = read_manifest(folder / member.path)
-        backbone = getattr(inner.model, "backbone", "")
-        rows += [{**row, "layers": f"{backbone}: {row['layers']}"} for row in tried_in(folder / member.path, inner)]
-    return rows
 
 
 def render_report(result: AutoResult) -> str:

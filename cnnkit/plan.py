@@ -91,10 +91,24 @@ class Plan:
             path = make_ensemble([result.run_path for result in results], out, force=force,
                                  attach=[*_held_out_average(results), *attach], strategy=str(self.strategy),
                                  command_line=self.command_line)
-        from cnnkit.auto import tried_in
-
         manifest = read_manifest(path)
         return EnsembleResult(path, manifest.metrics, tried_in(path, manifest))
+
+
+def tried_in(folder: Path, manifest) -> list[dict]:
+    """The candidates a feature-head run scored; an ensemble's, member by member, named by backbone."""
+    from cnnkit.runs import read_manifest
+
+    if manifest.model.kind == "feature_head":
+        return manifest.model.tried
+    if manifest.model.kind != "ensemble":
+        return []
+    rows = []
+    for member in manifest.model.members:
+        inner = read_manifest(folder / member.path)
+        backbone = getattr(inner.model, "backbone", "")
+        rows += [{**row, "layers": f"{backbone}: {row['layers']}"} for row in tried_in(folder / member.path, inner)]
+    return rows
 
 
 @dataclass
