@@ -87,6 +87,9 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
              "--weights", ",".join(f"{w:g}" for w in given)]),
         options={"members": [str(Path(p).resolve()) for p in members], "weights": weights},
         class_names=runs[0].class_names, image_size=max(r.image_size for r in runs),
+        # Members that learned from the same files (auto's plans): the ensemble did too, so
+        # export's check and `info` find that data as they do for a single run.
+        data=runs[0].manifest.data if all(r.manifest.data == runs[0].manifest.data for r in runs) else None,
         crop_pct=max(r.crop_pct for r in runs), preprocessing="per member",
         metrics=member_metrics(runs),
         model=EnsembleModel(members=[EnsembleMember(path=f"members/{i}", seal=run.manifest.seal, weight=w)

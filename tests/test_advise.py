@@ -82,6 +82,8 @@ def test_auto_runs_the_choice_and_the_run_works_everywhere(tmp_path):
     assert {"report.md", "auto.json"} <= set(run.manifest.files)
     assert run.manifest.strategy == str(result.advice.strategy) and run.manifest.command_line == result.plan.command_line
     assert run.model.kind == "ensemble" and len(run.model.members) == 2
+    # Its members learned from the same files, so the ensemble records them (export's check finds them).
+    assert run.manifest.data is not None and run.manifest.data == load_run(run.path / "members" / "0").manifest.data
     assert len(predict_run([data], result.run_path).predictions) == 12
 
 
