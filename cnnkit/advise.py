@@ -51,7 +51,7 @@ LINEAR_LAYERS = {Strategy.linear_top: "top", Strategy.linear_stages: "conv4,top"
 # on photo crops (docs/quality.md), for twice the forward passes.
 LINEAR_FLIP = {Strategy.linear_top: False, Strategy.linear_stages: True}
 # Little data on the default backbone: a second logistic head on EfficientNet-Lite2's features (its
-# own 260 px, the same stages, no flip), its probabilities averaged with the first's in an ensemble
+# first member's input size, the same stages, no flip), its probabilities averaged with the first's in an ensemble
 # run, when the budget has room for it. On three random Fashion-MNIST subsets (2,000 test images,
 # conv4+top, C=0.1; bench/fewshot_explore/partner.py): Lite0 alone 0.787 / 0.863 at 10 / 100 per
 # class, Lite2 alone 0.778 / 0.852, the average of both 0.798 / 0.870 (better on every subset but
@@ -59,7 +59,8 @@ LINEAR_FLIP = {Strategy.linear_top: False, Strategy.linear_stages: True}
 # Both heads of that ensemble use C = ENSEMBLE_HEAD_C instead of a CV choice: averaging CV-tuned
 # heads gained only 0.3 / 0.2 points through `auto` (0.794 / 0.865), because the CV choice of C on
 # 100-1,000 images is noise (it ranged from 0.01 to 10 across the subsets, like the PCA size above);
-# with C = 0.1, 0.795 / 0.870 against 0.791 / 0.863 for the one-head plan (bench/quality_fewshot.py).
+# with C = 0.1, 0.795 / 0.870 against 0.791 / 0.863 for the one-head plan (bench/quality_fewshot.py), and
+# 0.802 / 0.871 with Lite2 at Lite0's 224 px instead of its own 260 (cheaper, and the ensemble exports).
 PARTNER_BACKBONES = {"efficientnet_lite0": "efficientnet_lite2"}
 PARTNER_COST_IN_FORWARD_PASSES = 3.0
 ENSEMBLE_HEAD_C = 0.1
@@ -366,7 +367,10 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
         options = replace(options, head_param=ENSEMBLE_HEAD_C)
         return Plan(strategy, "ensemble", str(data), members=[
             Plan(strategy, "extract", str(data), options),
-            Plan(strategy, "extract", str(data), replace(options, backbone=partner, flip=False, image_size=None))])
+            # At the first member's input size: an ensemble exports as one graph only when its members
+            # take one input size (cnnkit.export).
+            Plan(strategy, "extract", str(data), replace(options, backbone=partner, flip=False,
+                                                         image_size=image_size or get_backbone(backbone).input_size))])
     if strategy == Strategy.train_scratch:
         options = preset("train", image_size=image_size or 32, seed=seed, epochs=SCRATCH_MAX_EPOCHS)
     else:
@@ -438,7 +442,7 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
     if plan.command == "ensemble":
         reasons.append(f"two backbones averaged ({backbone} + {plan.members[1].options.backbone}): the budget has "
                        f"room for the second one's forward passes, and the average beat {backbone} alone by "
-                       f"0.4 and 0.7 points at 10 and 100 Fashion-MNIST images per class (docs/advise.md)")
+                       f"1.1 and 0.8 points at 10 and 100 Fashion-MNIST images per class (docs/advise.md)")
     return Advice(
         images_per_class={"min": float(min(counts, default=0)), "median": median, "total": float(sum(counts)),
                           "classes": float(n_classes)},

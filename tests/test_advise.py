@@ -65,6 +65,7 @@ def test_advise_json_from_the_command_line(tmp_path):
         assert member["options"]["layers"] == {"linear-top": "top", "linear-stages": "conv4,top"}[advice["strategy"]]
     assert first["options"]["backbone"] == "efficientnet_lite0" and second["options"]["backbone"] == "efficientnet_lite2"
     assert first["options"]["flip"] is (advice["strategy"] == "linear-stages") and second["options"]["flip"] is False
+    assert second["options"]["image_size"] == 224  # Lite0's: an ensemble exports when its members share a size
     assert advice["command"] == plan["command_line"] and plan["command_line"].startswith(f"cnnkit extract {data}")
     assert plan["command_line"].endswith("cnnkit ensemble RUN-0 RUN-1 --out RUN")
     assert set(advice["similarity"]) >= {"shift", "imagenet_classifier", "probes"}
