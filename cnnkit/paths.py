@@ -110,7 +110,9 @@ def reuse_or_write(path: Path, key: str | None, write: Callable[[Path], None]) -
     write the very same bytes again. Copies are kept in ``$CNNKIT_HOME/<key>`` (a
     relative path naming a digest), up to ``REUSE_LIMIT`` bytes; ``key=None`` only
     writes. A copy is only ever copied, never run or loaded here; an unusable cache
-    costs the next run the write, nothing else.
+    costs the next run the write, nothing else. What is copied in is then read like any
+    file of a run (a head only through ``load_head``'s skops type check), so a file planted
+    under a key is refused there, not run (tests/test_extract.py).
     """
     kept = cache_dir() / key if key else None
     if kept is not None:

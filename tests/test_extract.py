@@ -214,3 +214,26 @@ def test_a_cached_rerun_reuses_the_same_head_and_plot_files(data, tmp_path, monk
     assert cnnkit.heads._fitted_digest(other.pipeline) != cnnkit.heads._fitted_digest(first.fitted.pipeline)
     with pytest.raises(AssertionError, match="drew again"):
         run_extract(data, ExtractOptions(**{**options.__dict__, "use_cache": False}), tmp_path / "third")
+
+
+def test_a_crafted_file_in_the_reuse_cache_is_copied_but_never_loaded_as_a_head(data, tmp_path, monkeypatch):
+    """reuse_or_write only copies bytes; the run's head is still loaded through skops' type check,
+    so a file planted under the digest an identical rerun looks up is refused, not run."""
+    import collections
+
+    import cnnkit.heads
+    from cnnkit.paths import cache_dir
+
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path / "own_cache"))
+    options = ExtractOptions(**TINY, layers="top", head="knn", pca=None, cv=3, val_split=0.25)
+    first = run_extract(data, options, tmp_path / "first")
+    kept = cache_dir() / f"heads/{cnnkit.heads._fitted_digest(first.fitted.pipeline)}.skops"
+    assert kept.is_file()
+    sio.dump({"x": collections.Counter("abc")}, kept)  # foreign types, as an attacker would plant
+    planted = run_extract(data, options, tmp_path / "planted")
+    with pytest.raises(CnnkitError, match="refusing to load"):
+        load_run(planted.run_path).classifier()
+    kept.write_bytes(b"not a zip")
+    damaged = run_extract(data, options, tmp_path / "damaged")
+    with pytest.raises(CnnkitError, match="damaged or not a cnnkit head file"):
+        load_run(damaged.run_path).classifier()
