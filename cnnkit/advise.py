@@ -353,7 +353,8 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
     from cnnkit.backbones import get_backbone
     from cnnkit.options import ExtractOptions, preset
 
-    if strategy != Strategy.train_scratch and image_size == get_backbone(backbone).input_size:
+    own_size = get_backbone(backbone).input_size
+    if strategy != Strategy.train_scratch and image_size == own_size:
         image_size = None  # the backbone's own: left out of the command line
     training_seconds = max(seconds_left * (1 - RESERVE_SHARE) - RESERVE_SECONDS, 6.0)
     if strategy in (Strategy.linear_top, Strategy.linear_stages):
@@ -370,7 +371,7 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
             # At the first member's input size: an ensemble exports as one graph only when its members
             # take one input size (cnnkit.export).
             Plan(strategy, "extract", str(data), replace(options, backbone=partner, flip=False,
-                                                         image_size=image_size or get_backbone(backbone).input_size))])
+                                                         image_size=image_size or own_size))])
     if strategy == Strategy.train_scratch:
         options = preset("train", image_size=image_size or 32, seed=seed, epochs=SCRATCH_MAX_EPOCHS)
     else:
