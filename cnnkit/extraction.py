@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,14 @@ def _predict(pipeline, features: np.ndarray, method: str = "predict") -> np.ndar
 
     with threadpool_limits(1):
         return getattr(pipeline, method)(features)
+
+
+def _rows_of(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``features[rows]``; a view, not a copy, when ``rows`` is a run of consecutive rows (each split's
+    images are, as the splits' files are listed one split after another)."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+        return features[rows[0]:rows[-1] + 1]
+    return features[rows]
 
 
 def _accuracy(pipeline, features: np.ndarray, labels: np.ndarray) -> float | None:
@@ -155,8 +164,9 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
     dataset = dataset or load_dataset(data, strict=options.strict)
     splits = split_dataset(dataset, options.val_split, options.seed)
     samples = [s for split in splits.values() for s in split]
+    needed = sorted({spec.stage_key(layer) for layers in layer_sets for layer in layers})
     table = compute_features([s.path for s in samples], config, options.batch_size,
-                             options.use_cache, progress=progress, engine=options.engine)
+                             options.use_cache, progress=progress, engine=options.engine, stages=needed)
     timings["features"] = time.perf_counter() - started
     if options.strict and table.failures:
         first = table.failures[0]
@@ -174,14 +184,15 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
     if len(layer_sets) > 1 or len(heads) > 1:
         tried, layers, head = search_head(table, rows["train"], y_train, layer_sets, heads, options, report)
     x_all = table.select(layers)
-    x_train = x_all[rows["train"]]
+    x_train = _rows_of(x_all, rows["train"])
     fitted = fit_head(x_train, y_train, head, pca, options.whiten, options.l2_normalize, options.cv, options.seed,
                       cache=options.use_cache, param_value=options.head_param)
     timings["head"] = time.perf_counter() - started
     metrics = {"cv_accuracy": fitted.cv_accuracy, "train_accuracy": _accuracy(fitted.pipeline, x_train, y_train)}
     for name in ("val", "test"):
         if name in rows:
-            metrics[f"{name}_accuracy"] = _accuracy(fitted.pipeline, x_all[rows[name]], kept_labels[rows[name]])
+            metrics[f"{name}_accuracy"] = _accuracy(fitted.pipeline, _rows_of(x_all, rows[name]),
+                                                         kept_labels[rows[name]])
     counts = {name: int(len(r)) for name, r in rows.items()}
 
     run_path, evaluation, held_out = None, None, None
@@ -195,7 +206,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
 
         def write_files(folder: Path) -> None:
             save_head(fitted.pipeline, folder / "head.skops", cache=options.use_cache)
-            write_index(folder, embed_features(fitted.pipeline, x_train), y_train, train_paths)
+            write_index(folder, x_train, y_train, train_paths, embed=partial(embed_features, fitted.pipeline))
 
         manifest = RunManifest(
             command="extract", strategy=strategy, command_line=command_line("extract", data, options),
@@ -218,7 +229,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
         if held_out is not None:
             picked = rows[held_out]
             evaluation = Evaluation(dataset.class_names, kept_labels[picked],
-                                    _predict(fitted.pipeline, x_all[picked], "predict_proba").astype(np.float32),
+                                    _predict(fitted.pipeline, _rows_of(x_all, picked), "predict_proba").astype(np.float32),
                                     [samples[i].path for i in table.kept[picked]])
         elif fitted.cv_folds >= 2:  # every image trained the head (--val-split 0): the report shows CV evidence
             held_out = "cv"

@@ -172,11 +172,36 @@ class FeatureExtractor:
             (features, kept, failures): ``features[stage]`` has one row per
             readable file, ``kept`` holds those files' indices in ``paths``.
         """
+        return self.extract_stages(paths, self.stages, batch_size, progress)
+
+    def extract_stages(self, paths: Sequence[Path], stages: Sequence[str], batch_size: int = 32,
+                       progress: Callable[[int, int], None] | None = None
+                       ) -> tuple[dict[str, np.ndarray], np.ndarray, list[SkippedFile]]:
+        """``extract``, keeping only ``stages``.
+
+        Each batch's rows are written into one array per stage, allocated for every file at the
+        first batch: peak memory is the features once, not a list of batches plus their
+        concatenation (8,000 images x 1,472 floats: 47 MB, not 94).
+        """
         stream = ImageStream(paths, self.config.image_size, crop_pct=1.0)
-        outputs, kept = stream.map_batches(self, batch_size, progress)
-        features = {s: np.concatenate([o[s] for o in outputs]) if outputs else np.zeros((0, 0), np.float32)
-                    for s in self.stages}
-        return features, kept, stream.failures
+        features: dict[str, np.ndarray] = {}
+        filled = 0
+
+        def store(images) -> None:
+            nonlocal filled
+            batch = self(images)
+            if not features:
+                features.update({s: np.empty((len(paths), batch[s].shape[1]), np.float32) for s in stages})
+            for s in stages:
+                features[s][filled:filled + len(images)] = batch[s]
+            filled += len(images)
+
+        _, kept = stream.map_batches(store, batch_size, progress)
+        if not features:
+            return {s: np.zeros((0, 0), np.float32) for s in stages}, kept, stream.failures
+        # Unreadable files leave rows unfilled at the end: drop them (a copy, only then).
+        return ({s: a if filled == len(a) else a[:filled].copy() for s, a in features.items()},
+                kept, stream.failures)
 
 
 @dataclass
@@ -196,8 +221,9 @@ class FeatureTable:
     computed: int = 0
 
     def select(self, layers: Sequence[str]) -> np.ndarray:
-        """The chosen layers' features side by side: (rows, sum of dims)."""
-        return np.concatenate([self.features[BackboneSpec.stage_key(layer)] for layer in layers], axis=1)
+        """The chosen layers' features side by side: (rows, sum of dims); one layer's is the table's own array."""
+        parts = [self.features[BackboneSpec.stage_key(layer)] for layer in layers]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
 class FeatureCache:
@@ -327,7 +353,7 @@ def _merge(base: tuple[list[str], dict[str, np.ndarray]], hashes: list[str],
 def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: int = 32,
                      use_cache: bool = True, extractor: FeatureExtractor | None = None,
                      progress: Callable[[int, int], None] | None = None,
-                     engine: Engine | str = Engine.tf) -> FeatureTable:
+                     engine: Engine | str = Engine.tf, stages: Sequence[str] | None = None) -> FeatureTable:
     """Stage features for image files, from the cache where possible.
 
     Args:
@@ -337,11 +363,13 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
         extractor: reuse an already built extractor.
         progress: ``(done, total)`` callback over the images needing a forward pass.
         engine: what runs the network when some image is not cached.
+        stages: the stage keys to return (``None``: all); the cache still gets every stage.
     """
     paths = [Path(p) for p in paths]
     if not use_cache:
         extractor = extractor or FeatureExtractor(config, engine)
-        features, kept, failures = extractor.extract(paths, batch_size, progress)
+        features, kept, failures = extractor.extract_stages(paths, stages or extractor.stages, batch_size,
+                                                            progress)
         return FeatureTable(features, kept, failures, computed=len(paths))
 
     cache = FeatureCache(config)
@@ -364,5 +392,5 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
     failures = failures + [SkippedFile(p, "no such file") for p, h in zip(paths, hashes) if not h]
     kept = np.array([i for i, h in enumerate(hashes) if h in row_of and paths[i] not in failed], np.int64)
     rows = np.array([row_of[hashes[i]] for i in kept], np.int64)
-    features = {s: a[rows] for s, a in cached.items()}
+    features = {s: a[rows] for s, a in cached.items() if stages is None or s in stages}
     return FeatureTable(features, kept, failures, computed=len(todo))

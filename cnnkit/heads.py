@@ -89,6 +89,8 @@ def _fold_scores(features: np.ndarray, labels: np.ndarray, train: np.ndarray, te
     from sklearn.pipeline import Pipeline
 
     prefix = Pipeline(_preprocess(l2_normalize))
+    for _, step in prefix.steps:  # in place: indexing by rows below already made the fold's own copies
+        step.set_params(copy=False)
     x_train = prefix.fit_transform(features[train])
     x_test = prefix.transform(features[test])
     n, dims = x_train.shape

@@ -10,6 +10,7 @@ faiss) would add build time and a binary format for no gain at this scale.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +20,29 @@ from cnnkit.data import load_image
 from cnnkit.errors import CnnkitError
 
 
-def write_index(folder: Path, features: np.ndarray, labels, paths) -> None:
-    """Write a retrieval index into a run folder being written: unit rows, labels, paths."""
+def write_index(folder: Path, features: np.ndarray, labels, paths,
+                embed: Callable[[np.ndarray], np.ndarray] | None = None, chunk: int = 2048) -> None:
+    """Write a retrieval index into a run folder being written: unit rows, labels, paths.
+
+    ``embed`` (e.g. the head's scaling) is applied to ``features`` first. Rows are embedded,
+    normalised and written ``chunk`` at a time, so the index never exists twice in memory.
+    """
     import json
 
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     (folder / "index").mkdir(exist_ok=True)
-    np.save(folder / "index" / "features.npy", unit.astype(np.float32))
+    rows = len(features)
+    with open(folder / "index" / "features.npy", "wb") as out:
+        header_written = False
+        for start in range(0, max(rows, 1), chunk):
+            part = np.asarray(embed(features[start:start + chunk]) if embed else features[start:start + chunk],
+                              np.float32)
+            part = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+            if not header_written:
+                np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(part.dtype),
+                                                           "fortran_order": False,
+                                                           "shape": (rows, *part.shape[1:])})
+                header_written = True
+            out.write(np.ascontiguousarray(part).tobytes())
     np.save(folder / "index" / "labels.npy", np.asarray(labels, np.int64))
     (folder / "index" / "paths.json").write_text(json.dumps([str(p) for p in paths], ensure_ascii=False))
 

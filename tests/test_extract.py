@@ -237,3 +237,17 @@ def test_a_crafted_file_in_the_reuse_cache_is_copied_but_never_loaded_as_a_head(
     damaged = run_extract(data, options, tmp_path / "damaged")
     with pytest.raises(CnnkitError, match="damaged or not a cnnkit head file"):
         load_run(damaged.run_path).classifier()
+
+
+def test_the_index_is_written_in_chunks_as_the_unit_rows_of_the_embedded_features(tmp_path):
+    from cnnkit.similarity import write_index
+
+    features = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
+    write_index(tmp_path, features, np.arange(7) % 2, [f"{i}.png" for i in range(7)],
+                embed=lambda x: x * 2 + 1, chunk=3)
+    index = np.load(tmp_path / "index" / "features.npy", allow_pickle=False)
+    expected = features * 2 + 1
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert index.dtype == np.float32 and index.shape == (7, 5)
+    np.testing.assert_allclose(index, expected, rtol=1e-6)
+    np.testing.assert_array_equal(np.load(tmp_path / "index" / "labels.npy"), np.arange(7) % 2)

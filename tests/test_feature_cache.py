@@ -367,3 +367,22 @@ def test_cache_of_cnnkit_0_1_is_ignored_and_removed(home, images, extractor):
     assert table.computed == 2
     assert_table_is_fresh(table, images[:2], extractor)
     assert sorted(p.name for p in folder.iterdir()) == ["features.npz", "lock"]
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_asking_for_some_stages_returns_only_those_rows_and_still_caches_every_stage(
+        home, images, tmp_path, extractor, use_cache):
+    from conftest import write_bad_files
+
+    bad = [tmp_path / "bad" / name for name in sorted(write_bad_files(tmp_path / "bad"))]
+    # Unreadable files in the middle and at the end: the stored rows must stay the readable files'.
+    paths = images[:5] + bad[:2] + images[5:9] + bad[2:]
+    every = compute_features(paths, CONFIG, use_cache=False, extractor=extractor)
+    table = compute_features(paths, CONFIG, batch_size=3, use_cache=use_cache, extractor=extractor,
+                             stages=["conv3"])
+    assert list(table.features) == ["conv3"]
+    np.testing.assert_array_equal(table.kept, every.kept)
+    assert len(table.kept) == 9 and len(table.failures) == len(bad)
+    np.testing.assert_allclose(table.features["conv3"], every.features["conv3"], rtol=1e-5, atol=1e-6)
+    if use_cache:
+        assert set(cached_rows()[file_hash(images[0])]) == set(extractor.stages)
