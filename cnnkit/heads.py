@@ -73,6 +73,12 @@ def _pca(n_components: int | None, whiten: bool, samples: int, dims: int, seed: 
     return PCA(n_components=n_components, whiten=whiten, svd_solver=solver, random_state=seed)
 
 
+# The search's logistic fits stop at a 10x looser gradient tolerance than the final fit (1e-4):
+# they only rank (PCA size, C) pairs. On 2,000 x 1,280 top features, 5 folds: 4.0-4.9 s against
+# 7.6-9.1 s, every CV score within 0.35 point, the same choice (C 0.01, no PCA).
+LOGREG_SEARCH_TOL = 1e-3
+
+
 def _fold_scores(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, head: Head,
                  sizes: list[int] | None, param: str, values: list, whiten: bool, l2_normalize: bool,
                  calibration_folds: int, seed: int) -> np.ndarray:
@@ -83,8 +89,9 @@ def _fold_scores(features: np.ndarray, labels: np.ndarray, train: np.ndarray, te
     are still projected on the training rows' principal axes when there are
     fewer rows than dimensions: every head here (L2-penalised linear models,
     RBF SVM, Euclidean k-NN) is unchanged by that rotation, and it is much
-    cheaper to fit. Logistic regression warm-starts along increasing C and
-    stops once its score has fallen twice in a row.
+    cheaper to fit. Logistic regression warm-starts along increasing C, stops
+    once its score has fallen twice in a row, and converges to a looser
+    tolerance than the final fit (``LOGREG_SEARCH_TOL``).
     """
     from sklearn.pipeline import Pipeline
 
@@ -103,7 +110,7 @@ def _fold_scores(features: np.ndarray, labels: np.ndarray, train: np.ndarray, te
         a, b = x_train[:, :size], x_test[:, :size]
         classifier, _, _ = _classifier(head, seed, calibration_folds)
         if head == Head.logreg:
-            classifier.set_params(warm_start=True)
+            classifier.set_params(warm_start=True, tol=LOGREG_SEARCH_TOL)
         falls = 0
         for j, value in enumerate(values):
             if falls >= 2:
@@ -141,7 +148,7 @@ def cross_validated_probabilities(fitted: FittedHead, features: np.ndarray, labe
 
 
 # Bump when the grid, the folds or the scoring change: older cached scores no longer apply.
-_SEARCH_FORMAT = 1
+_SEARCH_FORMAT = 2
 _SEARCH_CACHE_LIMIT = 1 << 20  # bytes; a score table is a few hundred
 
 
