@@ -228,8 +228,8 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
         evaluation = None
         if held_out is not None:
             picked = rows[held_out]
-            evaluation = Evaluation(dataset.class_names, kept_labels[picked],
-                                    _predict(fitted.pipeline, _rows_of(x_all, picked), "predict_proba").astype(np.float32),
+            probabilities = _predict(fitted.pipeline, _rows_of(x_all, picked), "predict_proba")
+            evaluation = Evaluation(dataset.class_names, kept_labels[picked], probabilities.astype(np.float32),
                                     [samples[i].path for i in table.kept[picked]])
         elif fitted.cv_folds >= 2:  # every image trained the head (--val-split 0): the report shows CV evidence
             held_out = "cv"
