@@ -345,7 +345,8 @@ def _merge(base: tuple[list[str], dict[str, np.ndarray]], hashes: list[str],
     known = set(old_hashes)
     new_rows = [i for h, i in first_row.items() if h not in known]
     if not old_hashes:
-        return [hashes[i] for i in new_rows], {s: a[new_rows] for s, a in arrays.items()}
+        return [hashes[i] for i in new_rows], {s: _take_rows(a, np.asarray(new_rows, np.int64))
+                                               for s, a in arrays.items()}
     return (old_hashes + [hashes[i] for i in new_rows],
             {s: np.concatenate([old[s], arrays[s][new_rows]]) for s in arrays})
 
@@ -381,8 +382,9 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
     todo = list({hashes[i]: i for i in reversed(todo)}.values())[::-1]
     failures: list[SkippedFile] = []
     if todo:
-        extractor = extractor or FeatureExtractor(config, engine)
-        new, kept, failures = extractor.extract([paths[i] for i in todo], batch_size, progress)
+        own = extractor or FeatureExtractor(config, engine)
+        new, kept, failures = own.extract([paths[i] for i in todo], batch_size, progress)
+        own = None  # an engine we made is freed now (~150 MB), before the cache is merged and read
         new_hashes = [hashes[todo[k]] for k in kept]
         if new_hashes:
             # Rows come from the merged cache, so they agree with what was published.
@@ -392,5 +394,13 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
     failures = failures + [SkippedFile(p, "no such file") for p, h in zip(paths, hashes) if not h]
     kept = np.array([i for i, h in enumerate(hashes) if h in row_of and paths[i] not in failed], np.int64)
     rows = np.array([row_of[hashes[i]] for i in kept], np.int64)
-    features = {s: a[rows] for s, a in cached.items() if stages is None or s in stages}
+    features = {s: _take_rows(a, rows) for s, a in cached.items() if stages is None or s in stages}
     return FeatureTable(features, kept, failures, computed=len(todo))
+
+
+def _take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]``, or ``array`` itself when ``rows`` is every row in order (a cache made by this
+    very list of files): no second copy of the features."""
+    if len(rows) == len(array) and np.array_equal(rows, np.arange(len(array))):
+        return array
+    return array[rows]
