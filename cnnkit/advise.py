@@ -50,19 +50,23 @@ LINEAR_LAYERS = {Strategy.linear_top: "top", Strategy.linear_stages: "conv4,top"
 # Flip-averaged features: +0.3 to +0.9 point on Fashion-MNIST subsets, level
 # on photo crops (docs/quality.md), for twice the forward passes.
 LINEAR_FLIP = {Strategy.linear_top: False, Strategy.linear_stages: True}
-# Little data on the default backbone: a second logistic head on EfficientNet-Lite2's features (its
-# first member's input size, the same stages, no flip), its probabilities averaged with the first's in an ensemble
-# run, when the budget has room for it. On three random Fashion-MNIST subsets (2,000 test images,
-# conv4+top, C=0.1; bench/fewshot_explore/partner.py): Lite0 alone 0.787 / 0.863 at 10 / 100 per
-# class, Lite2 alone 0.778 / 0.852, the average of both 0.798 / 0.870 (better on every subset but
-# one, level there). Lite2 costs about three Lite0 forward passes (docs/quality.md).
-# Both heads of that ensemble use C = ENSEMBLE_HEAD_C instead of a CV choice: averaging CV-tuned
+# Little data on the default backbone: the same logistic head on EfficientNet-Lite1's and Lite2's
+# features too (at the first member's input size, the same stages, no flip), the heads' probabilities
+# averaged in an ensemble run, with as many of these partners, in this order, as the budget has room
+# for. On three random Fashion-MNIST subsets (2,000 test images, conv4+top, C=0.1;
+# bench/fewshot_explore/members.py), at 10 / 100 per class: Lite0 alone (flip) 0.787 / 0.865, Lite1
+# alone 0.774 / 0.863, Lite2 alone 0.788 / 0.851; Lite0 + Lite1 0.791 / 0.875, Lite0 + Lite2 0.802 /
+# 0.871, all three 0.806 / 0.876 (better than either pair on every subset at 100 per class; flipping
+# the partners too, for twice their passes, 0.810 / 0.877). Costs in Lite0 forward passes at 224 px,
+# model only, batch 32: Lite1 1.14 / 1.29 and Lite2 1.26 / 1.41 (OpenVINO / ONNX Runtime, 2 cores),
+# rounded up here for the decoding each member does again.
+# Every head of that ensemble uses C = ENSEMBLE_HEAD_C instead of a CV choice: averaging CV-tuned
 # heads gained only 0.3 / 0.2 points through `auto` (0.794 / 0.865), because the CV choice of C on
 # 100-1,000 images is noise (it ranged from 0.01 to 10 across the subsets, like the PCA size above);
 # with C = 0.1, 0.795 / 0.870 against 0.791 / 0.863 for the one-head plan (bench/quality_fewshot.py), and
 # 0.802 / 0.871 with Lite2 at Lite0's 224 px instead of its own 260 (cheaper, and the ensemble exports).
-PARTNER_BACKBONES = {"efficientnet_lite0": "efficientnet_lite2"}
-PARTNER_COST_IN_FORWARD_PASSES = 3.0
+PARTNER_BACKBONES = {"efficientnet_lite0": ("efficientnet_lite1", "efficientnet_lite2")}
+PARTNER_COST_IN_FORWARD_PASSES = {"efficientnet_lite1": 1.5, "efficientnet_lite2": 2.0}
 ENSEMBLE_HEAD_C = 0.1
 # Images the domain-shift and ImageNet-confidence signals are measured on.
 SIGNAL_IMAGES = 64
@@ -339,8 +343,8 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
 
     Little data: a logistic head on fixed stages (``LINEAR_LAYERS``, with
     ``LINEAR_FLIP``), fitted on every training image (``--val-split 0``: the CV accuracy is the
-    estimate); on the default backbone, when its forward passes fit the budget, an ensemble of that
-    and the same head on ``PARTNER_BACKBONES``' features. More data: fine-tuning above conv4 (similar) or conv2
+    estimate); on the default backbone, an ensemble of that and the same head on as many of
+    ``PARTNER_BACKBONES``' features as the budget has room for. More data: fine-tuning above conv4 (similar) or conv2
     (different), or the compact network from scratch at the images' own size,
     with ``--time-limit`` set to the time left less a reserve for evaluating
     and saving: training measures its own epochs and stops on time. From
@@ -360,18 +364,21 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
     if strategy in (Strategy.linear_top, Strategy.linear_stages):
         options = ExtractOptions(backbone=backbone, layers=LINEAR_LAYERS[strategy], head="logreg", pca=None,
                                  flip=LINEAR_FLIP[strategy], val_split=0.0, image_size=image_size, seed=seed)
-        plan = Plan(strategy, "extract", str(data), options)
-        partner = PARTNER_BACKBONES.get(backbone)
-        passes = train_images * ((2 if options.flip else 1) + PARTNER_COST_IN_FORWARD_PASSES)
-        if partner is None or passes / (forward_images_per_s or 30.0) > training_seconds:
-            return plan
+        passes, partners = train_images * (2 if options.flip else 1), []
+        for partner in PARTNER_BACKBONES.get(backbone, ()):
+            passes += train_images * PARTNER_COST_IN_FORWARD_PASSES[partner]
+            if passes / (forward_images_per_s or 30.0) > training_seconds:
+                break
+            partners.append(partner)
+        if not partners:
+            return Plan(strategy, "extract", str(data), options)
         options = replace(options, head_param=ENSEMBLE_HEAD_C)
-        return Plan(strategy, "ensemble", str(data), members=[
-            Plan(strategy, "extract", str(data), options),
-            # At the first member's input size: an ensemble exports as one graph only when its members
-            # take one input size (cnnkit.export).
+        # At the first member's input size: an ensemble exports as one graph only when its members
+        # take one input size (cnnkit.export).
+        return Plan(strategy, "ensemble", str(data), members=[Plan(strategy, "extract", str(data), options)] + [
             Plan(strategy, "extract", str(data), replace(options, backbone=partner, flip=False,
-                                                         image_size=image_size or own_size))])
+                                                         image_size=image_size or own_size))
+            for partner in partners])
     if strategy == Strategy.train_scratch:
         options = preset("train", image_size=image_size or 32, seed=seed, epochs=SCRATCH_MAX_EPOCHS)
     else:

@@ -56,33 +56,36 @@ def test_advise_json_from_the_command_line(tmp_path):
     assert advice["strategy"] in ("linear-top", "linear-stages")
     plan = advice["plan"]
     # Little data: one logistic head on fixed stages (no noisy CV choice among stage sets), flip-averaged,
-    # and, with the budget's room, the same head on EfficientNet-Lite2's features, averaged with it.
+    # and, with the budget's room, the same head on EfficientNet-Lite1's and Lite2's features, averaged with it.
     assert plan["command"] == "ensemble"
-    first, second = plan["members"]
-    for member in (first, second):
+    first, *partners = plan["members"]
+    for member in (first, *partners):
         assert member["command"] == "extract" and member["options"]["head"] == "logreg"
         assert member["options"]["val_split"] == 0 and member["options"]["head_param"] == 0.1
         assert member["options"]["layers"] == {"linear-top": "top", "linear-stages": "conv4,top"}[advice["strategy"]]
-    assert first["options"]["backbone"] == "efficientnet_lite0" and second["options"]["backbone"] == "efficientnet_lite2"
-    assert first["options"]["flip"] is (advice["strategy"] == "linear-stages") and second["options"]["flip"] is False
-    assert second["options"]["image_size"] == 224  # Lite0's: an ensemble exports when its members share a size
+    assert first["options"]["backbone"] == "efficientnet_lite0"
+    assert [p["options"]["backbone"] for p in partners] == ["efficientnet_lite1", "efficientnet_lite2"]
+    assert first["options"]["flip"] is (advice["strategy"] == "linear-stages")
+    for partner in partners:
+        assert partner["options"]["flip"] is False
+        assert partner["options"]["image_size"] == 224  # Lite0's: an ensemble exports when its members share a size
     assert advice["command"] == plan["command_line"] and plan["command_line"].startswith(f"cnnkit extract {data}")
-    assert plan["command_line"].endswith("cnnkit ensemble RUN-0 RUN-1 --out RUN")
+    assert plan["command_line"].endswith("cnnkit ensemble RUN-0 RUN-1 RUN-2 --out RUN")
     assert set(advice["similarity"]) >= {"shift", "imagenet_classifier", "probes"}
 
 
 def test_auto_runs_the_choice_and_the_run_works_everywhere(tmp_path):
     data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=40)
     result = run_auto(data, tmp_path / "run", budget_minutes=5)
-    assert result.plan.command == "ensemble" and [m.options.head for m in result.plan.members] == ["logreg"] * 2
-    assert result.metrics["member0_cv_accuracy"] is not None and result.metrics["member1_cv_accuracy"] is not None
+    assert result.plan.command == "ensemble" and [m.options.head for m in result.plan.members] == ["logreg"] * 3
+    assert all(result.metrics[f"member{i}_cv_accuracy"] is not None for i in range(3))
     report = result.report_path.read_text()
     assert "## Measured" in report and "## Chosen" in report and str(result.advice.strategy) in report
     assert result.plan.command_line in report
     run = load_run(result.run_path)  # report.md and auto.json are part of the sealed run
     assert {"report.md", "auto.json"} <= set(run.manifest.files)
     assert run.manifest.strategy == str(result.advice.strategy) and run.manifest.command_line == result.plan.command_line
-    assert run.model.kind == "ensemble" and len(run.model.members) == 2
+    assert run.model.kind == "ensemble" and len(run.model.members) == 3
     # Its members learned from the same files, so the ensemble records them (export's check finds them).
     assert run.manifest.data is not None and run.manifest.data == load_run(run.path / "members" / "0").manifest.data
     assert len(predict_run([data], result.run_path).predictions) == 12
@@ -129,11 +132,14 @@ def test_little_data_adds_a_second_backbone_only_when_the_budget_has_room():
     def plan(backbone="efficientnet_lite0", minutes=10.0, rate=50.0):
         return make_plan(Strategy.linear_stages, "data", backbone, None, 1_000, minutes * 60, rate)
 
-    roomy = plan()  # 1,000 images x (2 flipped + 3) passes at 50/s: 100 s of 10 minutes
+    roomy = plan()  # 1,000 images x (2 flipped + 1.5 + 2) passes at 50/s: 110 s of 10 minutes
     assert roomy.command == "ensemble"
-    assert [m.options.backbone for m in roomy.members] == ["efficientnet_lite0", "efficientnet_lite2"]
-    assert [m.options.head_param for m in roomy.members] == [0.1, 0.1]  # no noisy CV choice of C
-    assert plan(minutes=1.0).command == "extract"  # 100 s do not fit in a minute
+    assert [m.options.backbone for m in roomy.members] == ["efficientnet_lite0", "efficientnet_lite1",
+                                                            "efficientnet_lite2"]
+    assert [m.options.head_param for m in roomy.members] == [0.1, 0.1, 0.1]  # no noisy CV choice of C
+    # 2 minutes leave ~100 s for training: room for Lite0's 40 s and Lite1's 30 s, not Lite2's 40 more.
+    assert [m.options.backbone for m in plan(minutes=2.0).members] == ["efficientnet_lite0", "efficientnet_lite1"]
+    assert plan(minutes=1.0).command == "extract"  # 70 s do not fit in a minute
     assert plan(rate=5.0).command == "extract"
     assert plan(backbone="efficientnet_lite2").command == "extract"  # no partner for other backbones
 
