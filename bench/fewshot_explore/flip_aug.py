@@ -6,6 +6,11 @@ features. Mirrored features are recovered from the cache: flip-averaged = (origi
 Same subsets, test images and heads (standardised, logistic, C = 0.1) as ``members.py``.
 
     python bench/fewshot_explore/flip_aug.py /tmp/fewshot/quality
+
+Measured (means over subsets 1-3; avg = flip-averaged features, rows = mirrored images as rows):
+
+    n=10   L0 avg 0.787 rows 0.792   L0+L2 0.802 / 0.807   L0+L1 0.796 / 0.803   L0+L1+L2 0.810 / 0.811
+    n=100  L0 avg 0.865 rows 0.866   L0+L2 0.873 / 0.875   L0+L1 0.876 / 0.876   L0+L1+L2 0.877 / 0.878
 """
 import itertools
 import os

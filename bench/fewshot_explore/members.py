@@ -6,6 +6,14 @@ several backbones' conv4+top features, flip-averaged or not. Features come from 
 the feature cache of that folder, so a second run does no forward pass.
 
     python bench/fewshot_explore/members.py /tmp/fewshot/quality
+
+Measured (2,000 test images, subsets 1 / 2 / 3, then the mean; f = flip-averaged; partners at 224 px):
+
+    n=10   L0f 0.787   L0f+L1 0.791   L0f+L2 0.802   L0f+L1+L2 0.801 0.797 0.820 -> 0.806
+           L0f+L1f+L2f 0.800 0.803 0.826 -> 0.810
+    n=100  L0f 0.865   L0f+L1 0.875   L0f+L2 0.871   L0f+L1+L2 0.876 0.877 0.874 -> 0.876
+           L0f+L1f+L2f 0.877 0.877 0.877 -> 0.877
+    C=0.05 / 0.2 or LAYERS=conv3,conv4,conv5 at n=100: every three-member form within 0.875-0.878
 """
 import itertools
 import os
