@@ -125,6 +125,18 @@ def test_auto_fine_tunes_when_the_thresholds_say_lot(tmp_path):
     assert len(predict_run([data], result.run_path).predictions) == 12
 
 
+def test_a_from_scratch_plan_trains_until_its_time_limit():
+    from cnnkit.advise import SCRATCH_MAX_EPOCHS, make_plan
+    from cnnkit.plan import Strategy
+
+    plan = make_plan(Strategy.train_scratch, "data", "efficientnet_lite0", 28, 60_000, 3600, 100.0)
+    assert plan.command == "train" and plan.options.epochs == SCRATCH_MAX_EPOCHS
+    assert 50 < plan.options.time_limit < 60
+    # The cosine schedule fitted to the time limit is the schedule: no plateau cuts, no early stop.
+    assert plan.options.plateau_patience == 0 and plan.options.patience >= plan.options.epochs
+    assert "--plateau-patience 0" in plan.command_line
+
+
 def test_little_data_adds_a_second_backbone_only_when_the_budget_has_room():
     from cnnkit.advise import make_plan
     from cnnkit.plan import Strategy
