@@ -50,8 +50,8 @@ LINEAR_LAYERS = {Strategy.linear_top: "top", Strategy.linear_stages: "conv4,top"
 # Flip-averaged features: +0.3 to +0.9 point on Fashion-MNIST subsets, level
 # on photo crops (docs/quality.md), for twice the forward passes.
 LINEAR_FLIP = {Strategy.linear_top: False, Strategy.linear_stages: True}
-# Little data on the default backbone: the same logistic head on EfficientNet-Lite1's and Lite2's
-# features too (at the first member's input size, the same stages, no flip), the heads' probabilities
+# Little data on the default backbone: the same logistic head on EfficientNet-Lite1's (different
+# domain only, below) and Lite2's features too (at the first member's input size, the same stages, no flip), the heads' probabilities
 # averaged in an ensemble run, with as many of these partners, in this order, as the budget has room
 # for. On three random Fashion-MNIST subsets (2,000 test images, conv4+top, C=0.1;
 # bench/fewshot_explore/members.py), at 10 / 100 per class: Lite0 alone (flip) 0.787 / 0.865, Lite1
@@ -59,13 +59,17 @@ LINEAR_FLIP = {Strategy.linear_top: False, Strategy.linear_stages: True}
 # 0.871, all three 0.806 / 0.876 (better than either pair on every subset at 100 per class; flipping
 # the partners too, for twice their passes, 0.810 / 0.877). Costs in Lite0 forward passes at 224 px,
 # model only, batch 32: Lite1 1.14 / 1.29 and Lite2 1.26 / 1.41 (OpenVINO / ONNX Runtime, 2 cores),
-# rounded up here for the decoding each member does again.
+# rounded up here for the decoding each member does again. Lite1 only for a domain unlike ImageNet's
+# (linear-stages): on crops of natural photos (`quality_fewshot.py --photos`, 10 and 30 per class,
+# three subsets) it cost 2.0-2.4 points on every linear-top cell (0.897 -> 0.873, 0.827 -> 0.807,
+# 0.893 -> 0.873) and was level on the linear-stages ones (-0.3, +1.0, -1.7).
 # Every head of that ensemble uses C = ENSEMBLE_HEAD_C instead of a CV choice: averaging CV-tuned
 # heads gained only 0.3 / 0.2 points through `auto` (0.794 / 0.865), because the CV choice of C on
 # 100-1,000 images is noise (it ranged from 0.01 to 10 across the subsets, like the PCA size above);
 # with C = 0.1, 0.795 / 0.870 against 0.791 / 0.863 for the one-head plan (bench/quality_fewshot.py), and
 # 0.802 / 0.871 with Lite2 at Lite0's 224 px instead of its own 260 (cheaper, and the ensemble exports).
-PARTNER_BACKBONES = {"efficientnet_lite0": ("efficientnet_lite1", "efficientnet_lite2")}
+PARTNER_BACKBONES = {"efficientnet_lite0": {Strategy.linear_stages: ("efficientnet_lite1", "efficientnet_lite2"),
+                                             Strategy.linear_top: ("efficientnet_lite2",)}}
 PARTNER_COST_IN_FORWARD_PASSES = {"efficientnet_lite1": 1.5, "efficientnet_lite2": 2.0}
 ENSEMBLE_HEAD_C = 0.1
 # Images the domain-shift and ImageNet-confidence signals are measured on.
@@ -365,7 +369,7 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
         options = ExtractOptions(backbone=backbone, layers=LINEAR_LAYERS[strategy], head="logreg", pca=None,
                                  flip=LINEAR_FLIP[strategy], val_split=0.0, image_size=image_size, seed=seed)
         passes, partners = train_images * (2 if options.flip else 1), []
-        for partner in PARTNER_BACKBONES.get(backbone, ()):
+        for partner in PARTNER_BACKBONES.get(backbone, {}).get(strategy, ()):
             passes += train_images * PARTNER_COST_IN_FORWARD_PASSES[partner]
             if passes / (forward_images_per_s or 30.0) > training_seconds:
                 break

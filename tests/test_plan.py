@@ -92,7 +92,7 @@ def test_advise_json_auto_and_the_printed_command_agree(strategy, tmp_path, monk
     captured.clear()
     steps = plan["command_line"].split(" && ")
     if plan["command"] == "ensemble":
-        assert steps[-1] == "cnnkit ensemble RUN-0 RUN-1 RUN-2 --out RUN"
+        assert steps[-1] == f"cnnkit ensemble {' '.join(f'RUN-{i}' for i in range(len(plan['members'])))} --out RUN"
         steps = [step.removesuffix(f" --out RUN-{i}") for i, step in enumerate(steps[:-1])]
     for i, step in enumerate(steps):
         pasted = runner.invoke(app, [*shlex.split(step)[1:], "--out", str(tmp_path / f"pasted-{i}")])
