@@ -23,7 +23,7 @@ import numpy as np
 
 from cnnkit.data import Dataset, SkippedFile, load_dataset, split_dataset
 from cnnkit.errors import CnnkitError
-from cnnkit.features import FeatureConfig, compute_features, parse_layers
+from cnnkit.features import FeatureConfig, compute_features, parse_layers, take_rows
 from cnnkit.heads import FittedHead, fit_head, save_head
 from cnnkit.options import ExtractOptions, Head
 
@@ -69,14 +69,6 @@ def _predict(pipeline, features: np.ndarray, method: str = "predict") -> np.ndar
 
     with threadpool_limits(1):
         return getattr(pipeline, method)(features)
-
-
-def _rows_of(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``features[rows]``; a view, not a copy, when ``rows`` is a run of consecutive rows (each split's
-    images are, as the splits' files are listed one split after another)."""
-    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
-        return features[rows[0]:rows[-1] + 1]
-    return features[rows]
 
 
 def _accuracy(pipeline, features: np.ndarray, labels: np.ndarray) -> float | None:
@@ -184,14 +176,14 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
     if len(layer_sets) > 1 or len(heads) > 1:
         tried, layers, head = search_head(table, rows["train"], y_train, layer_sets, heads, options, report)
     x_all = table.select(layers)
-    x_train = _rows_of(x_all, rows["train"])
+    x_train = take_rows(x_all, rows["train"])
     fitted = fit_head(x_train, y_train, head, pca, options.whiten, options.l2_normalize, options.cv, options.seed,
                       cache=options.use_cache, param_value=options.head_param)
     timings["head"] = time.perf_counter() - started
     metrics = {"cv_accuracy": fitted.cv_accuracy, "train_accuracy": _accuracy(fitted.pipeline, x_train, y_train)}
     for name in ("val", "test"):
         if name in rows:
-            metrics[f"{name}_accuracy"] = _accuracy(fitted.pipeline, _rows_of(x_all, rows[name]),
+            metrics[f"{name}_accuracy"] = _accuracy(fitted.pipeline, take_rows(x_all, rows[name]),
                                                          kept_labels[rows[name]])
     counts = {name: int(len(r)) for name, r in rows.items()}
 
@@ -228,7 +220,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
         evaluation = None
         if held_out is not None:
             picked = rows[held_out]
-            probabilities = _predict(fitted.pipeline, _rows_of(x_all, picked), "predict_proba")
+            probabilities = _predict(fitted.pipeline, take_rows(x_all, picked), "predict_proba")
             evaluation = Evaluation(dataset.class_names, kept_labels[picked], probabilities.astype(np.float32),
                                     [samples[i].path for i in table.kept[picked]])
         elif fitted.cv_folds >= 2:  # every image trained the head (--val-split 0): the report shows CV evidence

@@ -345,7 +345,7 @@ def _merge(base: tuple[list[str], dict[str, np.ndarray]], hashes: list[str],
     known = set(old_hashes)
     new_rows = [i for h, i in first_row.items() if h not in known]
     if not old_hashes:
-        return [hashes[i] for i in new_rows], {s: _take_rows(a, np.asarray(new_rows, np.int64))
+        return [hashes[i] for i in new_rows], {s: take_rows(a, new_rows)
                                                for s, a in arrays.items()}
     return (old_hashes + [hashes[i] for i in new_rows],
             {s: np.concatenate([old[s], arrays[s][new_rows]]) for s in arrays})
@@ -394,13 +394,17 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
     failures = failures + [SkippedFile(p, "no such file") for p, h in zip(paths, hashes) if not h]
     kept = np.array([i for i, h in enumerate(hashes) if h in row_of and paths[i] not in failed], np.int64)
     rows = np.array([row_of[hashes[i]] for i in kept], np.int64)
-    features = {s: _take_rows(a, rows) for s, a in cached.items() if stages is None or s in stages}
+    # A view only of the whole cache (made by this very list of files): a view of part of it would
+    # keep all of it in memory.
+    features = {s: take_rows(a, rows) if len(rows) == len(a) else a[rows]
+                for s, a in cached.items() if stages is None or s in stages}
     return FeatureTable(features, kept, failures, computed=len(todo))
 
 
-def _take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``array[rows]``, or ``array`` itself when ``rows`` is every row in order (a cache made by this
-    very list of files): no second copy of the features."""
-    if len(rows) == len(array) and np.array_equal(rows, np.arange(len(array))):
-        return array
+def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]``; a view, not a second copy of the features, when ``rows`` is a run of
+    consecutive rows (every row of a cache made by this very list of files; one split's rows)."""
+    rows = np.asarray(rows, np.int64)
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+        return array[rows[0]:rows[-1] + 1]
     return array[rows]
