@@ -280,7 +280,7 @@ class FeatureHeadExplainer(Explainer):
         from keras import ops
 
         from cnnkit.backbones import get_backbone
-        from cnnkit.features import build_backbone
+        from cnnkit.features import build_backbone, grid_pool, stage_grid, unmirror
         from cnnkit.heads import load_head
 
         m = run.model
@@ -293,19 +293,23 @@ class FeatureHeadExplainer(Explainer):
         target = spec.stage_key(self.layer)
         outputs = {s: feature_map_layer(spec, base, s).output for s in dict.fromkeys([*stages, target])}
         maps = keras.Model(base.input, outputs)
-        pool = ops.mean if m.pool == "avg" else ops.max
+        grids = {s: stage_grid(spec, s, m.grid) for s in stages}
         weight, bias = ops.convert_to_tensor(weight), ops.convert_to_tensor(bias)
 
-        def features(x):
+        def features(x, mirrored: bool = False):
             out = maps(x, training=False)
-            pooled = ops.concatenate([pool(ops.cast(out[s], "float32"), axis=(1, 2)) for s in stages], axis=1)
-            return out[target], pooled
+            # Pooled as the run's features were (cnnkit.features.FeatureExtractor); a mirror
+            # image's grid regions put back in place.
+            pooled = [grid_pool(ops.cast(out[s], "float32"), grids[s], m.pool) for s in stages]
+            if mirrored:
+                pooled = [unmirror(p, grids[s], ops) for p, s in zip(pooled, stages)]
+            return out[target], ops.concatenate(pooled, axis=1)
 
         def forward(x):
             feature_map, pooled = features(x)
             found = [(feature_map, False)]
             if m.flip:  # the run averaged each image's features with its mirror image's
-                mirror_map, mirror_pooled = features(ops.flip(x, axis=2))
+                mirror_map, mirror_pooled = features(ops.flip(x, axis=2), mirrored=True)
                 found.append((mirror_map, True))
                 pooled = (pooled + mirror_pooled) / 2
             if l2:

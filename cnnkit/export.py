@@ -101,24 +101,26 @@ def _feature_head_probabilities(run, images):
     from keras import ops
 
     from cnnkit.backbones import BackboneSpec
-    from cnnkit.features import FeatureConfig, FeatureExtractor
+    from cnnkit.features import FeatureConfig, FeatureExtractor, unmirror
     from cnnkit.heads import load_head
 
     m = run.model
     head = load_head(run.file("head.skops"))
-    extractor = FeatureExtractor(FeatureConfig(m.backbone, m.weights, run.image_size, m.pool, m.flip))
+    extractor = FeatureExtractor(FeatureConfig(m.backbone, m.weights, run.image_size, m.pool, m.flip, m.grid))
     stages = extractor.model
     stages.name = f"{stages.name}_{_tag(run)}"  # unique within an ensemble's graph
     x = ops.cast(images, "float32")
 
-    def features(pixels):
+    def features(pixels, mirrored: bool = False):
         out = stages(pixels)
-        parts = [out[BackboneSpec.stage_key(layer)] for layer in m.layers]
+        keys = [BackboneSpec.stage_key(layer) for layer in m.layers]
+        # A mirror image's grid regions are put back in place before averaging (cnnkit.features).
+        parts = [unmirror(out[k], extractor.grid_of(k), ops) if mirrored else out[k] for k in keys]
         return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
     feats = features(x)
     if m.flip:
-        feats = (feats + features(ops.flip(x, axis=2))) / 2.0
+        feats = (feats + features(ops.flip(x, axis=2), mirrored=True)) / 2.0
     return head_probabilities(head, feats, suffix=f"_{_tag(run)}")
 
 

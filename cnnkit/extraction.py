@@ -149,7 +149,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
     heads = [Head.logreg, Head.svm] if options.head == Head.auto else [options.head]
     pca = options.pca
     config = FeatureConfig(options.backbone, options.weights, options.image_size, options.pool,
-                           options.flip).resolved()
+                           options.flip, options.grid).resolved()
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -207,7 +207,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
             data=data_summary(dataset, splits, len(dataset.skipped) + len(table.failures)),
             metrics=metrics,
             model=FeatureHeadModel(backbone=config.backbone, weights=str(config.weights), layers=layers,
-                                   pool=str(config.pool), flip=config.flip, head=str(head), pca=pca,
+                                   pool=str(config.pool), flip=config.flip, grid=config.grid, head=str(head), pca=pca,
                                    whiten=options.whiten, l2_normalize=options.l2_normalize,
                                    best_params=fitted.best_params, cv_folds=fitted.cv_folds,
                                    feature_dims=int(x_all.shape[1]), tried=tried),

@@ -48,7 +48,7 @@ from cnnkit.backbones import BackboneSpec, get_backbone
 from cnnkit.data import ImageStream, SkippedFile
 from cnnkit.engines import check_engine, inference_fn, make_runner  # noqa: F401 - inference_fn re-exported
 from cnnkit.errors import CnnkitError
-from cnnkit.options import Engine, Pool
+from cnnkit.options import Engine, Pool, check_grid
 from cnnkit.paths import cache_dir, file_digest
 
 _FORMAT = 2  # 1 was one .npy per stage beside hashes.json, each replaced separately
@@ -72,12 +72,13 @@ class FeatureConfig:
     image_size: int | None = None
     pool: Pool = Pool.avg
     flip: bool = False
+    grid: int = 1
 
     def resolved(self) -> FeatureConfig:
         """The same configuration with the default input size filled in and the pooling checked."""
         spec = get_backbone(self.backbone)
         return FeatureConfig(self.backbone, str(self.weights), self.image_size or spec.input_size,
-                             Pool.parse(self.pool, "--pool"), self.flip)
+                             Pool.parse(self.pool, "--pool"), self.flip, check_grid(self.grid))
 
     @property
     def weights_tag(self) -> str:
@@ -88,11 +89,54 @@ class FeatureConfig:
     @property
     def network_key(self) -> str:
         """What the network computes depends on: weights, input size, pooling (not flip-averaging)."""
-        return f"{self.weights_tag}-{self.image_size}px-{self.pool}"
+        return f"{self.weights_tag}-{self.image_size}px-{self.pool}{f'-grid{self.grid}' if self.grid > 1 else ''}"
 
     @property
     def cache_key(self) -> str:
         return f"{self.network_key}{'-flip' if self.flip else ''}"
+
+
+def grid_bounds(size: int, grid: int) -> list[tuple[int, int]]:
+    """Rows (or columns) of each of ``grid`` regions of a side of ``size``: adaptive pooling's bounds.
+
+    Region ``i`` spans ``floor(i * size / grid)`` to ``ceil((i + 1) * size / grid)``, so the
+    regions cover the side, overlap by at most one row where it does not divide, and are
+    symmetric: the mirror image of region ``i`` is region ``grid - 1 - i``.
+    """
+    return [(i * size // grid, -(-(i + 1) * size // grid)) for i in range(grid)]
+
+
+def grid_pool(feature_map, grid: int, pool: Pool | str):
+    """Keras ops: a (n, h, w, c) map pooled over ``grid`` x ``grid`` regions -> (n, grid * grid * c).
+
+    Row-major regions, channels innermost. ``grid=1`` is global pooling.
+    """
+    from keras import ops
+
+    reduce = ops.mean if Pool.parse(pool, "--pool") == Pool.avg else ops.max
+    _, height, width, channels = feature_map.shape
+    cells = [reduce(feature_map[:, r0:r1, c0:c1, :], axis=(1, 2))
+             for r0, r1 in grid_bounds(height, grid) for c0, c1 in grid_bounds(width, grid)]
+    return cells[0] if grid == 1 else ops.concatenate(cells, axis=-1)
+
+
+def stage_grid(spec: BackboneSpec, stage: str, grid: int) -> int:
+    """Regions per side a stage is pooled over: ``grid``, but 1 for the last stage (``top``'s)."""
+    stages = [s for s in spec.layer_choices if s != "top"]
+    return 1 if stage == stages[-1] else grid
+
+
+def unmirror(features, grid: int, backend=np):
+    """Grid-pooled features of a mirror image, each region moved back to where it is in the image.
+
+    Averaging them with the image's own features then averages each region with its mirror,
+    as global pooling does for the whole map. ``backend``: ``numpy`` or ``keras.ops``.
+    """
+    if grid == 1:
+        return features
+    channels = features.shape[-1] // (grid * grid)
+    cells = backend.reshape(features, (-1, grid, grid, channels))
+    return backend.reshape(backend.flip(cells, axis=2), (-1, grid * grid * channels))
 
 
 def file_hash(path: Path) -> str:
@@ -113,10 +157,16 @@ def build_backbone(spec: BackboneSpec, weights: str | None, image_size: int | No
 
 
 class FeatureExtractor:
-    """A backbone cut at every stage, each stage globally pooled.
+    """A backbone cut at every stage, each stage globally pooled (or over a grid of regions).
+
+    With ``config.grid`` > 1 every stage but the last is pooled over ``grid`` x ``grid``
+    regions (``grid_pool``): the features keep where in the image a pattern is, which
+    matters for aligned images such as Fashion-MNIST's centred garments (docs/quality.md).
+    The last stage, whose pooled output is ``top``, stays globally pooled: its channels
+    are the classifier's features, and nine times 1,280 of them overfit little data.
 
     Args:
-        config: backbone, weights, input size, pooling, flip-averaging.
+        config: backbone, weights, input size, pooling, flip-averaging, grid.
         engine: what runs the network (``cnnkit.engines``); ``auto`` the
             fastest installed one. The network is exported once per
             (backbone, weights, size, pooling) for ONNX Runtime and OpenVINO.
@@ -141,10 +191,15 @@ class FeatureExtractor:
             base = build_backbone(self.spec, self.config.weights, self.config.image_size)
             pool = (keras.layers.GlobalAveragePooling2D if self.config.pool == Pool.avg
                     else keras.layers.GlobalMaxPooling2D)
-            outputs = {s: pool(name=f"pool_{s}")(self.spec.stage_layer(base, s).output)
+            outputs = {s: (grid_pool(self.spec.stage_layer(base, s).output, self.grid_of(s), self.config.pool)
+                           if self.grid_of(s) > 1 else pool(name=f"pool_{s}")(self.spec.stage_layer(base, s).output))
                        for s in self.stages}
             self._model = keras.Model(base.input, outputs, name=f"{self.spec.name}_features")
         return self._model
+
+    def grid_of(self, stage: str) -> int:
+        """Regions per side ``stage`` is pooled over (``stage_grid``)."""
+        return stage_grid(self.spec, stage, self.config.grid)
 
     @property
     def runner(self):
@@ -160,7 +215,8 @@ class FeatureExtractor:
         out = {s: np.asarray(v, dtype=np.float32) for s, v in self.runner(images).items()}
         if self.config.flip:
             mirrored = self.runner(np.ascontiguousarray(images[:, :, ::-1]))
-            out = {s: (out[s] + np.asarray(mirrored[s], dtype=np.float32)) / 2 for s in out}
+            out = {s: (out[s] + unmirror(np.asarray(mirrored[s], dtype=np.float32), self.grid_of(s))) / 2
+                   for s in out}
         return out
 
     def extract(self, paths: Sequence[Path], batch_size: int = 32,
@@ -239,7 +295,7 @@ class FeatureCache:
         self.stages = [s for s in get_backbone(self.config.backbone).layer_choices if s != "top"]
         self.meta = {"format": _FORMAT, "backbone": self.config.backbone, "key": key,
                      "image_size": self.config.image_size, "pool": self.config.pool,
-                     "flip": self.config.flip}
+                     "flip": self.config.flip, **({"grid": self.config.grid} if self.config.grid > 1 else {})}
 
     def load(self) -> tuple[list[str], dict[str, np.ndarray]]:
         """The cached (row hashes, {stage: rows}), or empty if absent or not exactly as written."""

@@ -22,7 +22,7 @@ class FeatureHeadClassifier:
         m = run.model
         self.layers = list(m.layers)
         self.head = load_head(run.file("head.skops"))
-        self.config = FeatureConfig(m.backbone, m.weights, run.image_size, m.pool, m.flip)
+        self.config = FeatureConfig(m.backbone, m.weights, run.image_size, m.pool, m.flip, m.grid)
         self.extractor = FeatureExtractor(self.config, engine)
         expected = len(run.class_names)
         if len(getattr(self.head, "classes_", [])) != expected:

@@ -62,6 +62,17 @@ def parse_pca(value: str | int | None) -> str | int | None:
     return n
 
 
+# --grid: the most regions per side (at 224 px conv4 is 14 x 14; 6 x 6 regions of it are 2 x 2).
+MAX_GRID = 6
+
+
+def check_grid(grid: int) -> int:
+    """``--grid``: regions per side, 1 (pool the whole map) to ``MAX_GRID``."""
+    if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= MAX_GRID:
+        raise CnnkitError(f"--grid {grid!r}: give a whole number from 1 (pool the whole map) to {MAX_GRID}")
+    return grid
+
+
 @dataclass
 class ExtractOptions:
     """Settings of an extract run (the CLI flags, as a library object).
@@ -76,6 +87,7 @@ class ExtractOptions:
     image_size: int | None = None
     pool: Pool = Pool.avg
     flip: bool = False
+    grid: int = 1
     l2_normalize: bool = False
     pca: str | int | None = "auto"
     whiten: bool = False
@@ -91,6 +103,7 @@ class ExtractOptions:
 
     def __post_init__(self):
         self.pool = Pool.parse(self.pool, "--pool")
+        self.grid = check_grid(self.grid)
         self.engine = Engine.parse(self.engine, "--engine")
         self.head = Head.parse(self.head, "--head")
         self.pca = parse_pca(self.pca)

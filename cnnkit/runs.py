@@ -57,6 +57,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnnkit.errors import CnnkitError
+from cnnkit.options import MAX_GRID
 from cnnkit.paths import file_digest, publish_folder
 
 FORMAT_VERSION = 2
@@ -93,6 +94,7 @@ class FeatureHeadModel(_Section):
     layers: list[str] = Field(min_length=1)
     pool: Literal["avg", "max"]
     flip: bool
+    grid: int = Field(1, ge=1, le=MAX_GRID)  # regions per side of every stage but the last; 1 before cnnkit 0.2
     head: Literal["logreg", "svm", "linear-svm", "knn"]
     pca: int | Literal["auto"] | None
     whiten: bool

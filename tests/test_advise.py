@@ -68,6 +68,8 @@ def test_advise_json_from_the_command_line(tmp_path):
     assert [p["options"]["backbone"] for p in partners] == {
         "linear-top": ["efficientnet_lite2"], "linear-stages": ["efficientnet_lite1", "efficientnet_lite2"]}[advice["strategy"]]
     assert first["options"]["flip"] is (advice["strategy"] == "linear-stages")
+    # conv4 over 3 x 3 regions where the plan uses it (top is pooled whole either way), in every member.
+    assert {m["options"]["grid"] for m in plan["members"]} == {3 if advice["strategy"] == "linear-stages" else 1}
     for partner in partners:
         assert partner["options"]["flip"] is False
         assert partner["options"]["image_size"] == 224  # Lite0's: an ensemble exports when its members share a size

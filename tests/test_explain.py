@@ -76,11 +76,13 @@ def made(tmp_path_factory):
     wide.parent.mkdir()
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(wide)
     runs = {"network": made["train"], "logreg": made["extract"], "knn": made["knn"],
-            "flip-l2": extract_run(data, root / "flip", flip=True, l2_normalize=True)}
+            "flip-l2": extract_run(data, root / "flip", flip=True, l2_normalize=True),
+            "grid-flip": extract_run(data, root / "grid", flip=True, grid=3)}
     return root, wide, runs
 
 
 @pytest.mark.parametrize("kind, method", [("network", "grad-cam"), ("logreg", "grad-cam"), ("flip-l2", "grad-cam"),
+                                          ("grid-flip", "grad-cam"),
                                           ("knn", "occlusion")])
 def test_every_run_kind_explains_into_the_images_own_grid(made, kind, method):
     root, wide, runs = made

@@ -22,6 +22,7 @@ HEADS = {
     "logreg": dict(head="logreg", layers="conv4,top"),
     "linear-svm": dict(head="linear-svm", layers="top", flip=True, l2_normalize=True, whiten=True, pca=8),
     "knn": dict(head="knn", layers="conv3,top"),
+    "grid-flip": dict(head="logreg", layers="conv3,top", flip=True, grid=3),  # regions put back in place
     "binary-logreg": dict(head="logreg", layers="top"),
 }
 

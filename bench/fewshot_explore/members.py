@@ -40,7 +40,11 @@ CONFIGS = {"L0f": FeatureConfig("efficientnet_lite0", flip=True),
            "L1": FeatureConfig("efficientnet_lite1", image_size=224),
            "L1f": FeatureConfig("efficientnet_lite1", image_size=224, flip=True),
            "L2": FeatureConfig("efficientnet_lite2", image_size=224),
-           "L2f": FeatureConfig("efficientnet_lite2", image_size=224, flip=True)}
+           "L2f": FeatureConfig("efficientnet_lite2", image_size=224, flip=True),
+           # conv4 over 3 x 3 regions (--grid 3)
+           "L0fg": FeatureConfig("efficientnet_lite0", flip=True, grid=3),
+           "L1g": FeatureConfig("efficientnet_lite1", image_size=224, grid=3),
+           "L2g": FeatureConfig("efficientnet_lite2", image_size=224, grid=3)}
 CONFIGS = {k: v for k, v in CONFIGS.items() if k in os.environ.get("CONFIGS", ",".join(CONFIGS)).split(",")}
 
 
@@ -65,7 +69,7 @@ for n, seed in itertools.product(SIZES, SEEDS):
 labels = next(iter(test.values()))[1]
 names = list(CONFIGS)
 combos = [c for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)
-          if not any(f"{a}f" in c and a in c for a in ("L1", "L2"))]
+          if len({m[:2] for m in c}) == len(c)]  # one form of each backbone
 for n in SIZES:
     rows = []
     for combo in combos:

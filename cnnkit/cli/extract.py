@@ -11,7 +11,7 @@ from rich.markup import escape
 from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, EngineOption, JsonOption, QuietOption, console,
                                 print_json, progress_bar, progress_callback, progress_line, quiet_tensorflow,
                                 report_skipped, user_errors)
-from cnnkit.options import ExtractOptions, Head, Pool
+from cnnkit.options import MAX_GRID, ExtractOptions, Head, Pool
 
 _D = ExtractOptions()
 
@@ -28,6 +28,7 @@ def extract(
     l2: Annotated[bool, typer.Option("--l2", help="L2-normalise each feature vector before scaling.")] = _D.l2_normalize,
     pool: Annotated[Pool, typer.Option(help="Global pooling of each stage.")] = _D.pool,
     flip: Annotated[bool, typer.Option(help="Average the features of each image and its mirror image.")] = _D.flip,
+    grid: Annotated[int, typer.Option(min=1, max=MAX_GRID, help="Pool every stage but the last over a grid of N x N regions instead of the whole map: keeps where things are, for aligned images (centred objects, scans).")] = _D.grid,
     cv: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the hyper-parameters.")] = _D.cv,
     val_split: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of train held out for validation when DATA has no val/ (0: none).")] = _D.val_split,
     image_size: Annotated[int | None, typer.Option(min=32, help="Input size in pixels (default: the backbone's).")] = _D.image_size,
@@ -47,7 +48,7 @@ def extract(
 
     with user_errors(), progress_bar(quiet or json_output) as progress:
         options = ExtractOptions(backbone=str(backbone), layers=layer, weights=weights, image_size=image_size,
-                                 pool=pool, flip=flip, l2_normalize=l2, pca=pca, whiten=whiten, head=head, head_param=head_param,
+                                 pool=pool, flip=flip, grid=grid, l2_normalize=l2, pca=pca, whiten=whiten, head=head, head_param=head_param,
                                  cv=cv, val_split=val_split, seed=seed, batch_size=batch_size,
                                  use_cache=not no_cache, strict=strict, engine=engine)
         result = run_extract(data, options, out, force, progress=progress_callback(progress, "features"),

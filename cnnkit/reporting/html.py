@@ -153,7 +153,8 @@ def model_section(manifest) -> str:
     m = manifest.model
     if m.kind == "feature_head":
         rows = [("backbone", f"{m.backbone} ({m.weights} weights)"), ("stages", ", ".join(m.layers)),
-                ("pooling", m.pool + (", flip-averaged" if m.flip else "")),
+                ("pooling", m.pool + (f", {m.grid} x {m.grid} regions below the last stage" if m.grid > 1 else "")
+                 + (", flip-averaged" if m.flip else "")),
                 ("head", m.head), ("PCA", f"{m.pca}{' whitened' if m.whiten else ''}"),
                 ("L2-normalised", "yes" if m.l2_normalize else "no"),
                 ("chosen by cross-validation", ", ".join(f"{k}={v}" for k, v in m.best_params.items()) or "-"),
