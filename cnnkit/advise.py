@@ -33,6 +33,7 @@ import numpy as np
 from cnnkit.backbones.registry import DEFAULT_BACKBONE
 from cnnkit.data import Dataset, Sample, load_dataset, per_class_order, sample_per_class
 from cnnkit.errors import CnnkitError
+from cnnkit.options import FINETUNE
 from cnnkit.plan import Plan, Strategy
 
 # The stages the little-data strategies fit their logistic head on. Fixed,
@@ -83,6 +84,12 @@ ENSEMBLE_HEAD_C = 0.1
 SIGNAL_IMAGES = 64
 # Training a few stages costs about three forward passes per image.
 FINETUNE_COST_IN_FORWARD_PASSES = 3.0
+# Fine-tuning is planned only when the budget has room for this many epochs after the head
+# epochs, at the speed advise measured; otherwise the little-data plan (features) runs instead.
+# Five is where fine-tuning above conv2 drew level with features at 300 Fashion-MNIST images per
+# class (0.883 against 0.884, 2 head + 5 epochs, docs/quality.md); at 1,000 per class a 10-minute
+# budget on two CPU cores fits about one epoch, and features won (FINETUNE_FALLBACK_EVIDENCE).
+FINETUNE_MIN_EPOCHS = 5
 # Input sizes for images smaller than the backbone's input, measured by bench/image_size.py
 # (docs/advise.md, "Image size"): EfficientNet-Lite0 conv4+top features of 28 px Fashion-MNIST,
 # test accuracy (mean of the 10- and 100-per-class cells over three subsets) and the feature
@@ -348,6 +355,28 @@ def decide(per_class_median: float, image_side: float, similarity: dict, probes:
     return {"data": data, "domain": domain}, strategy, reasons
 
 
+def _training_seconds(seconds_left: float) -> float:
+    """What a plan may train for: the time left less the reserve for evaluating and saving."""
+    return max(seconds_left * (1 - RESERVE_SHARE) - RESERVE_SECONDS, 6.0)
+
+
+def _finetune_rate(forward_images_per_s: float | None) -> float:
+    """Images per second fine-tuning is expected to train at (30 forward passes/s when unmeasured)."""
+    return max((forward_images_per_s or 30.0) / FINETUNE_COST_IN_FORWARD_PASSES, 1.0)
+
+
+def finetune_epochs_that_fit(train_images: int, seconds_left: float, forward_images_per_s: float | None) -> float:
+    """Fine-tuning epochs (after the preset's head epochs) that the time left has room for."""
+    rate = _finetune_rate(forward_images_per_s)
+    return _training_seconds(seconds_left) * rate / max(train_images, 1) - FINETUNE.head_epochs
+
+
+def finetune_minutes(train_images: int, forward_images_per_s: float | None) -> float:
+    """Minutes of training for the head epochs and ``FINETUNE_MIN_EPOCHS`` fine-tuning epochs."""
+    epochs = FINETUNE.head_epochs + FINETUNE_MIN_EPOCHS
+    return train_images * epochs / _finetune_rate(forward_images_per_s) / 60
+
+
 def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: int | None, train_images: int,
               seconds_left: float, forward_images_per_s: float | None, seed: int = 0) -> Plan:
     """The command and options that carry out ``strategy``, with epochs sized to ``seconds_left``.
@@ -371,7 +400,7 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
     own_size = get_backbone(backbone).input_size
     if strategy != Strategy.train_scratch and image_size == own_size:
         image_size = None  # the backbone's own: left out of the command line
-    training_seconds = max(seconds_left * (1 - RESERVE_SHARE) - RESERVE_SECONDS, 6.0)
+    training_seconds = _training_seconds(seconds_left)
     if strategy in (Strategy.linear_top, Strategy.linear_stages):
         options = ExtractOptions(backbone=backbone, layers=LINEAR_LAYERS[strategy], head="logreg", pca=None,
                                  flip=LINEAR_FLIP[strategy], grid=LINEAR_GRID[strategy], val_split=0.0,
@@ -403,8 +432,8 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
     else:
         freeze = "conv4" if strategy == Strategy.finetune_few else "conv2"
         options = preset("finetune", backbone=backbone, freeze=freeze, image_size=image_size, seed=seed)
-        rate = max((forward_images_per_s or 30.0) / FINETUNE_COST_IN_FORWARD_PASSES, 1.0)
-        epochs = int(np.clip(training_seconds * rate / train_images - options.head_epochs, 1, options.epochs))
+        epochs = int(np.clip(finetune_epochs_that_fit(train_images, seconds_left, forward_images_per_s),
+                             1, options.epochs))
         options = replace(options, epochs=epochs)
     command = "train" if strategy == Strategy.train_scratch else "finetune"
     return Plan(strategy, command, str(data), replace(options, time_limit=round(training_seconds / 60, 2)))
@@ -460,12 +489,21 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
     median = float(statistics.median(counts)) if counts else 0.0
     side = _median_side(kept)
     cell, strategy, reasons = decide(median, side, similarity, probes, thresholds)
-    image_size, why = choose_image_size(strategy, side, spec.input_size)
-    reasons.append(why)
     forward_rate = table.computed / forward_seconds if table.computed > 20 else None
     seconds_left = budget_minutes * 60 - (time.perf_counter() - started)
-    plan = make_plan(strategy, data, backbone, image_size, len(dataset.splits["train"]), seconds_left, forward_rate,
-                     seed)
+    train_images = len(dataset.splits["train"])
+    if strategy in (Strategy.finetune_few, Strategy.finetune_many):
+        fit = finetune_epochs_that_fit(train_images, seconds_left, forward_rate)
+        if fit < FINETUNE_MIN_EPOCHS:
+            strategy = Strategy.linear_top if cell["domain"] == "similar" else Strategy.linear_stages
+            needed = finetune_minutes(train_images, forward_rate)
+            reasons.append(f"fine-tuning {train_images} images for {FINETUNE.head_epochs} + {FINETUNE_MIN_EPOCHS} "
+                           f"epochs needs about {needed:.0f} minutes at the speed measured here, "
+                           f"{max(fit, 0):.1f} fine-tuning epochs fit the budget: features instead "
+                           f"(give --budget {needed / 0.9 + 1:.0f} to fine-tune)")
+    image_size, why = choose_image_size(strategy, side, spec.input_size)
+    reasons.append(why)
+    plan = make_plan(strategy, data, backbone, image_size, train_images, seconds_left, forward_rate, seed)
     if plan.command == "ensemble":
         names = " + ".join(member.options.backbone for member in plan.members)
         reasons.append(f"{len(plan.members)} backbones averaged ({names}): the budget has room for their forward "

@@ -190,3 +190,18 @@ def test_the_input_size_is_the_fastest_within_the_stated_margin():
     assert all(SMALL_IMAGE_SIZES[s][0] < best - IMAGE_SIZE_MARGIN
                for s, (_, speed) in SMALL_IMAGE_SIZES.items() if speed > SMALL_IMAGE_SIZES[size][1])
     assert f"input {size} px" in why and "docs/advise.md" in why
+
+
+def test_fine_tuning_the_budget_cannot_fit_becomes_the_feature_plan_and_says_why(tmp_path):
+    from cnnkit.advise import FINETUNE_MIN_EPOCHS, advise, finetune_epochs_that_fit
+    from cnnkit.plan import Strategy
+
+    # 10,000 images in what 10 minutes leave, at the default speed: not one epoch; at a GPU's: plenty.
+    assert finetune_epochs_that_fit(10_000, 585, None) < 1
+    assert finetune_epochs_that_fit(10_000, 585, 3_000.0) >= FINETUNE_MIN_EPOCHS
+    data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=40)
+    advice = advise(data, thresholds=Thresholds(little_data=2), budget_minutes=0.1)
+    assert advice.cell["data"] == "lot"
+    assert advice.strategy in (Strategy.linear_top, Strategy.linear_stages)
+    assert advice.plan.command in ("extract", "ensemble")
+    assert any("features instead" in reason and "--budget" in reason for reason in advice.reasons), advice.reasons

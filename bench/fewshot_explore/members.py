@@ -14,6 +14,9 @@ Measured (2,000 test images, subsets 1 / 2 / 3, then the mean; f = flip-averaged
     n=100  L0f 0.865   L0f+L1 0.875   L0f+L2 0.871   L0f+L1+L2 0.876 0.877 0.874 -> 0.876
            L0f+L1f+L2f 0.877 0.877 0.877 -> 0.877
     C=0.05 / 0.2 or LAYERS=conv3,conv4,conv5 at n=100: every three-member form within 0.875-0.878
+    conv4 over 3 x 3 regions (g: --grid 3; CONFIGS=L0f,L1,L2,L0fg,L1g,L2g):
+    n=10   L0fg 0.807 0.801 0.827 -> 0.812   L0fg+L1g+L2g 0.820 0.803 0.828 -> 0.817
+    n=100  L0fg 0.882 0.883 0.873 -> 0.880   L0fg+L1g+L2g 0.891 0.890 0.887 -> 0.889
 """
 import itertools
 import os
