@@ -501,8 +501,10 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
             strategy = Strategy.linear_top if cell["domain"] == "similar" else Strategy.linear_stages
             needed = finetune_minutes(train_images, forward_rate)
             reasons.append(f"fine-tuning {train_images} images for {FINETUNE.head_epochs} + {FINETUNE_MIN_EPOCHS} "
-                           f"epochs needs about {needed:.0f} minutes at the speed measured here, "
-                           f"{max(fit, 0):.1f} fine-tuning epochs fit the budget: features instead "
+                           f"epochs needs about {needed:.0f} minutes at "
+                           + (f"the {forward_rate:.0f} forward passes/s measured here, " if forward_rate
+                              else "an assumed 30 forward passes/s (the sample was cached: no speed measured), ")
+                           + f"{max(fit, 0):.1f} fine-tuning epochs fit the budget: features instead "
                            f"(give --budget {needed / 0.9 + 1:.0f} to fine-tune)")
     image_size, why = choose_image_size(strategy, side, spec.input_size)
     reasons.append(why)
