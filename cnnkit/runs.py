@@ -94,7 +94,9 @@ class FeatureHeadModel(_Section):
     layers: list[str] = Field(min_length=1)
     pool: Literal["avg", "max"]
     flip: bool
-    grid: int = Field(1, ge=1, le=MAX_GRID)  # regions per side of every stage but the last; 1 before cnnkit 0.2
+    # Regions per side of every stage but the last (1 before --grid existed); bounded like --grid,
+    # since it sizes the slices of the feature map a reader builds.
+    grid: int = Field(1, ge=1, le=MAX_GRID)
     head: Literal["logreg", "svm", "linear-svm", "knn"]
     pca: int | Literal["auto"] | None
     whiten: bool

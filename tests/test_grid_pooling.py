@@ -86,3 +86,17 @@ def test_a_grid_run_classifies_raw_images_as_its_head_was_fitted_and_records_its
     fitted = load_head(run.file("head.skops")).predict_proba(table.select(["conv3", "top"]))
     direct = run.classifier("tf")(np.stack([load_image(p, 32) for p in paths]))
     np.testing.assert_allclose(direct, fitted, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [0, 7, 10**9, "3; import os"])
+def test_a_run_whose_manifest_claims_a_crafted_grid_is_refused(grid):
+    # The grid sizes slices of the feature map: a manifest may only name what --grid accepts.
+    from pydantic import ValidationError
+
+    from cnnkit.runs import FeatureHeadModel
+
+    fields = dict(backbone="tiny_cnn", weights="none", layers=["conv3"], pool="avg", flip=False, head="logreg",
+                  pca=None, whiten=False, l2_normalize=False, best_params={}, cv_folds=0, feature_dims=8)
+    assert FeatureHeadModel(**fields).grid == 1  # runs from before --grid read as the whole map
+    with pytest.raises(ValidationError):
+        FeatureHeadModel(**fields, grid=grid)
