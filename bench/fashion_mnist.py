@@ -157,6 +157,25 @@ def write_image_folder(
     return out
 
 
+def subset_folder(out: str | os.PathLike, per_class: int, seed: int) -> pathlib.Path:
+    """``out/n{per_class}-s{seed}``: a random training subset beside the shared test images.
+
+    ``train/`` holds ``per_class`` random training images per class (one subset per
+    seed); ``test/`` links to ``out/test``, 200 official test images per class
+    (seed 0), written once and the same for every subset. Existing folders are kept.
+    """
+    out = pathlib.Path(out)
+    test_dir = out / "test"
+    if not test_dir.exists():
+        write_image_folder(test_dir, "test", 200, seed=0)
+    root = out / f"n{per_class}-s{seed}"
+    if not (root / "train").exists():
+        write_image_folder(root / "train", "train", per_class, seed=seed)
+    if not (root / "test").exists():
+        (root / "test").symlink_to(test_dir.resolve())
+    return root
+
+
 def _idx_path(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
     for name in (stem, f"{stem}.gz"):
         path = directory / name

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import write_image_folder  # noqa: E402
+from fashion_mnist import subset_folder, write_image_folder  # noqa: E402
 
 
 def main() -> None:
@@ -64,18 +64,11 @@ def main() -> None:
         print(f"{size} px: {rate[size]:.1f} images/s, {rate[size] / rate[max(sizes)]:.2f}x the {max(sizes)} px rate",
               flush=True)
 
-    test_dir = args.out / "test"
-    if not test_dir.exists():
-        write_image_folder(test_dir, "test", 200, seed=0)
     for per_class in [int(n) for n in args.per_class.split(",")]:
         for size in sizes:
             accuracies = []
             for seed in [int(s) for s in args.seeds.split(",")]:
-                root = args.out / f"n{per_class}-s{seed}"
-                if not (root / "train").exists():
-                    write_image_folder(root / "train", "train", per_class, seed=seed)
-                if not (root / "test").exists():
-                    (root / "test").symlink_to(test_dir.resolve())
+                root = subset_folder(args.out, per_class, seed)
                 options = ExtractOptions(layers="conv4,top", head="logreg", image_size=size, val_split=0.0, seed=seed)
                 accuracies.append(run_extract(root, options).metrics["test_accuracy"])
             results["accuracy"][f"{per_class}/{size}"] = accuracies

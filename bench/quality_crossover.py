@@ -30,7 +30,7 @@ from pathlib import Path
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import write_image_folder  # noqa: E402
+from fashion_mnist import subset_folder  # noqa: E402
 from quality_fewshot import spread  # noqa: E402
 
 # Thresholds that force each strategy: little_data above the size makes any size "little";
@@ -66,18 +66,11 @@ def main() -> None:
     unknown = [s for s in strategies if s != "auto" and s not in FORCED]
     if unknown:
         parser.error(f"--strategies: unknown {', '.join(unknown)}; choose from auto, {', '.join(FORCED)}")
-    test_dir = args.out / "test"
-    if not test_dir.exists():
-        write_image_folder(test_dir, "test", 200, seed=0)
     results: dict = {"budget_minutes": args.budget, "sizes": {}}
     for size in [int(s) for s in args.sizes.split(",")]:
         rows: dict = {s: {"test": [], "seconds": [], "plans": []} for s in strategies}
         for seed in [int(s) for s in args.seeds.split(",")]:
-            root = args.out / f"n{size}-s{seed}"
-            if not (root / "train").exists():
-                write_image_folder(root / "train", "train", size, seed=seed)
-            if not (root / "test").exists():
-                (root / "test").symlink_to(test_dir.resolve())
+            root = subset_folder(args.out, size, seed)
             for strategy in strategies:
                 thresholds = Thresholds(**FORCED[strategy]) if strategy in FORCED else None
                 started = time.perf_counter()
