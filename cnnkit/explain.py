@@ -208,11 +208,20 @@ class NetworkExplainer(Explainer):
         pool = model.get_layer(run.model.feature_layer)
         last = model.layers[-1]
 
+        flip = run.model.flip
+
         def forward(x):
+            from keras import ops
+
             for layer_ in before:  # augmentation layers are the identity at inference
                 x = layer_(x, training=False)
             feature_map, final = inner(x, training=False)
-            return [(feature_map, False)], class_scores(last, pool(final))
+            maps, pooled = [(feature_map, False)], pool(final)
+            if flip:  # the run averages each image's pooled features with its mirror image's
+                mirror_map, mirror_final = inner(ops.flip(x, axis=2), training=False)
+                maps.append((mirror_map, True))
+                pooled = (pooled + pool(mirror_final)) / 2.0
+            return maps, class_scores(last, pooled)
 
         self._forward = forward
         self.class_names, self.image_size, self.crop_pct = run.class_names, run.image_size, run.crop_pct

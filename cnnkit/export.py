@@ -92,9 +92,16 @@ def _network_probabilities(run, images):
         layers = [model]
     for layer in layers:  # unique within an ensemble's graph, whose members share these names
         layer.name = f"{layer.name}_{_tag(run)}"
-    for layer in layers:
-        x = layer(x, training=False)
-    return x
+    if len(layers) == 1:
+        probabilities = layers[0](x, training=False)
+        # Averaged with the mirror image's, as cnnkit.training.network.inference_network does.
+        return (probabilities + layers[0](ops.flip(x, axis=2), training=False)) / 2.0 if run.model.flip \
+            else probabilities
+    backbone, pool, classifier = layers
+    pooled = pool(backbone(x, training=False))
+    if run.model.flip:  # cnnkit.training.network.inference_network: pooled features averaged, then the classifier
+        pooled = (pooled + pool(backbone(ops.flip(x, axis=2), training=False))) / 2.0
+    return classifier(pooled)
 
 
 def _feature_head_probabilities(run, images):

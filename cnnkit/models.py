@@ -60,6 +60,9 @@ class FeatureHeadClassifier:
 class NetworkClassifier:
     """A whole Keras network from raw pixels to probabilities (finetune/train runs).
 
+    A run trained with ``--flip`` averages each image with its mirror image
+    (``cnnkit.training.network.inference_network``).
+
     The engine runs one graph with two outputs, the probabilities and the
     pooled features (the retrieval embedding); it is converted once per run
     (keyed by the run's seal) for ONNX Runtime and OpenVINO.
@@ -70,6 +73,7 @@ class NetworkClassifier:
 
         self.path = run.file("model.keras")
         self.feature_layer = run.model.feature_layer
+        self.flip = run.model.flip
         self._model = None
         self.runner = make_runner(engine, "runs", run.manifest.seal, self._two_outputs, run.image_size)
 
@@ -88,14 +92,14 @@ class NetworkClassifier:
         return self._model
 
     def _two_outputs(self):
-        import keras
+        from cnnkit.training.network import inference_network
 
         try:
-            features = self.model.get_layer(self.feature_layer).output
+            return inference_network(self.model, self.flip, self.feature_layer)
         except ValueError:
-            raise CnnkitError(f"{self.path}: has no layer {self.feature_layer!r}, which the manifest names as "
-                              "its feature layer; re-create the run") from None
-        return keras.Model(self.model.input, {"probabilities": self.model.output, "features": features})
+            raise CnnkitError(f"{self.path}: has no layer {self.feature_layer!r}, which the manifest names as its "
+                              f"feature layer{', or no backbone and classifier' if self.flip else ''}; "
+                              "re-create the run") from None
 
     def embed(self, images) -> np.ndarray:
         """The retrieval embedding: the pooled features before the classifier."""

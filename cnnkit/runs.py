@@ -111,7 +111,9 @@ class NetworkModel(_Section):
     """A Keras network from raw pixels to probabilities (``model.keras``).
 
     ``feature_layer`` names the pooled layer before the classifier, the
-    retrieval embedding of `similar`.
+    retrieval embedding of `similar`. ``flip``: the pooled features are
+    averaged with the mirror image's before the classifier (runs before it
+    existed read as ``False``, which is how they predicted).
     """
 
     kind: Literal["network"] = "network"
@@ -119,6 +121,7 @@ class NetworkModel(_Section):
     weights: str
     freeze: str
     feature_layer: str
+    flip: bool = False
     epochs_run: int
     best_epoch: int
     interrupted: bool = False

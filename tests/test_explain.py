@@ -12,7 +12,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.explain import explain, fold_linear_head, place_in_box, resolve_class
 from cnnkit.heads import fit_head
 from conftest import PHOTOS
-from tiny_runs import extract_run, shared_runs
+from tiny_runs import extract_run, shared_runs, train_run
 
 runner = CliRunner()
 
@@ -75,13 +75,15 @@ def made(tmp_path_factory):
     wide = root / "images" / "wide.png"
     wide.parent.mkdir()
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(wide)
-    runs = {"network": made["train"], "logreg": made["extract"], "knn": made["knn"],
+    runs = {"network": made["train"], "network-plain": train_run(data, root / "plain", flip=False),
+            "logreg": made["extract"], "knn": made["knn"],
             "flip-l2": extract_run(data, root / "flip", flip=True, l2_normalize=True),
             "grid-flip": extract_run(data, root / "grid", flip=True, grid=3)}
     return root, wide, runs
 
 
-@pytest.mark.parametrize("kind, method", [("network", "grad-cam"), ("logreg", "grad-cam"), ("flip-l2", "grad-cam"),
+@pytest.mark.parametrize("kind, method", [("network", "grad-cam"), ("network-plain", "grad-cam"),
+                                          ("logreg", "grad-cam"), ("flip-l2", "grad-cam"),
                                           ("grid-flip", "grad-cam"),
                                           ("knn", "occlusion")])
 def test_every_run_kind_explains_into_the_images_own_grid(made, kind, method):

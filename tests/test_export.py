@@ -42,10 +42,14 @@ def runs(tmp_path_factory):
     made["network"] = run_training(data, TrainOptions(mode="train", backbone="tiny_cnn", weights="none",
                                                       freeze="none", head_epochs=0, image_size=32, epochs=1,
                                                       batch_size=8, val_split=0.2), root / "network").run_path
+    made["network-flip"] = run_training(data, TrainOptions(mode="train", backbone="tiny_cnn", weights="none",
+                                                           freeze="none", head_epochs=0, image_size=32, epochs=1,
+                                                           batch_size=8, val_split=0.2, flip=True),
+                                        root / "network-flip").run_path
     return {"data": data, "root": root, **made}
 
 
-@pytest.mark.parametrize("kind", [*HEADS, "network"])
+@pytest.mark.parametrize("kind", [*HEADS, "network", "network-flip"])
 @pytest.mark.parametrize("fmt", ["onnx", "tflite", "savedmodel"])
 def test_every_exportable_run_agrees_with_its_own_predictions(runs, kind, fmt, tmp_path):
     result = export_run(runs[kind], fmt, tmp_path / "out")

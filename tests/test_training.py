@@ -12,6 +12,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.predict import predict_run
 from cnnkit.runs import load_run
 from cnnkit.training import TrainOptions, run_training
+from cnnkit.training.augment import Augmentation
 from cnnkit.training.network import stage_index
 from cnnkit.training.schedule import schedule_factor
 from conftest import make_class_tree
@@ -24,8 +25,8 @@ def data(tmp_path):
 
 def _tiny(**overrides):
     options = dict(mode="train", backbone="tiny_cnn", weights="none", freeze="none", image_size=32, epochs=4,
-                   head_epochs=0, batch_size=4, lr=0.05, augment="strong", dropout=0.3, val_split=0.25,
-                   deterministic=True, patience=10)
+                   head_epochs=0, batch_size=4, lr=0.05, augment="strong", erase=0.5, dropout=0.3,
+                   val_split=0.25, deterministic=True, patience=10)
     options.update(overrides)
     return TrainOptions(**options)
 
@@ -182,3 +183,43 @@ def test_an_edited_checkpoint_state_is_a_one_line_error_on_resume(data, tmp_path
     state_file.write_text(json.dumps(state))
     with pytest.raises(CnnkitError, match="damaged checkpoint .policy state"):
         run_training(data, TrainOptions(), tmp_path / "part", resume=True)
+
+
+def test_random_erasing_fills_one_rectangle_of_each_image_while_training_only():
+    assert [layer.name for layer in Augmentation.preset("light", 0.5).layers()] == [
+        "aug_flip", "aug_zoom", "aug_shift", "aug_erase"]
+    assert not any(layer.name == "aug_erase" for layer in Augmentation.preset("light").layers())
+    erase, = Augmentation(erase=1.0).layers(seed=1)
+    images = np.full((64, 28, 28, 3), 128.0, np.float32)
+    erased = np.asarray(erase(images, training=True))
+    for changed in np.any(erased != 128.0, axis=-1):  # the noise matches 128 exactly almost never
+        rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
+        box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+        assert changed.sum() >= 0.95 * box  # one rectangle
+        assert 0.01 <= box / changed.size <= 0.40  # 2-33 % of the image, whole pixels
+    assert np.array_equal(np.asarray(erase(images, training=False)), images)
+
+
+def test_a_flip_run_predicts_an_image_and_its_mirror_alike_and_reports_what_it_predicts(tmp_path):
+    """--flip: the saved run averages each image with its mirror image, everywhere it predicts."""
+    import keras
+
+    from cnnkit.data import load_image
+    from cnnkit.evaluation import evaluate_run
+
+    data = make_class_tree(tmp_path / "data" / "train", {"a": 8, "b": 8}, size=32).parent
+    make_class_tree(data / "test", {"a": 4, "b": 4}, size=32)
+    result = run_training(data, _tiny(epochs=2, flip=True), tmp_path / "run")
+    run = load_run(result.run_path)
+    assert run.model.flip and run.manifest.options["flip"]
+
+    images = np.stack([load_image(path, 32) for path in sorted((data / "test").glob("*/*.png"))])
+    classify = run.classifier()
+    np.testing.assert_allclose(classify(images), classify(images[:, :, ::-1]), atol=1e-5)
+    # The saved model alone predicts the plain view; the run averages the two views' logits.
+    model = keras.saving.load_model(result.run_path / "model.keras", compile=False)
+    logits = [np.log(model.predict(x.astype("float32"), verbose=0)) for x in (images, images[:, :, ::-1])]
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax((logits[0] + logits[1]) / 2))
+    np.testing.assert_allclose(classify(images), expected, atol=1e-4)
+    # The accuracy training reports is the one evaluate measures with the saved run.
+    assert result.metrics["test_accuracy"] == pytest.approx(evaluate_run(result.run_path, data).accuracy)

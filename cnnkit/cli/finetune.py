@@ -22,6 +22,8 @@ Warmup = Annotated[int, typer.Option(min=0, help="Epochs of linear warm-up.")]
 WeightDecay = Annotated[float, typer.Option(min=0.0, help="Weight decay (L2).")]
 Dropout = Annotated[float, typer.Option(min=0.0, max=0.9, help="Dropout before the classifier.")]
 AugmentOption = Annotated[Augment, typer.Option("--augment", help="none, light (flip, crop) or strong (+ rotation, colour jitter).")]
+Erase = Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability of random erasing: a random rectangle of each training image filled with noise (0: off).")]
+Flip = Annotated[bool, typer.Option("--flip/--no-flip", help="The trained model averages each image with its mirror image when it predicts (twice the inference work).")]
 LabelSmoothing = Annotated[float, typer.Option(min=0.0, max=0.5, help="Label smoothing.")]
 ValSplit = Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of train held out for validation when DATA has no val/.")]
 Patience = Annotated[int, typer.Option(min=1, help="Stop after this many epochs without a better validation accuracy.")]
@@ -101,6 +103,8 @@ def finetune(
     weight_decay: WeightDecay = FINETUNE.weight_decay,
     dropout: Dropout = FINETUNE.dropout,
     augment: AugmentOption = FINETUNE.augment,
+    erase: Erase = FINETUNE.erase,
+    flip: Flip = FINETUNE.flip,
     batchnorm: Annotated[BatchNorm, typer.Option("--batchnorm", help="BatchNorm of the unfrozen stages: frozen (ImageNet statistics, inference mode) or train (batch statistics).")] = FINETUNE.batchnorm,
     label_smoothing: LabelSmoothing = FINETUNE.label_smoothing,
     val_split: ValSplit = FINETUNE.val_split,
@@ -125,9 +129,9 @@ def finetune(
         mode="finetune", backbone=str(backbone), weights=weights, freeze=freeze, image_size=image_size,
         epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, finetune_lr_scale=finetune_lr_scale,
         optimizer=optimizer, momentum=momentum, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
-        dropout=dropout, augment=augment, batchnorm=batchnorm, label_smoothing=label_smoothing, val_split=val_split,
-        patience=patience, plateau_patience=plateau_patience, seed=seed, deterministic=deterministic, device=device,
-        tensorboard=tensorboard, sanity=sanity, strict=strict, time_limit=time_limit)
+        dropout=dropout, augment=augment, erase=erase, flip=flip, batchnorm=batchnorm,
+        label_smoothing=label_smoothing, val_split=val_split, patience=patience, plateau_patience=plateau_patience,
+        seed=seed, deterministic=deterministic, device=device, tensorboard=tensorboard, sanity=sanity, strict=strict, time_limit=time_limit)
     _run(data, options, out, force, resume, json_output, quiet)
 
 
@@ -146,6 +150,8 @@ def train(
     weight_decay: WeightDecay = TRAIN.weight_decay,
     dropout: Dropout = TRAIN.dropout,
     augment: AugmentOption = TRAIN.augment,
+    erase: Erase = TRAIN.erase,
+    flip: Flip = TRAIN.flip,
     label_smoothing: LabelSmoothing = TRAIN.label_smoothing,
     val_split: ValSplit = TRAIN.val_split,
     patience: Patience = TRAIN.patience,
@@ -169,9 +175,9 @@ def train(
         epochs=epochs, head_epochs=0, batch_size=batch_size, lr=lr, finetune_lr_scale=TRAIN.finetune_lr_scale,
         batchnorm=TRAIN.batchnorm,
         optimizer=optimizer, momentum=momentum, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
-        dropout=dropout, augment=augment, label_smoothing=label_smoothing, val_split=val_split, patience=patience,
-        plateau_patience=plateau_patience, seed=seed, deterministic=deterministic, device=device,
-        tensorboard=tensorboard, sanity=sanity, strict=strict, time_limit=time_limit)
+        dropout=dropout, augment=augment, erase=erase, flip=flip, label_smoothing=label_smoothing,
+        val_split=val_split, patience=patience, plateau_patience=plateau_patience, seed=seed,
+        deterministic=deterministic, device=device, tensorboard=tensorboard, sanity=sanity, strict=strict, time_limit=time_limit)
     _run(data, options, out, force, resume, json_output, quiet)
 
 

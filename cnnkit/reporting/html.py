@@ -163,7 +163,9 @@ def model_section(manifest) -> str:
                 "then a classical head fitted on them (the notes' first level of use).")
     elif m.kind == "network":
         rows = [("backbone", f"{m.backbone} ({m.weights} weights)"),
-                ("frozen through", m.freeze), ("epochs run", m.epochs_run), ("best epoch", m.best_epoch),
+                ("frozen through", m.freeze),
+                ("predicts", "averaged with the mirror image (--flip)" if m.flip else "the image as given"),
+                ("epochs run", m.epochs_run), ("best epoch", m.best_epoch),
                 ("interrupted", "yes (resumable with --resume)" if m.interrupted else "no")]
         what = ("Fine-tuning: a new classifier on the pretrained network, the stages up to the frozen one kept "
                 "fixed, the rest trained." if manifest.command == "finetune" else

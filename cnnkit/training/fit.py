@@ -169,18 +169,19 @@ def _first_words(error: Exception, limit: int = 240) -> str:
 
 def _train(data, options: TrainOptions, out: Path, force: bool, point, report, say, dataset, attach, strategy,
            spec, device, deadline: float | None = None) -> TrainResult:
+    import keras
     import tensorflow as tf
 
     from cnnkit.training.augment import Augmentation
     from cnnkit.training.datasets import evaluation_batches, training_batches
     from cnnkit.training.loop import LoopContext, Steps, read_history, run_phases
     from cnnkit.training.monitor import diagnose
-    from cnnkit.training.network import build_network, freeze_through
+    from cnnkit.training.network import build_network, freeze_through, inference_network
     from cnnkit.training.resume import work_folder
     from cnnkit.training.sanity import sanity_check
     from cnnkit.training.save import TrainingOutcome, save_training_run
 
-    augmentation = Augmentation.preset(options.augment)
+    augmentation = Augmentation.preset(options.augment, options.erase)
     weights = None if options.weights == "none" else options.weights
     image_size = options.image_size or spec.input_size
 
@@ -254,11 +255,15 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
     diagnosis = diagnose(history, ratio_history, mode=str(options.mode))
     metrics = {"best_epoch": best_epoch, "val_accuracy": best_value if best_epoch else None,
                "train_accuracy": history["accuracy"][-1] if history.get("accuracy") else None}
+    with device.strategy.scope():
+        predictor = inference_network(model, options.flip)  # as the saved run will predict
     if splits.get("test") and not interrupted:
         test_ds, _ = evaluation_batches(splits["test"], num_classes, image_size, options.batch_size,
                                         device.strategy)
-        metrics["test_accuracy"] = float(Steps(model, device.strategy).evaluate(test_ds)["accuracy"])
-    outcome = TrainingOutcome(model, history, ratio_history, diagnosis, metrics, sanity, interrupted, best_epoch)
+        probabilities = keras.Model(predictor.input, predictor.output["probabilities"])
+        metrics["test_accuracy"] = float(Steps(probabilities, device.strategy).evaluate(test_ds)["accuracy"])
+    outcome = TrainingOutcome(model, predictor, history, ratio_history, diagnosis, metrics, sanity, interrupted,
+                              best_epoch)
     skipped = dataset.skipped + train_stream.failures + val_stream.failures
 
     def save(destination: Path, replace: bool) -> Path:

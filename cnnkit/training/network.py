@@ -38,6 +38,34 @@ def build_network(spec: BackboneSpec, num_classes: int, weights, image_size: int
     return keras.Model(inputs, outputs, name=f"{spec.name}_classifier")
 
 
+def inference_network(model, flip: bool = False, feature_layer: str = FEATURE_LAYER):
+    """The trained network as a run predicts with it: raw pixels -> ``{"probabilities", "features"}``.
+
+    With ``flip`` (``--flip``, recorded as ``NetworkModel.flip``) the pooled
+    features are averaged with the mirror image's before the classifier; the
+    classifier is linear before its softmax, so that averages the two views'
+    logits. Augmentation and dropout are the identity at inference and are
+    left out of that graph. Without ``flip`` the model's own graph, whatever
+    its layout.
+
+    Raises:
+        ValueError: the model has no layer ``feature_layer`` (or, with
+            ``flip``, no backbone or classifier layer of cnnkit's layout).
+    """
+    import keras
+    from keras import ops
+
+    features = model.get_layer(feature_layer)
+    if not flip:
+        return keras.Model(model.input, {"probabilities": model.output, "features": features.output})
+    backbone, classifier = model.get_layer(BACKBONE_LAYER), model.get_layer("predictions")
+    inputs = keras.Input(model.input.shape[1:], name="image")
+    pooled = features(backbone(inputs, training=False))
+    mirrored = features(backbone(ops.flip(inputs, axis=2), training=False))
+    pooled = (pooled + mirrored) / 2.0
+    return keras.Model(inputs, {"probabilities": classifier(pooled), "features": pooled})
+
+
 def backbone_of(model):
     return model.get_layer(BACKBONE_LAYER)
 

@@ -17,7 +17,8 @@ from cnnkit.runs import Attachment, NetworkModel, RunManifest, data_summary, wri
 class TrainingOutcome:
     """What a training run produced, ready to be written."""
 
-    model: object
+    model: object  # the trained network, saved as model.keras
+    predictor: object  # that network as the run predicts: {"probabilities", "features"} (inference_network)
     history: dict[str, list]
     update_ratios: list[dict[str, float]]
     diagnosis: list[str]
@@ -27,15 +28,14 @@ class TrainingOutcome:
     best_epoch: int
 
 
-def training_features(model, samples, image_size: int, batch_size: int):
-    """Pooled features of the training images (the retrieval index of `similar`)."""
+def training_features(predictor, samples, image_size: int, batch_size: int):
+    """Pooled features of the training images (the retrieval index of `similar`), as ``predictor`` pools them."""
     import keras
 
     from cnnkit.data import ImageStream
     from cnnkit.features import inference_fn
-    from cnnkit.training.network import FEATURE_LAYER
 
-    features_fn = inference_fn(keras.Model(model.input, model.get_layer(FEATURE_LAYER).output))
+    features_fn = inference_fn(keras.Model(predictor.input, predictor.output["features"]))
     stream = ImageStream([s.path for s in samples], image_size)
     rows, kept = stream.map_batches(lambda images: np.asarray(features_fn(images), np.float32), batch_size)
     features = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
@@ -52,13 +52,15 @@ def save_training_run(out: Path, outcome: TrainingOutcome, spec, options, datase
     """
     skipped_files = [] if isinstance(skipped, int) else list(skipped)
     skipped = skipped if isinstance(skipped, int) else len(skipped_files)
+    import keras
+
     from cnnkit.options import command_line
     from cnnkit.similarity import write_index
     from cnnkit.training.network import BACKBONE_LAYER, FEATURE_LAYER
     from cnnkit.training.plots import plot_first_layer_filters, plot_history, plot_update_ratios
 
     model = outcome.model
-    index = training_features(model, splits["train"], image_size, options.batch_size)
+    index = training_features(outcome.predictor, splits["train"], image_size, options.batch_size)
 
     def write_files(folder: Path) -> None:
         model.save(folder / "model.keras")
@@ -83,13 +85,15 @@ def save_training_run(out: Path, outcome: TrainingOutcome, spec, options, datase
         metrics=outcome.metrics,
         model=NetworkModel(backbone=spec.name, weights=str(options.weights),
                            freeze=str(options.freeze) if options.mode == "finetune" else "none",
-                           feature_layer=FEATURE_LAYER, epochs_run=len(outcome.history.get("loss", [])),
-                           best_epoch=outcome.best_epoch, interrupted=outcome.interrupted),
+                           feature_layer=FEATURE_LAYER, flip=options.flip,
+                           epochs_run=len(outcome.history.get("loss", [])), best_epoch=outcome.best_epoch,
+                           interrupted=outcome.interrupted),
     )
     from cnnkit.reporting import run_attachments
 
     held_out = "test" if splits.get("test") and not outcome.interrupted else "val"
-    evaluation = held_out_evaluation(model, splits.get(held_out) or [], dataset.class_names, image_size,
+    probabilities = keras.Model(outcome.predictor.input, outcome.predictor.output["probabilities"])
+    evaluation = held_out_evaluation(probabilities, splits.get(held_out) or [], dataset.class_names, image_size,
                                      options.batch_size)
     hooks = run_attachments(evaluation, held_out, skipped_files, attach)
     return write_run(out, manifest, write_files, force=replace, attach=hooks)
