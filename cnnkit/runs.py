@@ -181,12 +181,23 @@ class RunManifest(_Section):
 
     def seal_of(self) -> str:
         """SHA-256 of the canonical JSON of every field but ``seal``."""
-        body = self.model_dump(mode="json", exclude={"seal"})
-        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                         ensure_ascii=False).encode()).hexdigest()
+        return seal_of_fields(self.model_dump(mode="json", exclude={"seal"}))
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False)
+
+
+def seal_of_fields(fields: dict) -> str:
+    """SHA-256 of the canonical JSON of a manifest's fields (``seal`` left out).
+
+    A reader checks the seal over the fields as they are stored, not as its
+    schema reads them: a field added to the schema later (with a default that
+    keeps an older run's meaning, such as ``grid`` or ``flip``) is then absent
+    from an older run's manifest, and that run still loads.
+    """
+    body = {k: v for k, v in fields.items() if k != "seal"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=False).encode()).hexdigest()
 
 
 def data_summary(dataset, splits: dict[str, list], skipped: int = 0) -> DataSummary:
@@ -399,8 +410,7 @@ def _upgrade_v1(data: dict) -> dict:
                  "splits": source.get("counts") or {}, "classes": source.get("classes") or {},
                  "skipped": source.get("skipped", 0)} if source else None,
     }
-    manifest = RunManifest.model_validate(upgraded)
-    upgraded["seal"] = manifest.seal_of()  # format 1 had no seal; the files' checksums still apply
+    upgraded["seal"] = seal_of_fields(upgraded)  # format 1 had no seal; the files' checksums still apply
     return upgraded
 
 
@@ -430,7 +440,7 @@ def read_manifest(path: Path) -> RunManifest:
         manifest = RunManifest.model_validate(data)
     except ValidationError as error:
         raise _field_error(manifest_path, error) from None
-    if manifest.seal != manifest.seal_of():
+    if manifest.seal != seal_of_fields(data):
         raise CnnkitError(f"{manifest_path}: was modified after the run was written (seal mismatch); "
                           "refusing to load it -- re-create the run")
     return manifest

@@ -29,8 +29,8 @@ pytestmark = pytest.mark.multiworker
 # Nothing random but the initialisation and the data order, which are seeded:
 # two workers and one process then see the same images in the same steps.
 TRAIN_FLAGS = ["--backbone", "tiny_cnn", "--weights", "none", "--image-size", "32", "--batch-size", "8",
-               "--lr", "0.05", "--augment", "none", "--dropout", "0", "--val-split", "0.25", "--deterministic",
-               "--patience", "1000", "--plateau-patience", "0"]
+               "--lr", "0.05", "--augment", "none", "--erase", "0", "--dropout", "0", "--val-split", "0.25",
+               "--deterministic", "--patience", "1000", "--plateau-patience", "0"]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -115,7 +115,7 @@ def test_two_workers_train_as_one_process_with_the_same_global_batch(data, tmp_p
 
     # One process, the same global batch: the same training within float summation order.
     options = preset("train", backbone="tiny_cnn", weights="none", image_size=32, epochs=3, batch_size=8, lr=0.05,
-                     augment="none", dropout=0.0, val_split=0.25, deterministic=True, patience=1000,
+                     augment="none", erase=0.0, dropout=0.0, val_split=0.25, deterministic=True, patience=1000,
                      plateau_patience=0)
     single = run_training(data, options, tmp_path / "single")
     assert chief["best_epoch"] == single.metrics["best_epoch"]

@@ -201,3 +201,27 @@ def test_a_cnnkit_0_1_run_still_loads(runs, tmp_path):
     run = load_run(copy)
     assert run.model.layers == ["conv4", "top"] and run.manifest.command == "extract"
     assert len(predict_run([runs["data"]], copy).predictions) == 16
+
+
+@pytest.mark.parametrize("kind, field, old_meaning", [("extract", "grid", 1), ("train", "flip", False)])
+def test_a_run_sealed_before_a_field_existed_loads_with_the_fields_old_meaning(runs, tmp_path, kind, field,
+                                                                                old_meaning):
+    """The seal is checked over the fields as stored: a field the schema gained since is absent, not a forgery."""
+    import shutil
+
+    from cnnkit.predict import predict_run
+    from cnnkit.runs import seal_of_fields
+
+    copy = tmp_path / kind
+    shutil.copytree(runs[kind], copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    del data["model"][field]
+    data["seal"] = seal_of_fields(data)  # as the cnnkit of that time sealed it
+    (copy / "manifest.json").write_text(json.dumps(data, indent=2))
+    assert getattr(load_run(copy).model, field) == old_meaning
+    assert len(predict_run([runs["data"]], copy).predictions) == 16
+
+    data["model"][field] = 2 if field == "grid" else True  # changed after sealing
+    (copy / "manifest.json").write_text(json.dumps(data, indent=2))
+    with pytest.raises(CnnkitError, match="seal mismatch"):
+        load_run(copy)

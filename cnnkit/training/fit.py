@@ -169,14 +169,13 @@ def _first_words(error: Exception, limit: int = 240) -> str:
 
 def _train(data, options: TrainOptions, out: Path, force: bool, point, report, say, dataset, attach, strategy,
            spec, device, deadline: float | None = None) -> TrainResult:
-    import keras
     import tensorflow as tf
 
     from cnnkit.training.augment import Augmentation
     from cnnkit.training.datasets import evaluation_batches, training_batches
     from cnnkit.training.loop import LoopContext, Steps, read_history, run_phases
     from cnnkit.training.monitor import diagnose
-    from cnnkit.training.network import build_network, freeze_through, inference_network
+    from cnnkit.training.network import build_network, freeze_through, inference_network, probabilities_of
     from cnnkit.training.resume import work_folder
     from cnnkit.training.sanity import sanity_check
     from cnnkit.training.save import TrainingOutcome, save_training_run
@@ -260,8 +259,8 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
     if splits.get("test") and not interrupted:
         test_ds, _ = evaluation_batches(splits["test"], num_classes, image_size, options.batch_size,
                                         device.strategy)
-        probabilities = keras.Model(predictor.input, predictor.output["probabilities"])
-        metrics["test_accuracy"] = float(Steps(probabilities, device.strategy).evaluate(test_ds)["accuracy"])
+        metrics["test_accuracy"] = float(Steps(probabilities_of(predictor), device.strategy)
+                                         .evaluate(test_ds)["accuracy"])
     outcome = TrainingOutcome(model, predictor, history, ratio_history, diagnosis, metrics, sanity, interrupted,
                               best_epoch)
     skipped = dataset.skipped + train_stream.failures + val_stream.failures

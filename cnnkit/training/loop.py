@@ -124,13 +124,16 @@ class Steps:
         model: the compiled network (its optimizer built in ``strategy``'s scope).
         strategy: the ``tf.distribute`` strategy the model was built under.
         label_smoothing: of the categorical cross-entropy.
+        evaluator: what ``evaluate`` classifies with, when not ``model`` itself:
+            the network as its run will predict (``--flip``: averaged with the
+            mirror image), so the validation accuracy is the run's.
     """
 
-    def __init__(self, model, strategy, label_smoothing: float = 0.0):
+    def __init__(self, model, strategy, label_smoothing: float = 0.0, evaluator=None):
         import keras
         import tensorflow as tf
 
-        self.model, self.strategy = model, strategy
+        self.model, self.strategy, self.evaluator = model, strategy, evaluator or model
         self.loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, reduction=None)
         self._train = tf.function(self._train_step)
         self._test = tf.function(self._test_step)
@@ -164,7 +167,7 @@ class Steps:
         return self._sums(per_image, probabilities, labels)
 
     def _test_replica(self, images, labels):
-        probabilities = self.model(images, training=False)
+        probabilities = self.evaluator(images, training=False)
         return self._sums(self.loss(labels, probabilities), probabilities, labels)
 
     def _train_step(self, iterator):
@@ -262,11 +265,15 @@ def run_phases(ctx: LoopContext, resume=None, report: Callable[[dict], None] | N
     from cnnkit.training.callbacks import TimeLimit
     from cnnkit.training.callbacks import restore_optimizer
     from cnnkit.training.monitor import UpdateRatioMonitor
-    from cnnkit.training.network import backbone_of, freeze_through, stage_groups
+    from cnnkit.training.network import backbone_of, freeze_through, inference_network, probabilities_of, stage_groups
     from cnnkit.training.schedule import LearningRatePolicy
 
     say = say or (lambda message: None)
     options, model, strategy = ctx.options, ctx.model, ctx.device.strategy
+    evaluator = None
+    if options.flip:  # validated as the run will predict
+        with strategy.scope():
+            evaluator = probabilities_of(inference_network(model, flip=True))
     checkpoints = ctx.work / "checkpoints"
     history = ctx.work / "history.csv"
     steps = max(1, -(-ctx.train_images // options.batch_size))
@@ -318,7 +325,7 @@ def run_phases(ctx: LoopContext, resume=None, report: Callable[[dict], None] | N
         ]
         if options.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(str(ctx.work / "tensorboard"), write_graph=False))
-        ctx.steps = Steps(model, strategy, options.label_smoothing)
+        ctx.steps = Steps(model, strategy, options.label_smoothing, evaluator)
         fit_phase(ctx.steps, ctx.train_ds, ctx.val_ds, callbacks, max(start, first), last, ctx.device.replicas)
         # Early stopping ends the head phase (the head has converged), or the whole run.
         if model.stop_training and phase.name != "head":

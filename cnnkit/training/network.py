@@ -66,6 +66,13 @@ def inference_network(model, flip: bool = False, feature_layer: str = FEATURE_LA
     return keras.Model(inputs, {"probabilities": classifier(pooled), "features": pooled})
 
 
+def probabilities_of(predictor):
+    """The ``probabilities`` output of an ``inference_network`` alone, as a model of one output."""
+    import keras
+
+    return keras.Model(predictor.input, predictor.output["probabilities"])
+
+
 def backbone_of(model):
     return model.get_layer(BACKBONE_LAYER)
 

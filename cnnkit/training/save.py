@@ -52,11 +52,9 @@ def save_training_run(out: Path, outcome: TrainingOutcome, spec, options, datase
     """
     skipped_files = [] if isinstance(skipped, int) else list(skipped)
     skipped = skipped if isinstance(skipped, int) else len(skipped_files)
-    import keras
-
     from cnnkit.options import command_line
     from cnnkit.similarity import write_index
-    from cnnkit.training.network import BACKBONE_LAYER, FEATURE_LAYER
+    from cnnkit.training.network import BACKBONE_LAYER, FEATURE_LAYER, probabilities_of
     from cnnkit.training.plots import plot_first_layer_filters, plot_history, plot_update_ratios
 
     model = outcome.model
@@ -92,9 +90,8 @@ def save_training_run(out: Path, outcome: TrainingOutcome, spec, options, datase
     from cnnkit.reporting import run_attachments
 
     held_out = "test" if splits.get("test") and not outcome.interrupted else "val"
-    probabilities = keras.Model(outcome.predictor.input, outcome.predictor.output["probabilities"])
-    evaluation = held_out_evaluation(probabilities, splits.get(held_out) or [], dataset.class_names, image_size,
-                                     options.batch_size)
+    evaluation = held_out_evaluation(probabilities_of(outcome.predictor), splits.get(held_out) or [],
+                                     dataset.class_names, image_size, options.batch_size)
     hooks = run_attachments(evaluation, held_out, skipped_files, attach)
     return write_run(out, manifest, write_files, force=replace, attach=hooks)
 
