@@ -12,7 +12,8 @@ RUN/
                     (feature_head | network | ensemble), the SHA-256 of every file below,
                     and a seal: the SHA-256 of the manifest itself
   head.skops        feature_head: scaler -> PCA -> classifier (skops; no pickle)
-  model.keras       network: the whole classifier from raw uint8 pixels to probabilities
+  model.keras       network: the whole classifier from raw uint8 pixels to probabilities (a run
+                    with model.flip averages it over the image and its mirror image)
   members/<i>/      ensemble: a sealed copy of each member run
   index/            retrieval features for `similar`: features.npy, labels.npy, paths.json
   history.csv       network: one row per epoch (loss, accuracy, validation, rate, seconds)

@@ -107,7 +107,7 @@ def test_advise_json_auto_and_the_printed_command_agree(strategy, tmp_path, monk
                         finetune_lr_scale=0.3, momentum=0.8, plateau_patience=0, deterministic=True, device="cpu",
                         batchnorm="frozen", time_limit=12.5)),
     ("train", preset("train", backbone="tiny_cnn", weights="imagenet", epochs=3, image_size=28, dropout=0.0,
-                     erase=0.25, label_smoothing=0.1, sanity=True, strict=True, time_limit=0.5)),
+                     erase=0.25, label_smoothing=0.05, sanity=True, strict=True, time_limit=0.5)),
 ])
 def test_any_options_survive_a_round_trip_through_their_command_line(command, options, captured, tmp_path):
     line = command_line(command, tmp_path / "data", options)

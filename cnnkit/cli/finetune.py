@@ -131,7 +131,8 @@ def finetune(
         optimizer=optimizer, momentum=momentum, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
         dropout=dropout, augment=augment, erase=erase, flip=flip, batchnorm=batchnorm,
         label_smoothing=label_smoothing, val_split=val_split, patience=patience, plateau_patience=plateau_patience,
-        seed=seed, deterministic=deterministic, device=device, tensorboard=tensorboard, sanity=sanity, strict=strict, time_limit=time_limit)
+        seed=seed, deterministic=deterministic, device=device, tensorboard=tensorboard, sanity=sanity, strict=strict,
+        time_limit=time_limit)
     _run(data, options, out, force, resume, json_output, quiet)
 
 
@@ -177,7 +178,8 @@ def train(
         optimizer=optimizer, momentum=momentum, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
         dropout=dropout, augment=augment, erase=erase, flip=flip, label_smoothing=label_smoothing,
         val_split=val_split, patience=patience, plateau_patience=plateau_patience, seed=seed,
-        deterministic=deterministic, device=device, tensorboard=tensorboard, sanity=sanity, strict=strict, time_limit=time_limit)
+        deterministic=deterministic, device=device, tensorboard=tensorboard, sanity=sanity, strict=strict,
+        time_limit=time_limit)
     _run(data, options, out, force, resume, json_output, quiet)
 
 
