@@ -84,8 +84,12 @@ def test_mixed_precision_training_keeps_the_classifier_float32_and_scales_the_lo
 
     # The GPU setup's precision, on the CPU: float16 layers, the softmax in float32.
     device = DeviceSetup(tf.distribute.get_strategy(), "test", "mixed_float16")
-    with device.precision():  # every augmentation layer too, random erasing included
-        model = build_network(get_backbone("tiny_cnn"), 2, None, 32, 0.0, Augmentation.preset("strong", 0.5), 0)
+    with device.precision():
+        model = build_network(get_backbone("tiny_cnn"), 2, None, 32, 0.0, Augmentation(), 0)
+        augmented = build_network(get_backbone("tiny_cnn"), 2, None, 32, 0.0, Augmentation.preset("strong", 0.5), 0)
+    # Every augmentation layer runs in a float16 network (Keras' RandomErasing has no float16 kernel: float32).
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    assert np.isfinite(np.asarray(tf.function(lambda x: augmented(x, training=True))(images))).all()
     assert keras.config.dtype_policy().name == "float32"  # put back after building
     assert model.get_layer("backbone").layers[-1].compute_dtype == "float16"
     assert model.get_layer("predictions").compute_dtype == "float32"

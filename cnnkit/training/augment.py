@@ -54,7 +54,9 @@ class Augmentation:
                                                    contrast_factor=self.color, saturation_factor=self.color,
                                                    seed=seed + 4, name="aug_color"))
         if self.erase:
-            # A fixed probability (factor (p, p)); fill_value None fills with clipped Gaussian noise.
+            # A fixed probability (factor (p, p)); fill_value None fills with clipped Gaussian noise. In
+            # float32 under mixed precision too: the layer's coordinate grid (a float16 `range`) has no kernel.
             result.append(layers.RandomErasing(factor=(self.erase, self.erase), scale=(0.02, 0.33),
-                                               value_range=(0, 255), seed=seed + 5, name="aug_erase"))
+                                               value_range=(0, 255), seed=seed + 5, name="aug_erase",
+                                               dtype="float32"))
         return result
