@@ -103,6 +103,21 @@ SMALL_IMAGE_SIZES = {224: (0.825, 1.0), 160: (0.8125, 1.1), 128: (0.7985, 1.6), 
 # The most epochs a from-scratch plan may train: its --time-limit, not this, ends it on a
 # big dataset (Fashion-MNIST: about 90 s an epoch on two cores, so ~35 epochs in an hour).
 SCRATCH_MAX_EPOCHS = 100
+# Beside a from-scratch network, a logistic head on the default backbone's features of the same
+# images (conv4 over a 3 x 3 grid + top, 128 px, no flip, C = 0.1, 10 % held out), the two runs'
+# probabilities averaged with weights SCRATCH_WEIGHTS (network, features) in an ensemble run: the
+# network and an ImageNet backbone err on different images. On the full Fashion-MNIST test set
+# (10,000 images; bench/scratch_partner.py) ... Weights: the features' share 0.25-0.35 was best, 0.5
+# lost to the network alone (the smoothed network is less confident than the logistic head).
+SCRATCH_PARTNER = {"layers": "conv4,top", "grid": 3, "flip": False, "image_size": 128, "head_param": 0.1,
+                   "pca": None, "val_split": 0.1, "cv": 2}
+SCRATCH_WEIGHTS = [2.0, 1.0]
+# The partner is planned when its estimated time (its forward passes over the training and test
+# images, the ensemble's pass over the test images, and fitting the head) is at most this share of
+# the training time: with less, the epochs it takes from the network cost more than it adds.
+SCRATCH_PARTNER_MAX_SHARE = 0.25
+# Fitting the partner's head, seconds per training image (measured: ... on two CPU cores).
+SCRATCH_PARTNER_FIT_SECONDS = 0.0015
 # Of the time left when training starts, what a plan keeps for the final evaluation, saving
 # the run and its report: a share plus a fixed part.
 RESERVE_SHARE, RESERVE_SECONDS = 0.06, 20.0
@@ -380,8 +395,14 @@ def finetune_minutes(train_images: int, forward_images_per_s: float | None) -> f
     return train_images * epochs / _finetune_rate(forward_images_per_s) / 60
 
 
+def scratch_partner_seconds(train_images: int, test_images: int, forward_images_per_s: float | None) -> float:
+    """Seconds the features partner of a from-scratch plan is expected to take (``SCRATCH_PARTNER``)."""
+    rate = (forward_images_per_s or 30.0) * SMALL_IMAGE_SIZES[SCRATCH_PARTNER["image_size"]][1]
+    return (train_images + 2 * test_images) / rate + SCRATCH_PARTNER_FIT_SECONDS * train_images
+
+
 def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: int | None, train_images: int,
-              seconds_left: float, forward_images_per_s: float | None, seed: int = 0) -> Plan:
+              seconds_left: float, forward_images_per_s: float | None, seed: int = 0, test_images: int = 0) -> Plan:
     """The command and options that carry out ``strategy``, with epochs sized to ``seconds_left``.
 
     Little data: a logistic head on fixed stages (``LINEAR_LAYERS``, with
@@ -432,6 +453,14 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
         # cosine alone reached 0.933 (18 epochs).
         options = preset("train", image_size=image_size or 32, seed=seed, epochs=SCRATCH_MAX_EPOCHS,
                          plateau_patience=0, patience=SCRATCH_MAX_EPOCHS)
+        partner_seconds = scratch_partner_seconds(train_images, test_images, forward_images_per_s)
+        if backbone != DEFAULT_BACKBONE or partner_seconds > SCRATCH_PARTNER_MAX_SHARE * training_seconds:
+            return Plan(strategy, "train", str(data), replace(options, time_limit=round(training_seconds / 60, 2)))
+        network = replace(options, time_limit=round((training_seconds - partner_seconds) / 60, 2))
+        features = ExtractOptions(backbone=backbone, head="logreg", seed=seed, **SCRATCH_PARTNER)
+        return Plan(strategy, "ensemble", str(data), members=[Plan(strategy, "train", str(data), network),
+                                                              Plan(strategy, "extract", str(data), features)],
+                    weights=SCRATCH_WEIGHTS)
     else:
         freeze = "conv4" if strategy == Strategy.finetune_few else "conv2"
         options = preset("finetune", backbone=backbone, freeze=freeze, image_size=image_size, seed=seed)
@@ -508,7 +537,8 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
                            f"(give --budget {needed / 0.9 + 1:.0f} to fine-tune)")
     image_size, why = choose_image_size(strategy, side, spec.input_size)
     reasons.append(why)
-    plan = make_plan(strategy, data, backbone, image_size, train_images, seconds_left, forward_rate, seed)
+    plan = make_plan(strategy, data, backbone, image_size, train_images, seconds_left, forward_rate, seed,
+                     test_images=len(dataset.splits.get("test", ())))
     if plan.command == "ensemble":
         names = " + ".join(member.options.backbone for member in plan.members)
         reasons.append(f"{len(plan.members)} backbones averaged ({names}): the budget has room for their forward "

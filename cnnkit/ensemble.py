@@ -43,7 +43,7 @@ def parse_weights(text: str | None, count: int) -> list[float]:
 def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Sequence[float] | None = None,
                   force: bool = False, attach: Sequence = (), data: str | Path | None = None,
                   progress: Callable[[int, int], None] | None = None, strategy: str | None = None,
-                  command_line: str | None = None) -> Path:
+                  command_line: str | None = None, split: str | None = None) -> Path:
     """Write a run at ``out`` averaging the probabilities of the runs ``members``.
 
     Args:
@@ -55,6 +55,8 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
         attach: hooks adding reports to the run (see ``cnnkit.runs.Attachment``).
         data: labelled images to score the ensemble on (their test split if
             they have one), recorded as ``data_accuracy`` and shown in its report.
+        split: score ``data``'s split of this name instead, recorded as ``<split>_accuracy``
+            (`auto`'s plans: the test split of the data the members learned from).
         progress: ``(done, total)`` callback over those images.
         strategy: the strategy-table cell this run carries out (`auto`), to record.
         command_line: the commands that made it, to record, when not this one call (`auto`'s plan).
@@ -102,9 +104,9 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
         from cnnkit.reporting.evidence import write_evidence
 
         run = open_unsealed(folder, manifest)
-        evaluation = evaluate_run(run, data, progress=progress)
-        write_evidence(evaluation, folder / "heldout" / "data", run)
-        manifest.metrics["data_accuracy"] = evaluation.accuracy
+        evaluation = evaluate_run(run, data, split=split, progress=progress)
+        write_evidence(evaluation, folder / "heldout" / (split or "data"), run)
+        manifest.metrics[f"{split or 'data'}_accuracy"] = evaluation.accuracy
 
     hooks = [score] if data is not None else []
     return write_run(out, manifest, write_files, force, attach=[*hooks, *attach, write_report])

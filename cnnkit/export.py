@@ -14,7 +14,8 @@
   exactly as scikit-learn does; a k-NN head as the exact distances to the
   stored training features, top-k and inverse-distance voting;
 - ensemble: each member's graph on the same input, probabilities averaged
-  with the members' weights (members must share the input size).
+  with the members' weights; a member taking a smaller input sees the image resized
+  (``cnnkit.models.resize_view``, as cnnkit itself does).
 
 An RBF SVM head is refused with a one-line reason: its probabilities come
 from the one-vs-one votes of every class pair, which an exact graph would
@@ -139,13 +140,16 @@ def _ensemble_probabilities(run, images):
     from keras import ops
 
     total, weights = None, 0.0
+    from cnnkit.models import resize_view
+
     for member_run, weight in run.members():  # verified: inside the folder, sealed as recorded, same classes
-        if member_run.image_size != run.image_size or member_run.crop_pct != run.crop_pct:
-            raise CnnkitError(f"{run.path}: member {member_run.path} takes {member_run.image_size} px "
-                              f"(crop {member_run.crop_pct}), the ensemble {run.image_size} px (crop {run.crop_pct}); "
-                              "cnnkit exports ensembles whose members share one input size and crop")
+        if member_run.crop_pct != run.crop_pct:
+            raise CnnkitError(f"{run.path}: member {member_run.path} crops {member_run.crop_pct} of the image, the "
+                              f"ensemble {run.crop_pct}; cnnkit exports ensembles whose members share one crop")
+        # A smaller member sees the ensemble's image resized as cnnkit.models.member_view resizes it.
+        seen = images if member_run.image_size == run.image_size else resize_view(images, member_run.image_size)
         order = [member_run.class_names.index(name) for name in run.class_names]
-        probabilities = ops.take(class_probabilities(member_run, images), order, axis=-1) * weight
+        probabilities = ops.take(class_probabilities(member_run, seen), order, axis=-1) * weight
         total = probabilities if total is None else total + probabilities
         weights += weight
     return total / weights

@@ -35,6 +35,7 @@ class Plan:
         data: the dataset.
         options: ``ExtractOptions`` or ``TrainOptions``; ``None`` for an ensemble.
         members: an ensemble's plans, each run on its own, then averaged (``cnnkit ensemble``).
+        weights: an ensemble's weight for each member's probabilities; ``None`` for equal weights.
     """
 
     strategy: Strategy
@@ -42,6 +43,7 @@ class Plan:
     data: str
     options: object = None
     members: list[Plan] = field(default_factory=list)
+    weights: list[float] | None = None
 
     @property
     def command_line(self) -> str:
@@ -50,12 +52,14 @@ class Plan:
             return command_line(self.command, self.data, self.options)
         names = [f"RUN-{i}" for i in range(len(self.members))]
         steps = [f"{member.command_line} --out {name}" for member, name in zip(self.members, names)]
-        return " && ".join([*steps, f"cnnkit ensemble {' '.join(names)} --out RUN"])
+        weights = f" --weights {','.join(f'{w:g}' for w in self.weights)}" if self.weights else ""
+        return " && ".join([*steps, f"cnnkit ensemble {' '.join(names)}{weights} --out RUN"])
 
     def to_dict(self) -> dict:
         if self.command == "ensemble":
             return {"strategy": str(self.strategy), "command": self.command, "data": self.data,
-                    "members": [member.to_dict() for member in self.members], "command_line": self.command_line}
+                    "members": [member.to_dict() for member in self.members], "weights": self.weights,
+                    "command_line": self.command_line}
         return {"strategy": str(self.strategy), "command": self.command, "data": self.data,
                 "options": {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self.options).items()},
                 "command_line": self.command_line}
@@ -78,19 +82,26 @@ class Plan:
                             dataset=dataset, attach=attach, strategy=str(self.strategy))
 
     def _run_ensemble(self, out, force, dataset, attach, report, progress) -> EnsembleResult:
-        """Each member into a scratch folder, then the ensemble run (which copies them in) at ``out``."""
+        """Each member into a scratch folder, then the ensemble run (which copies them in) at ``out``.
+
+        The ensemble's held-out evidence is its members' averaged where they share it (same images,
+        same views), else the ensemble's own pass over the data's test split, when it has one.
+        """
         import tempfile
 
         from cnnkit.ensemble import make_ensemble
         from cnnkit.runs import read_manifest
 
+        weights = self.weights or [1.0] * len(self.members)
         with tempfile.TemporaryDirectory(prefix="cnnkit-members-") as scratch:
             results = [member.run(Path(scratch) / f"{i}-{member.options.backbone}", dataset=dataset, report=report,
                                   progress=progress)
                        for i, member in enumerate(self.members)]
-            path = make_ensemble([result.run_path for result in results], out, force=force,
-                                 attach=[*_held_out_average(results), *attach], strategy=str(self.strategy),
-                                 command_line=self.command_line)
+            shared = _held_out_average(results, weights)
+            scored = "test" if not shared and dataset is not None and dataset.splits.get("test") else None
+            path = make_ensemble([result.run_path for result in results], out, weights=weights, force=force,
+                                 attach=[*shared, *attach], strategy=str(self.strategy),
+                                 command_line=self.command_line, data=self.data if scored else None, split=scored)
         manifest = read_manifest(path)
         return EnsembleResult(path, manifest.metrics, tried_in(path, manifest))
 
@@ -121,13 +132,13 @@ class EnsembleResult:
     tried: list[dict]
 
 
-def _held_out_average(results) -> list:
+def _held_out_average(results, weights) -> list:
     """A hook writing the ensemble's own held-out evidence and accuracy, when its members have some.
 
     Members of one plan see the same images in the same order and, with ``--val-split 0``, the
-    same CV folds (same labels and seed), so the mean of their held-out (or out-of-fold)
+    same CV folds (same labels and seed), so the weighted mean of their held-out (or out-of-fold)
     probabilities is exactly what the ensemble predicts there: its CV accuracy and confusion
-    matrix, not the members'.
+    matrix, not the members'. Members without such evidence (training runs) get none here.
     """
     evaluations = [getattr(result, "evaluation", None) for result in results]
     splits = {getattr(result, "held_out", None) for result in results}
@@ -138,7 +149,8 @@ def _held_out_average(results) -> list:
     import numpy as np
 
     split = splits.pop()
-    evaluation = replace(evaluations[0], probabilities=np.mean([e.probabilities for e in evaluations], axis=0),
+    evaluation = replace(evaluations[0], probabilities=np.average([e.probabilities for e in evaluations], axis=0,
+                                                                  weights=weights),
                          tta_views=0, plain_probabilities=None)
 
     def evidence(folder: Path, manifest) -> None:

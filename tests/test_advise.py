@@ -135,7 +135,7 @@ def test_a_from_scratch_plan_trains_until_its_time_limit():
     from cnnkit.advise import SCRATCH_MAX_EPOCHS, make_plan
     from cnnkit.plan import Strategy
 
-    plan = make_plan(Strategy.train_scratch, "data", "efficientnet_lite0", 28, 60_000, 3600, 100.0)
+    plan = make_plan(Strategy.train_scratch, "data", "efficientnet_lite2", 28, 60_000, 3600, 100.0)
     assert plan.command == "train" and plan.options.epochs == SCRATCH_MAX_EPOCHS
     assert 50 < plan.options.time_limit < 60
     # The cosine schedule fitted to the time limit is the schedule: no plateau cuts, no early stop.
@@ -162,6 +162,32 @@ def test_little_data_adds_a_second_backbone_only_when_the_budget_has_room():
     assert plan(backbone="efficientnet_lite2").command == "extract"  # no partner for other backbones
     similar = make_plan(Strategy.linear_top, "data", "efficientnet_lite0", None, 1_000, 600, 50.0)
     assert [m.options.backbone for m in similar.members] == ["efficientnet_lite0", "efficientnet_lite2"]
+
+
+def test_a_scratch_plan_adds_a_features_partner_when_the_budget_has_room_for_it():
+    from cnnkit.advise import SCRATCH_PARTNER, SCRATCH_WEIGHTS, make_plan, scratch_partner_seconds
+    from cnnkit.plan import Strategy
+
+    def plan(minutes, rate=150.0, train=54_000, test=10_000):
+        return make_plan(Strategy.train_scratch, "data", "efficientnet_lite0", 28, train, minutes * 60, rate,
+                         test_images=test)
+
+    # An hour at 150 forward passes/s (x1.6 at 128 px): 74,000 passes, ~5 minutes with the head.
+    roomy = plan(60)
+    assert roomy.command == "ensemble" and roomy.weights == SCRATCH_WEIGHTS
+    network, features = roomy.members
+    assert (network.command, features.command) == ("train", "extract")
+    assert features.options.image_size == SCRATCH_PARTNER["image_size"] and features.options.grid == 3
+    assert features.options.layers == "conv4,top" and features.options.head_param == 0.1
+    # The network trains for what the partner leaves of the training time.
+    alone = make_plan(Strategy.train_scratch, "data", "efficientnet_lite2", 28, 54_000, 3600, 150.0)
+    partner_minutes = scratch_partner_seconds(54_000, 10_000, 150.0) / 60
+    assert 3 < partner_minutes < 8
+    assert network.options.time_limit == pytest.approx(alone.options.time_limit - partner_minutes, abs=0.02)
+    assert f"--weights {SCRATCH_WEIGHTS[0]:g},{SCRATCH_WEIGHTS[1]:g}" in roomy.command_line
+    # Ten minutes: the partner would take half of them; the network trains alone.
+    assert plan(10).command == "train"
+    assert plan(60, rate=None).command == "train"  # unmeasured speed: 30/s assumed, too slow
 
 
 def test_a_scratch_plan_trains_for_its_budget_not_a_fixed_epoch_count():

@@ -150,3 +150,22 @@ def test_members_of_different_input_sizes_each_see_their_own(made, tmp_path):
     # Resized by TensorFlow rather than decoded at 24 px by Pillow: close, not identical.
     expected = (evaluate_run(feat, data).probabilities + alone) / 2
     assert np.abs(combined - expected).max() < 0.1
+
+
+def test_a_smaller_member_sees_the_image_as_if_decoded_at_its_own_size(tmp_path):
+    """28 px pictures decoded at 128 px and resized back for a 28 px member: within a grey level or two."""
+    from PIL import Image
+
+    from cnnkit.data.images import load_image
+    from cnnkit.models import member_view
+
+    y, x = np.mgrid[0:28, 0:28]
+    picture = (127 + 120 * np.sin(x / 3.0) * np.cos(y / 4.0)).astype(np.uint8)  # smooth, like a garment
+    Image.fromarray(picture).save(tmp_path / "garment.png")
+    direct = load_image(tmp_path / "garment.png", 28).astype(int)
+    seen = member_view(load_image(tmp_path / "garment.png", 128)[None], 1.0, 1.0, 28)[0].astype(int)
+    assert seen.shape == direct.shape and seen.dtype == np.int64
+    assert np.abs(seen - direct).mean() < 1.5 and np.abs(seen - direct).max() <= 12
+    # The same share of the centre when the member crops more than the ensemble does.
+    cropped = member_view(np.zeros((1, 100, 100, 3), np.uint8), 1.0, 0.5, 20)
+    assert cropped.shape == (1, 20, 20, 3) and cropped.dtype == np.uint8

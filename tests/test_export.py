@@ -39,6 +39,8 @@ def runs(tmp_path_factory):
                               root / name).run_path
             for name, options in HEADS.items()}
     made["svm"] = run_extract(data, ExtractOptions(**TINY, head="svm"), root / "svm").run_path
+    made["logreg-48"] = run_extract(data, ExtractOptions(**{**TINY, "image_size": 48}, layers="conv4,top"),
+                                    root / "logreg-48").run_path
     made["network"] = run_training(data, TrainOptions(mode="train", backbone="tiny_cnn", weights="none",
                                                       freeze="none", head_epochs=0, image_size=32, epochs=1,
                                                       batch_size=8, val_split=0.2), root / "network").run_path
@@ -226,3 +228,16 @@ def test_an_ensemble_exports_as_one_graph_averaging_its_members(runs, tmp_path):
     got = np.asarray(inference_model(ensemble)(images)["probabilities"])
     expected = (members[0].classifier()(images) + 3 * members[1].classifier()(images)) / 4
     np.testing.assert_allclose(got, expected, atol=5e-3)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_an_ensemble_of_two_input_sizes_exports_resizing_for_the_smaller_member(runs, fmt, tmp_path):
+    """auto's from-scratch plan: a 32 px network and a 48 px feature head; the graph resizes as cnnkit does."""
+    from cnnkit.ensemble import make_ensemble
+    from cnnkit.runs import load_run
+
+    ensemble = make_ensemble([runs["network"], runs["logreg-48"]], tmp_path / "ensemble", weights=[2, 1])
+    assert load_run(ensemble).image_size == 48
+    result = export_run(ensemble, fmt, tmp_path / "out")
+    assert result.check.images >= 16 and result.check.agreement == 1.0
+    assert result.check.max_probability_difference < 1e-3

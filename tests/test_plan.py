@@ -76,6 +76,8 @@ def test_advise_json_auto_and_the_printed_command_agree(strategy, tmp_path, monk
     monkeypatch.setattr(cnnkit.advise, "similarity_signals",
                         lambda spec, images: ({"mean": 0.5}, {"top1": 0.5, "entropy": 0.5}))
     monkeypatch.setattr(cnnkit.advise, "decide", lambda *args: (CELLS[strategy], strategy, ["forced"]))
+    # The time left differs between the two calls (the first imports TensorFlow); the plans must not.
+    monkeypatch.setattr(cnnkit.advise, "_training_seconds", lambda seconds_left: 540.0)
 
     advised = runner.invoke(app, ["advise", str(data), "--json"])
     assert advised.exit_code == 0, advised.output
@@ -92,7 +94,9 @@ def test_advise_json_auto_and_the_printed_command_agree(strategy, tmp_path, monk
     captured.clear()
     steps = plan["command_line"].split(" && ")
     if plan["command"] == "ensemble":
-        assert steps[-1] == f"cnnkit ensemble {' '.join(f'RUN-{i}' for i in range(len(plan['members'])))} --out RUN"
+        weights = f" --weights {','.join(f'{w:g}' for w in plan['weights'])}" if plan["weights"] else ""
+        assert steps[-1] == (f"cnnkit ensemble {' '.join(f'RUN-{i}' for i in range(len(plan['members'])))}{weights}"
+                             " --out RUN")
         steps = [step.removesuffix(f" --out RUN-{i}") for i, step in enumerate(steps[:-1])]
     for i, step in enumerate(steps):
         pasted = runner.invoke(app, [*shlex.split(step)[1:], "--out", str(tmp_path / f"pasted-{i}")])
