@@ -139,9 +139,9 @@ def _tag(run) -> str:
 def _ensemble_probabilities(run, images):
     from keras import ops
 
-    total, weights = None, 0.0
     from cnnkit.models import resize_view
 
+    total, weights = None, 0.0
     for member_run, weight in run.members():  # verified: inside the folder, sealed as recorded, same classes
         if member_run.crop_pct != run.crop_pct:
             raise CnnkitError(f"{run.path}: member {member_run.path} crops {member_run.crop_pct} of the image, the "

@@ -231,3 +231,31 @@ def test_fine_tuning_the_budget_cannot_fit_becomes_the_feature_plan_and_says_why
     assert advice.strategy in (Strategy.linear_top, Strategy.linear_stages)
     assert advice.plan.command in ("extract", "ensemble")
     assert any("features instead" in reason and "--budget" in reason for reason in advice.reasons), advice.reasons
+
+
+def test_auto_from_scratch_averages_the_network_with_a_features_head(tmp_path, monkeypatch):
+    """The whole from-scratch ensemble plan on tiny data: two members, 2:1, scored on the test split by itself."""
+    import cnnkit.advise
+    from cnnkit.advise import SCRATCH_PARTNER, SCRATCH_WEIGHTS
+    from cnnkit.evaluation import evaluate_run
+    from cnnkit.plan import Strategy
+
+    data = tmp_path / "data"
+    make_class_tree(data / "train", {"x": 10, "y": 10}, size=28)
+    make_class_tree(data / "test", {"x": 3, "y": 3}, size=28)
+    monkeypatch.setattr(cnnkit.advise, "decide", lambda *args: (
+        {"data": "lot", "domain": "different"}, Strategy.train_scratch, ["forced"]))
+    monkeypatch.setattr(cnnkit.advise, "_training_seconds", lambda seconds_left: 40.0)
+    result = run_auto(data, tmp_path / "run", budget_minutes=5)
+    assert result.plan.command == "ensemble" and result.plan.weights == SCRATCH_WEIGHTS
+    assert any("averaged 2:1" in reason for reason in result.advice.reasons)
+    run = load_run(result.run_path)
+    assert run.kind == "ensemble" and run.image_size == SCRATCH_PARTNER["image_size"]
+    members = [member for member, _ in run.members()]
+    assert [m.kind for m in members] == ["network", "feature_head"] and members[0].image_size == 28
+    assert [round(w, 3) for _, w in run.members()] == [0.667, 0.333]
+    # The ensemble scored the test split itself (its members share no held-out evidence).
+    assert (result.run_path / "heldout" / "test").is_dir()
+    assert run.manifest.metrics["test_accuracy"] == pytest.approx(evaluate_run(run, data).accuracy)
+    assert run.manifest.command_line == result.plan.command_line
+    assert len(predict_run([data / "test"], result.run_path).predictions) == 6
