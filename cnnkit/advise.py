@@ -581,7 +581,7 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
         partner = scratch_partner_seconds(train_images, len(dataset.splits.get("test", ())), forward_rate)
         reasons.append(f"the network trains for {network.options.time_limit:g} minutes and is averaged "
                        f"{SCRATCH_WEIGHTS[0]:g}:{SCRATCH_WEIGHTS[1]:g} with a logistic head on {backbone} features "
-                       f"at {features.options.image_size} px (about {partner / 60:.0f} minutes at "
+                       f"at {features.options.image_size} px (about {partner / 60:.1f} minutes at "
                        + (f"the {forward_rate:.0f} forward passes/s measured here" if forward_rate
                           else "an assumed 30 forward passes/s")
                        + "): on the full Fashion-MNIST the pair beat the network alone by 0.5 point "
