@@ -154,7 +154,9 @@ def member_view(images, crop_pct: float, member_crop_pct: float, member_size: in
     """
     images = np.asarray(images)
     side = images.shape[1]
-    keep = int(round(side * min(member_crop_pct / crop_pct, 1.0)))
+    # Both crops come from manifests (schema: 0 < crop_pct <= 1), so the cut is 1..side pixels, centred:
+    # a slice inside the array, never an empty one however small a crafted member's crop is.
+    keep = min(max(int(round(side * member_crop_pct / crop_pct)), 1), side)
     if keep == side == member_size:
         return images
     start = (side - keep) // 2

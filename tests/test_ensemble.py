@@ -169,3 +169,6 @@ def test_a_smaller_member_sees_the_image_as_if_decoded_at_its_own_size(tmp_path)
     # The same share of the centre when the member crops more than the ensemble does.
     cropped = member_view(np.zeros((1, 100, 100, 3), np.uint8), 1.0, 0.5, 20)
     assert cropped.shape == (1, 20, 20, 3) and cropped.dtype == np.uint8
+    # A crafted member crop far below a pixel still gives the member a (one-pixel) view, not an error.
+    tiny = member_view(np.full((1, 100, 100, 3), 7, np.uint8), 1.0, 1e-9, 20)
+    assert tiny.shape == (1, 20, 20, 3) and (tiny == 7).all()
