@@ -564,6 +564,7 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
                                                                                               images)
     seconds_left = budget_minutes * 60 - (time.perf_counter() - started)
     train_images = len(dataset.splits["train"])
+    test_images = len(dataset.splits.get("test", ()))
     if strategy in (Strategy.finetune_few, Strategy.finetune_many):
         fit = finetune_epochs_that_fit(train_images, seconds_left, forward_rate)
         if fit < FINETUNE_MIN_EPOCHS:
@@ -578,10 +579,10 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
     image_size, why = choose_image_size(strategy, side, spec.input_size)
     reasons.append(why)
     plan = make_plan(strategy, data, backbone, image_size, train_images, seconds_left, forward_rate, seed,
-                     test_images=len(dataset.splits.get("test", ())))
+                     test_images=test_images)
     if plan.command == "ensemble" and strategy == Strategy.train_scratch:
         network, features = plan.members
-        partner = scratch_partner_seconds(train_images, len(dataset.splits.get("test", ())), forward_rate)
+        partner = scratch_partner_seconds(train_images, test_images, forward_rate)
         reasons.append(f"the network trains for {network.options.time_limit:g} minutes and is averaged "
                        f"{SCRATCH_WEIGHTS[0]:g}:{SCRATCH_WEIGHTS[1]:g} with a logistic head on {backbone} features "
                        f"at {features.options.image_size} px (about {partner / 60:.1f} minutes at "
