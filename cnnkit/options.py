@@ -66,6 +66,21 @@ def parse_pca(value: str | int | None) -> str | int | None:
 MAX_GRID = 6
 
 
+# --image-size: the largest square side. 2,048 px is over nine times the backbones' native 224 and
+# already 12 MB a decoded image; the bound keeps a typo, or a crafted run's manifest (which
+# predict, evaluate and export follow), from decoding every image at gigabytes.
+MAX_IMAGE_SIZE = 2048
+
+
+def check_image_size(size: int | None, least: int = 16) -> int | None:
+    """``--image-size``: ``None`` (the backbone's own) or a whole number of pixels, ``least`` to ``MAX_IMAGE_SIZE``."""
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or not least <= size <= MAX_IMAGE_SIZE:
+        raise CnnkitError(f"--image-size {size!r}: give a whole number of pixels from {least} to {MAX_IMAGE_SIZE}")
+    return size
+
+
 def check_grid(grid: int) -> int:
     """``--grid``: regions per side, 1 (pool the whole map) to ``MAX_GRID``."""
     if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= MAX_GRID:
@@ -104,6 +119,7 @@ class ExtractOptions:
     def __post_init__(self):
         self.pool = Pool.parse(self.pool, "--pool")
         self.grid = check_grid(self.grid)
+        self.image_size = check_image_size(self.image_size, least=32)
         self.engine = Engine.parse(self.engine, "--engine")
         self.head = Head.parse(self.head, "--head")
         self.pca = parse_pca(self.pca)
@@ -207,6 +223,7 @@ class TrainOptions:
 
     def __post_init__(self):
         self.mode = Mode.parse(self.mode, "mode")
+        self.image_size = check_image_size(self.image_size)
         self.freeze = Freeze.parse(self.freeze, "--freeze")
         self.optimizer = Optimizer.parse(self.optimizer, "--optimizer")
         self.schedule = Schedule.parse(self.schedule, "--schedule")

@@ -58,7 +58,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnnkit.errors import CnnkitError
-from cnnkit.options import MAX_GRID
+from cnnkit.options import MAX_GRID, MAX_IMAGE_SIZE
 from cnnkit.paths import file_digest, publish_folder
 
 FORMAT_VERSION = 2
@@ -171,7 +171,8 @@ class RunManifest(_Section):
     command_line: str = ""
     options: dict[str, Any] = {}
     class_names: list[str] = Field(min_length=2)
-    image_size: int = Field(gt=0)
+    # Bounded like --image-size: predict, evaluate and export decode every image at this size.
+    image_size: int = Field(gt=0, le=MAX_IMAGE_SIZE)
     crop_pct: float = Field(default=1.0, gt=0, le=1)
     preprocessing: str
     data: DataSummary | None = None
@@ -438,7 +439,9 @@ def read_manifest(path: Path) -> RunManifest:
     try:
         if data["format"] == 1:
             data = _upgrade_v1(data)
-        manifest = RunManifest.model_validate(data)
+        # strict: the file's JSON types must be the schema's (a flag is true or false, not "yes" or 1,
+        # a count is not 3.5); only an int is taken where a float is due.
+        manifest = RunManifest.model_validate(data, strict=True)
     except ValidationError as error:
         raise _field_error(manifest_path, error) from None
     if manifest.seal != seal_of_fields(data):

@@ -225,3 +225,52 @@ def test_a_run_sealed_before_a_field_existed_loads_with_the_fields_old_meaning(r
     (copy / "manifest.json").write_text(json.dumps(data, indent=2))
     with pytest.raises(CnnkitError, match="seal mismatch"):
         load_run(copy)
+
+
+@pytest.mark.parametrize("path, value", [
+    (("image_size",), 100_000),  # a memory bomb: every reader decodes images at this size
+    (("image_size",), 32.0),  # a size is a whole number
+    (("model", "flip"), "yes"),  # a flag is true or false, not a word a lax reader takes for true
+    (("model", "flip"), 1),
+    (("model", "epochs_run"), 2.5),
+])
+def test_a_consistently_sealed_manifest_with_a_field_out_of_range_or_of_the_wrong_type_is_refused(
+        runs, tmp_path, path, value):
+    import shutil
+
+    from cnnkit.runs import seal_of_fields
+
+    copy = tmp_path / "forged"
+    shutil.copytree(runs["train"], copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    data["seal"] = seal_of_fields(data)  # a forger recomputes the seal: only the schema stands in the way
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CnnkitError, match=rf"field '[a-z_.]*{path[-1]}'") as refused:
+        load_run(copy)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("size", [0, 15, 2049, 10**6, 64.0, True])
+def test_an_image_size_outside_16_to_2048_is_refused_by_the_library(size):
+    from cnnkit.options import TrainOptions
+
+    with pytest.raises(CnnkitError, match=r"--image-size .* 16 to 2048"):
+        TrainOptions(image_size=size)
+    with pytest.raises(CnnkitError, match=r"--image-size .* 2048"):
+        ExtractOptions(image_size=size)
+
+
+@pytest.mark.parametrize("command", ["extract", "train", "finetune"])
+def test_an_image_size_over_2048_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from cnnkit.cli import app
+
+    data = make_class_tree(tmp_path / "data", {"a": 3, "b": 3})
+    result = CliRunner().invoke(app, [command, str(data), "--image-size", "5000", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--image-size" in result.output and "2048" in result.output
+    assert not (tmp_path / "run").exists()

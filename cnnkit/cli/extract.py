@@ -11,7 +11,7 @@ from rich.markup import escape
 from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, EngineOption, JsonOption, QuietOption, console,
                                 print_json, progress_bar, progress_callback, progress_line, quiet_tensorflow,
                                 report_skipped, user_errors)
-from cnnkit.options import MAX_GRID, ExtractOptions, Head, Pool
+from cnnkit.options import MAX_GRID, MAX_IMAGE_SIZE, ExtractOptions, Head, Pool
 
 _D = ExtractOptions()
 
@@ -31,7 +31,7 @@ def extract(
     grid: Annotated[int, typer.Option(min=1, max=MAX_GRID, help="Pool every stage but the last over a grid of N x N regions instead of the whole map: keeps where things are, for aligned images (centred objects, scans).")] = _D.grid,
     cv: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the hyper-parameters.")] = _D.cv,
     val_split: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of train held out for validation when DATA has no val/ (0: none).")] = _D.val_split,
-    image_size: Annotated[int | None, typer.Option(min=32, help="Input size in pixels (default: the backbone's).")] = _D.image_size,
+    image_size: Annotated[int | None, typer.Option(min=32, max=MAX_IMAGE_SIZE, help="Input size in pixels (default: the backbone's).")] = _D.image_size,
     weights: Annotated[str, typer.Option(help="'imagenet', 'none' or a weights file.")] = _D.weights,
     batch_size: BatchSizeOption = _D.batch_size,
     seed: Annotated[int, typer.Option(help="Seed for the split and cross-validation.")] = _D.seed,
