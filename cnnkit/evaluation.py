@@ -98,6 +98,7 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
     if tta is not None:
         from cnnkit.tta import TTAClassifier
 
+        tta = tta.for_run(run)
         classifier = TTAClassifier(classifier, tta)
     paths = [s.path for s in samples]
     plain = None

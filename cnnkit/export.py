@@ -80,6 +80,7 @@ def _network_probabilities(run, images):
     from keras import ops
 
     import cnnkit.backbones.preprocessing  # noqa: F401 - registers the Preprocess layer
+    from cnnkit.training.network import pooled_features
 
     path = run.file("model.keras")
     try:
@@ -95,14 +96,11 @@ def _network_probabilities(run, images):
         layer.name = f"{layer.name}_{_tag(run)}"
     if len(layers) == 1:
         probabilities = layers[0](x, training=False)
-        # Averaged with the mirror image's, as cnnkit.training.network.inference_network does.
+        # A layout without the pooled layer to average at: the two views' probabilities averaged.
         return (probabilities + layers[0](ops.flip(x, axis=2), training=False)) / 2.0 if run.model.flip \
             else probabilities
     backbone, pool, classifier = layers
-    pooled = pool(backbone(x, training=False))
-    if run.model.flip:  # cnnkit.training.network.inference_network: pooled features averaged, then the classifier
-        pooled = (pooled + pool(backbone(ops.flip(x, axis=2), training=False))) / 2.0
-    return classifier(pooled)
+    return classifier(pooled_features(backbone, pool, x, run.model.flip))
 
 
 def _feature_head_probabilities(run, images):

@@ -107,4 +107,4 @@ def predict_run(inputs: Sequence[str | Path], run_path: str | Path, k: int = 5, 
 
     run = load_run(run_path)
     return run_classifier(run.classifier(engine), inputs, run.class_names, run.image_size,
-                          run.crop_pct, k, batch_size, progress, tta)
+                          run.crop_pct, k, batch_size, progress, tta.for_run(run) if tta is not None else None)

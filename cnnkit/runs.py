@@ -325,6 +325,17 @@ class Run:
 
         return load_classifier(self, engine)
 
+    @property
+    def mirror_symmetric(self) -> bool:
+        """Whether the run predicts the same for an image and its mirror image.
+
+        A network or feature head with ``flip`` averages the two views itself;
+        an ensemble does when all its members do.
+        """
+        if isinstance(self.model, EnsembleModel):
+            return all(run.mirror_symmetric for run, _ in self.members())
+        return self.model.flip
+
     def members(self) -> list[tuple[Run, float]]:
         """An ensemble's member runs, each verified like ``load_run``, with its weight.
 

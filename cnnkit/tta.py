@@ -12,7 +12,7 @@ and the run itself records nothing new.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,6 +47,11 @@ class TTA:
     @property
     def views(self) -> int:
         return len(self.boxes())
+
+    def for_run(self, run) -> TTA:
+        """The views ``run`` needs: none mirrored when the run averages each image with its mirror
+        already (``Run.mirror_symmetric``), as a mirrored view would repeat its plain view's probabilities."""
+        return replace(self, flip=False) if self.flip and run.mirror_symmetric else self
 
 
 def views(images, tta: TTA = TTA()):

@@ -64,7 +64,9 @@ def test_evaluate_with_tta_reports_both_accuracies(runs, kind):
     plain = evaluate_run(paths[kind], data)
     augmented = evaluate_run(paths[kind], data, tta=TTA())
     scores = augmented.to_dict()
-    assert scores["tta_views"] == 12
+    # cnnkit train's network averages each image with its mirror (--flip): no mirrored views.
+    views = {"feature_head": 12, "network": 6}[kind]
+    assert scores["tta_views"] == views
     assert scores["accuracy_without_tta"] == pytest.approx(plain.accuracy)
     np.testing.assert_allclose(augmented.plain_probabilities, plain.probabilities, atol=1e-5)
     assert not np.allclose(augmented.probabilities, plain.probabilities, atol=1e-4)
@@ -73,7 +75,7 @@ def test_evaluate_with_tta_reports_both_accuracies(runs, kind):
                                  "--out", str(data.parent / f"eval-{kind}")])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
-    assert printed["tta_views"] == 12 and printed["accuracy"] == pytest.approx(augmented.accuracy)
+    assert printed["tta_views"] == views and printed["accuracy"] == pytest.approx(augmented.accuracy)
     html = (data.parent / f"eval-{kind}" / "report.html").read_text()
     assert "accuracy with TTA" in html and "accuracy without TTA" in html
 
@@ -91,3 +93,27 @@ def test_predict_with_tta(runs):
     # dead on them); the views must change the others.
     assert any(a["top"] != p["top"] for a, p in zip(augmented, plain))
     assert all(sum(t["score"] for t in p["top"]) == pytest.approx(1.0, abs=1e-4) for p in augmented)
+
+
+def test_a_run_that_averages_each_image_with_its_mirror_gets_no_mirrored_views(runs, tmp_path):
+    # A mirrored view of such a run repeats its plain view's probabilities: the six unmirrored views
+    # give what all twelve give, at half the forward passes.
+    from cnnkit.data import load_image
+    from cnnkit.ensemble import make_ensemble
+    from cnnkit.runs import load_run
+    from tiny_runs import train_run
+
+    data, paths = runs
+    run = load_run(paths["network"])  # cnnkit train: --flip by default
+    unmirrored = load_run(train_run(data, tmp_path / "no-flip", flip=False))
+    assert run.mirror_symmetric and not unmirrored.mirror_symmetric
+    evaluation = evaluate_run(run, data, tta=TTA())
+    assert evaluation.tta_views == 6 and evaluate_run(unmirrored, data, tta=TTA()).tta_views == 12
+    images = np.stack([load_image(path, run.image_size) for path in evaluation.paths])
+    twelve = TTAClassifier(run.classifier(), TTA())(images)
+    np.testing.assert_allclose(evaluation.probabilities, twelve, atol=1e-5)
+    # An ensemble is symmetric only when every member is.
+    mixed = load_run(make_ensemble([run.path, unmirrored.path], tmp_path / "mixed", data=data))
+    both = load_run(make_ensemble([run.path, run.path], tmp_path / "both", data=data))
+    assert not mixed.mirror_symmetric and both.mirror_symmetric
+    assert evaluate_run(mixed, data, tta=TTA()).tta_views == 12

@@ -40,7 +40,8 @@ EngineOption = Annotated[Engine, typer.Option(
                      "(the fastest installed, measured once per network and machine).")]
 TTAOption = Annotated[bool, typer.Option(
     "--tta", help="Test-time augmentation: average the probabilities of 12 views per image (whole image + "
-    "centre and four corner crops at 87.5%, each also mirrored); 12x slower.")]
+    "centre and four corner crops at 87.5%, each also mirrored, unless the run averages the mirror "
+    "itself); 12x slower.")]
 
 
 def quiet_tensorflow() -> None:

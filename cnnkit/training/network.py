@@ -53,17 +53,28 @@ def inference_network(model, flip: bool = False, feature_layer: str = FEATURE_LA
             ``flip``, no backbone or classifier layer of cnnkit's layout).
     """
     import keras
-    from keras import ops
 
     features = model.get_layer(feature_layer)
     if not flip:
         return keras.Model(model.input, {"probabilities": model.output, "features": features.output})
     backbone, classifier = model.get_layer(BACKBONE_LAYER), model.get_layer("predictions")
     inputs = keras.Input(model.input.shape[1:], name="image")
-    pooled = features(backbone(inputs, training=False))
-    mirrored = features(backbone(ops.flip(inputs, axis=2), training=False))
-    pooled = (pooled + mirrored) / 2.0
+    pooled = pooled_features(backbone, features, inputs, flip=True)
     return keras.Model(inputs, {"probabilities": classifier(pooled), "features": pooled})
+
+
+def pooled_features(backbone, pool, images, flip: bool):
+    """The pooled features a run's classifier reads: with ``flip``, averaged with the mirror image's.
+
+    The one definition of ``NetworkModel.flip``, for ``inference_network`` and
+    the exported graph (``cnnkit.export``) alike.
+    """
+    from keras import ops
+
+    pooled = pool(backbone(images, training=False))
+    if flip:
+        pooled = (pooled + pool(backbone(ops.flip(images, axis=2), training=False))) / 2.0
+    return pooled
 
 
 def probabilities_of(predictor):
