@@ -72,12 +72,12 @@ MAX_GRID = 6
 MAX_IMAGE_SIZE = 2048
 
 
-def check_image_size(size: int | None, least: int = 16) -> int | None:
-    """``--image-size``: ``None`` (the backbone's own) or a whole number of pixels, ``least`` to ``MAX_IMAGE_SIZE``."""
+def check_image_size(size: int | None) -> int | None:
+    """``--image-size``: ``None`` (the backbone's own) or a whole number of pixels, 16 to ``MAX_IMAGE_SIZE``."""
     if size is None:
         return None
-    if isinstance(size, bool) or not isinstance(size, int) or not least <= size <= MAX_IMAGE_SIZE:
-        raise CnnkitError(f"--image-size {size!r}: give a whole number of pixels from {least} to {MAX_IMAGE_SIZE}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= MAX_IMAGE_SIZE:
+        raise CnnkitError(f"--image-size {size!r}: give a whole number of pixels from 16 to {MAX_IMAGE_SIZE}")
     return size
 
 
@@ -119,7 +119,7 @@ class ExtractOptions:
     def __post_init__(self):
         self.pool = Pool.parse(self.pool, "--pool")
         self.grid = check_grid(self.grid)
-        self.image_size = check_image_size(self.image_size, least=32)
+        self.image_size = check_image_size(self.image_size)
         self.engine = Engine.parse(self.engine, "--engine")
         self.head = Head.parse(self.head, "--head")
         self.pca = parse_pca(self.pca)
