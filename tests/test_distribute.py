@@ -101,7 +101,12 @@ def test_mixed_precision_training_keeps_the_classifier_float32_and_scales_the_lo
     steps = Steps(model, device.strategy)
     losses = [steps.train_epoch(dataset)["loss"] for _ in range(5)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0] / 2  # it learns, in float16 with loss scaling
-    assert int(model.optimizer.iterations.numpy()) == 10
+    # Ten batches: each is a step, or, where a float16 gradient overflowed, a step skipped and the
+    # loss scale halved (how often depends on the CPU's float16 kernels; none grew it back: that takes
+    # 2,000 good steps). Both are loss scaling at work.
+    optimizer = model.optimizer
+    halvings = round(np.log2(optimizer.initial_scale / float(optimizer.dynamic_scale.numpy())))
+    assert 0 <= halvings <= 3 and int(optimizer.iterations.numpy()) + halvings == 10
 
 
 def test_info_reports_devices_and_what_training_uses(monkeypatch):
