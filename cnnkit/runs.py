@@ -327,14 +327,8 @@ class Run:
 
     @property
     def mirror_symmetric(self) -> bool:
-        """Whether the run predicts the same for an image and its mirror image.
-
-        A network or feature head with ``flip`` averages the two views itself;
-        an ensemble does when all its members do.
-        """
-        if isinstance(self.model, EnsembleModel):
-            return all(run.mirror_symmetric for run, _ in self.members())
-        return self.model.flip
+        """Whether the run predicts the same for an image and its mirror image (see ``_mirror_symmetric``)."""
+        return _mirror_symmetric(self.manifest, self.path)
 
     def members(self) -> list[tuple[Run, float]]:
         """An ensemble's member runs, each verified like ``load_run``, with its weight.
@@ -371,6 +365,30 @@ def open_unsealed(folder: Path, manifest: RunManifest) -> Run:
     """
     files = {p.relative_to(folder).as_posix(): "" for p in sorted(folder.rglob("*")) if p.is_file()}
     return Run(Path(folder), manifest.model_copy(update={"files": files}))
+
+
+def _mirror_symmetric(manifest: RunManifest, path: Path) -> bool:
+    """Whether a run predicts the same for an image and its mirror image.
+
+    A network with ``flip`` averages the pooled features of the two views.
+    A feature head with ``flip`` does too, but a stage pooled over a grid of
+    regions is averaged region by region with the mirror's regions moved back
+    (``cnnkit.features.unmirror``): the mirror image then gets those regions
+    in mirrored order, so only runs whose stages are all pooled over the whole
+    map are symmetric. An ensemble is when all its members are; their sealed
+    manifests tell (loading its classifier verifies their files).
+    """
+    model = manifest.model
+    if isinstance(model, EnsembleModel):
+        members = [_safe_member(path, member.path) for member in model.members]
+        return all(_mirror_symmetric(read_manifest(member), member) for member in members)
+    if isinstance(model, FeatureHeadModel):
+        from cnnkit.backbones import get_backbone
+        from cnnkit.features import stage_grid
+
+        spec = get_backbone(model.backbone)
+        return model.flip and all(stage_grid(spec, spec.stage_key(layer), model.grid) == 1 for layer in model.layers)
+    return model.flip
 
 
 def _field_error(manifest_path: Path, error: ValidationError) -> CnnkitError:

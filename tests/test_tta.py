@@ -117,3 +117,23 @@ def test_a_run_that_averages_each_image_with_its_mirror_gets_no_mirrored_views(r
     both = load_run(make_ensemble([run.path, run.path], tmp_path / "both", data=data))
     assert not mixed.mirror_symmetric and both.mirror_symmetric
     assert evaluate_run(mixed, data, tta=TTA()).tta_views == 12
+
+
+def test_a_feature_head_is_mirror_symmetric_only_when_every_stage_is_pooled_over_the_whole_map(runs, tmp_path):
+    # extract --flip averages each grid region with the mirror image's region moved back: the mirror
+    # image then gets its regions in mirrored order, and other probabilities, so it keeps its views.
+    from cnnkit.data import load_image
+    from cnnkit.runs import load_run
+    from tiny_runs import extract_run
+
+    data, _ = runs
+    whole = load_run(extract_run(data, tmp_path / "whole", flip=True))
+    regions = load_run(extract_run(data, tmp_path / "regions", flip=True, grid=2))  # conv3 in 2 x 2 regions
+    assert whole.mirror_symmetric and not regions.mirror_symmetric
+    for run, views_expected in ((whole, 6), (regions, 12)):
+        evaluation = evaluate_run(run, data, tta=TTA())
+        assert evaluation.tta_views == views_expected
+    images = np.stack([load_image(path, 32) for path in evaluation.paths])
+    for run, symmetric in ((whole, True), (regions, False)):
+        classify = run.classifier()
+        assert np.allclose(classify(images), classify(np.ascontiguousarray(images[:, :, ::-1])), atol=1e-5) == symmetric

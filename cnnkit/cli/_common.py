@@ -41,7 +41,7 @@ EngineOption = Annotated[Engine, typer.Option(
 TTAOption = Annotated[bool, typer.Option(
     "--tta", help="Test-time augmentation: average the probabilities of 12 views per image (whole image + "
     "centre and four corner crops at 87.5%, each also mirrored, unless the run averages the mirror "
-    "itself); 12x slower.")]
+    "itself: 6 views); up to 12x slower.")]
 
 
 def quiet_tensorflow() -> None:
