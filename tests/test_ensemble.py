@@ -77,6 +77,8 @@ def test_member_paths_stay_inside_the_run(made, tmp_path, path):
     reseal(copy, lambda m: m["model"]["members"][0].update(path=path))
     with pytest.raises(CnnkitError, match="not a file inside the run"):
         load_run(copy).members()
+    with pytest.raises(CnnkitError, match="not a file inside the run"):  # the TTA view count reads members too
+        load_run(copy).mirror_symmetric
 
 
 def test_a_member_behind_a_symbolic_link_is_refused(made, tmp_path):
@@ -87,6 +89,8 @@ def test_a_member_behind_a_symbolic_link_is_refused(made, tmp_path):
     reseal(copy, lambda m: m["model"]["members"][0].update(path="linked"))
     with pytest.raises(CnnkitError, match="symbolic link"):
         load_run(copy).members()
+    with pytest.raises(CnnkitError, match="symbolic link"):
+        load_run(copy).mirror_symmetric
 
 
 def test_members_with_other_classes_are_refused_in_one_line(made, tmp_path):

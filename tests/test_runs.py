@@ -274,3 +274,20 @@ def test_an_image_size_over_2048_on_the_command_line_is_one_line_and_writes_noth
     result = CliRunner().invoke(app, [command, str(data), "--image-size", "5000", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "--image-size" in result.output and "2048" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_asking_whether_a_forged_feature_head_is_mirror_symmetric_names_its_unknown_backbone(runs, tmp_path):
+    # Run.mirror_symmetric (how many TTA views) looks the backbone up in the registry, never imports a name.
+    import shutil
+
+    from cnnkit.runs import seal_of_fields
+
+    copy = tmp_path / "forged"
+    shutil.copytree(runs["extract"], copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["model"].update(backbone="os.system", flip=True)
+    data["seal"] = seal_of_fields(data)
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CnnkitError, match="os.system") as refused:
+        load_run(copy).mirror_symmetric
+    assert "\n" not in str(refused.value)
