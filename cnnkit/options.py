@@ -66,24 +66,29 @@ def parse_pca(value: str | int | None) -> str | int | None:
 MAX_GRID = 6
 
 
-# --image-size: the largest square side. 2,048 px is over nine times the backbones' native 224 and
-# already 12 MB a decoded image; the bound keeps a typo, or a crafted run's manifest (which
-# predict, evaluate and export follow), from decoding every image at gigabytes.
+def _whole_number_within(value, low: int, high: int) -> bool:
+    """``low <= value <= high`` for an ``int`` that is not a ``bool`` (``True`` is an ``int`` to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+# --image-size: the smallest and largest square side. 2,048 px is over nine times the backbones'
+# native 224 and already 12 MB a decoded image; the bound keeps a typo, or a crafted run's manifest
+# (which predict, evaluate and export follow), from decoding every image at gigabytes.
+MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 2048
 
 
 def check_image_size(size: int | None) -> int | None:
-    """``--image-size``: ``None`` (the backbone's own) or a whole number of pixels, 16 to ``MAX_IMAGE_SIZE``."""
-    if size is None:
-        return None
-    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= MAX_IMAGE_SIZE:
-        raise CnnkitError(f"--image-size {size!r}: give a whole number of pixels from 16 to {MAX_IMAGE_SIZE}")
+    """``--image-size``: ``None`` (the backbone's own) or a whole number of pixels in the bounds above."""
+    if size is not None and not _whole_number_within(size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE):
+        raise CnnkitError(f"--image-size {size!r}: give a whole number of pixels from {MIN_IMAGE_SIZE} "
+                          f"to {MAX_IMAGE_SIZE}")
     return size
 
 
 def check_grid(grid: int) -> int:
     """``--grid``: regions per side, 1 (pool the whole map) to ``MAX_GRID``."""
-    if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= MAX_GRID:
+    if not _whole_number_within(grid, 1, MAX_GRID):
         raise CnnkitError(f"--grid {grid!r}: give a whole number from 1 (pool the whole map) to {MAX_GRID}")
     return grid
 

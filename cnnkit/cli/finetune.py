@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from cnnkit.cli._common import (Backbone, BackboneOption, JsonOption, QuietOption, console, err_console,
                                 print_json, progress_line, quiet_tensorflow, report_skipped, user_errors)
-from cnnkit.options import FINETUNE, MAX_IMAGE_SIZE, TRAIN, Augment, BatchNorm, Device, Freeze, Optimizer, Schedule, TrainOptions
+from cnnkit.options import FINETUNE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TRAIN, Augment, BatchNorm, Device, Freeze, Optimizer, Schedule, TrainOptions
 
 Epochs = Annotated[int, typer.Option(min=1, help="Epochs of the main phase.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per step (the notes: 32-256).")]
@@ -34,7 +34,7 @@ Deterministic = Annotated[bool, typer.Option(help="Deterministic TensorFlow ops 
 DeviceOption = Annotated[Device, typer.Option("--device", help="auto, cpu or gpu (mixed precision; several GPUs are mirrored).")]
 Tensorboard = Annotated[bool, typer.Option(help="Write TensorBoard logs into the work folder.")]
 Sanity = Annotated[bool, typer.Option(help="First overfit two batches; the loss must fall near zero.")]
-ImageSize = Annotated[int | None, typer.Option(min=16, max=MAX_IMAGE_SIZE, help="Input size in pixels (default: the backbone's).")]
+ImageSize = Annotated[int | None, typer.Option(min=MIN_IMAGE_SIZE, max=MAX_IMAGE_SIZE, help="Input size in pixels (default: the backbone's).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")]
 Resume = Annotated[Path | None, typer.Option(help="Continue an interrupted run (its folder) from its last epoch.")]
 Force = Annotated[bool, typer.Option(help="Replace --out if it is an existing run.")]
