@@ -16,6 +16,7 @@ from pathlib import Path
 from cnnkit.advise import Advice, Thresholds, advise
 from cnnkit.backbones.registry import DEFAULT_BACKBONE
 from cnnkit.data import load_dataset
+from cnnkit.kinds import TriedRow
 from cnnkit.plan import tried_in
 
 
@@ -23,7 +24,7 @@ from cnnkit.plan import tried_in
 class AutoResult:
     advice: Advice
     run_path: Path
-    tried: list[dict] = field(default_factory=list)
+    tried: list[TriedRow] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -34,6 +35,11 @@ class AutoResult:
     @property
     def report_path(self) -> Path:
         return self.run_path / "report.md"
+
+    def to_dict(self) -> dict:
+        """``auto.json``: the advice, what was tried, the metrics and the seconds taken."""
+        return {"advice": self.advice.to_dict(), "tried": [t.model_dump(exclude_none=True) for t in self.tried],
+                "metrics": self.metrics, "seconds": self.seconds}
 
 
 def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE,
@@ -58,19 +64,17 @@ def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE
     say(f"cell: {advice.cell['data']} data, {advice.cell['domain']} domain -> {advice.strategy}")
     say(f"running: {advice.plan.command_line}")
 
-    found: dict = {"tried": []}
-
     def attach_report(folder: Path, manifest) -> None:
-        tried = tried_in(folder, manifest) if manifest.model.kind != "network" else found["tried"]
+        from cnnkit.runs import open_unsealed
+
+        tried = tried_in(open_unsealed(folder, manifest))
         result = AutoResult(advice, out, tried, manifest.metrics, time.perf_counter() - started)
         (folder / "report.md").write_text(render_report(result), encoding="utf-8")
-        (folder / "auto.json").write_text(json.dumps(
-            {"advice": advice.to_dict(), "tried": tried, "metrics": manifest.metrics, "seconds": result.seconds},
-            indent=2, default=str), encoding="utf-8")
+        (folder / "auto.json").write_text(json.dumps(result.to_dict(), indent=2, default=str), encoding="utf-8")
 
     result = advice.plan.run(out, force, dataset=dataset, attach=[attach_report], report=report, progress=say)
-    found["tried"] = getattr(result, "tried", [])
-    return AutoResult(advice, result.run_path, found["tried"], result.metrics, time.perf_counter() - started)
+    return AutoResult(advice, result.run_path, list(result.tried), result.metrics,
+                      time.perf_counter() - started)
 
 
 def render_report(result: AutoResult) -> str:
@@ -101,8 +105,8 @@ def render_report(result: AutoResult) -> str:
     if result.tried:
         lines += ["", "## Tried", "", "| layers | head | CV accuracy |", "|---|---|---|"]
         for t in result.tried:
-            score = f"{t['cv_accuracy']:.3f}" if t.get("cv_accuracy") is not None else t.get("error", "-")
-            lines.append(f"| {t['layers']} | {t['head']} | {score} |")
+            score = f"{t.cv_accuracy:.3f}" if t.cv_accuracy is not None else (t.error or "-")
+            lines.append(f"| {t.layers} | {t.head} | {score} |")
     lines += ["", "## Result", ""]
     for key, value in result.metrics.items():
         if isinstance(value, float):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 
 from cnnkit.errors import CnnkitError
-from cnnkit.runs import (MANIFEST, EnsembleMember, EnsembleModel, Run, RunManifest, check_destination,
-                         check_same_classes, load_run, open_unsealed, write_run)
+from cnnkit.kinds.ensemble import EnsembleMember, EnsembleModel, check_same_classes
+from cnnkit.runs import MANIFEST, Run, RunManifest, check_destination, load_run, open_unsealed, write_run
 
 
 def parse_weights(text: str | None, count: int) -> list[float]:

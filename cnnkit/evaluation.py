@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data import ImageStream, SkippedFile, load_dataset
+from cnnkit.data import SkippedFile, load_dataset
 from cnnkit.errors import CnnkitError
 
 
@@ -66,15 +66,15 @@ class Evaluation:
 
 
 def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = None, batch_size: int = 32,
-                 progress: Callable[[int, int], None] | None = None, engine: str = "tf",
-                 tta=None) -> Evaluation:
+                 progress: Callable[[int, int], None] | None = None, engine: str = "auto",
+                 tta=None, precision: str = "float32") -> Evaluation:
     """Classify every labelled image of ``data`` with the run and score it.
 
     Args:
         run_path: a run folder, or an already loaded ``Run``.
         split: "train", "val" or "test"; by default the test split when the
             data has one, else every image.
-        engine: what runs the network (``cnnkit.engines``); a feature-head run
+        engine: what runs the network (``cnnkit.engines``), in ``precision``; a feature-head run
             whose images are all in the feature cache runs none.
         tta: a ``cnnkit.tta.TTA`` to average each image's views (the scores
             without it come from the same pass), or ``None``.
@@ -94,30 +94,18 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
         raise CnnkitError(f"{data}: classes {', '.join(unknown)} are not among the run's classes "
                           f"({', '.join(run.class_names)})")
     to_run_label = {i: run.class_names.index(name) for i, name in enumerate(dataset.class_names)}
-    classifier = run.classifier(engine)
+    classifier = run.classifier(engine, precision)
     if tta is not None:
         from cnnkit.tta import TTAClassifier
 
         tta = tta.for_run(run)
         classifier = TTAClassifier(classifier, tta)
-    paths = [s.path for s in samples]
-    plain = None
-    if hasattr(classifier, "predict_files"):  # a feature head: cached images need no forward pass
-        probabilities, kept, failures = classifier.predict_files(paths, batch_size, progress)
-    else:
-        stream = ImageStream(paths, run.image_size, run.crop_pct)
-        outputs, kept = stream.map_batches(
-            lambda images: (np.asarray(classifier(images)), getattr(classifier, "last_plain", None)),
-            batch_size, progress)
-        probabilities = np.concatenate([o[0] for o in outputs]) if outputs else None
-        if tta is not None and outputs:
-            plain = np.concatenate([o[1] for o in outputs])
-        failures = stream.failures
-    if not len(kept):
+    found = classifier.predict_files([s.path for s in samples], batch_size, progress)
+    if not len(found.kept):
         raise CnnkitError(f"{data}: no readable images to evaluate")
-    labels = np.array([to_run_label[samples[i].label] for i in kept])
-    return Evaluation(run.class_names, labels, probabilities, [samples[i].path for i in kept],
-                      dataset.skipped + failures, tta.views if tta is not None else 0, plain)
+    labels = np.array([to_run_label[samples[i].label] for i in found.kept])
+    return Evaluation(run.class_names, labels, found.probabilities, [samples[i].path for i in found.kept],
+                      dataset.skipped + found.failures, tta.views if tta is not None else 0, found.plain)
 
 
 def write_evaluation(evaluation: Evaluation, out: str | Path, extra: Callable[[Path], None] | None = None) -> Path:

@@ -25,6 +25,7 @@ from cnnkit.data import Dataset, SkippedFile, load_dataset, split_dataset
 from cnnkit.errors import CnnkitError
 from cnnkit.features import FeatureConfig, compute_features, parse_layers, take_rows
 from cnnkit.heads import FittedHead, fit_head, save_head
+from cnnkit.kinds import TriedRow
 from cnnkit.options import ExtractOptions, Head
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class ExtractResult:
     skipped: list[SkippedFile] = field(default_factory=list)
     computed: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
-    tried: list[dict] = field(default_factory=list)
+    tried: list[TriedRow] = field(default_factory=list)
     evaluation: Evaluation | None = None
     held_out: str | None = None
 
@@ -79,14 +80,14 @@ def _accuracy(pipeline, features: np.ndarray, labels: np.ndarray) -> float | Non
 
 def search_head(table, rows: np.ndarray, labels: np.ndarray, layer_sets: Sequence[list[str]],
                 heads: Sequence[Head], options: ExtractOptions,
-                report: Callable[[dict], None] | None = None) -> tuple[list[dict], list[str], Head]:
+                report: Callable[[TriedRow], None] | None = None) -> tuple[list[TriedRow], list[str], Head]:
     """Score stage sets with a logistic head, then the best set with each other head, by CV.
 
     PCA is left out of the search to keep it quick; the final fit uses the
     options' PCA. ``report`` is called with each candidate's entry as it is
     scored. Returns (tried, best layers, best head).
     """
-    tried: list[dict] = []
+    tried: list[TriedRow] = []
 
     def score(layers: list[str], head: Head) -> None:
         try:
@@ -94,24 +95,24 @@ def search_head(table, rows: np.ndarray, labels: np.ndarray, layer_sets: Sequenc
                               options.l2_normalize, options.cv, options.seed, cache=options.use_cache,
                               param_value=options.head_param)
         except CnnkitError as error:  # e.g. too few images per class for this head
-            tried.append({"layers": ",".join(layers), "head": str(head), "error": str(error)})
+            tried.append(TriedRow(layers=",".join(layers), head=str(head), error=str(error)))
             return
-        tried.append({"layers": ",".join(layers), "head": str(head), "cv_accuracy": fitted.cv_accuracy,
-                      "best_params": fitted.best_params})
+        tried.append(TriedRow(layers=",".join(layers), head=str(head), cv_accuracy=fitted.cv_accuracy,
+                              best_params=fitted.best_params))
         if report:
             report(tried[-1])
 
     first, *others = heads
     for layers in layer_sets:
         score(layers, first)
-    scored = [t for t in tried if t.get("cv_accuracy") is not None]
+    scored = [t for t in tried if t.cv_accuracy is not None]
     if not scored:
         return tried, layer_sets[0], first
-    best_layers = max(scored, key=lambda t: t["cv_accuracy"])["layers"].split(",")
+    best_layers = max(scored, key=lambda t: t.cv_accuracy).layers.split(",")
     for head in others:
         score(best_layers, head)
-    best = max((t for t in tried if t.get("cv_accuracy") is not None), key=lambda t: t["cv_accuracy"])
-    return tried, best["layers"].split(","), Head(best["head"])
+    best = max((t for t in tried if t.cv_accuracy is not None), key=lambda t: t.cv_accuracy)
+    return tried, best.layers.split(","), Head(best.head)
 
 
 def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | None = None,
@@ -171,7 +172,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
     y_train = kept_labels[rows["train"]]
 
     started = time.perf_counter()
-    tried: list[dict] = []
+    tried: list[TriedRow] = []
     layers, head = layer_sets[0], heads[0]
     if len(layer_sets) > 1 or len(heads) > 1:
         tried, layers, head = search_head(table, rows["train"], y_train, layer_sets, heads, options, report)
@@ -189,9 +190,9 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
 
     run_path, evaluation, held_out = None, None, None
     if out is not None:
-        from cnnkit.models import embed_features
+        from cnnkit.kinds.feature_head import FeatureHeadModel, embed_features
         from cnnkit.options import command_line
-        from cnnkit.runs import FeatureHeadModel, RunManifest, data_summary, write_run
+        from cnnkit.runs import RunManifest, data_summary, write_run
         from cnnkit.similarity import write_index
 
         train_paths = [samples[i].path for i in table.kept[rows["train"]]]

@@ -2,9 +2,16 @@
 
 One forward pass yields the pooled output of every stage (conv1..conv5; ``top``
 is the pooled conv5), so a later run that asks for another layer, head or PCA
-size needs no forward pass at all. The cache is keyed by backbone, weights,
-input size, pooling and flip-averaging, and rows are keyed by each file's
-content hash, so adding images computes only the new ones.
+size needs no forward pass at all. A feature is a function of the image's
+bytes, the backbone, its weights, the input size, the pooling (and grid),
+flip-averaging and the arithmetic's precision: the cache is keyed by all of
+them, so rows computed in bfloat16 never mix with float32 ones, and rows are
+keyed by each file's content hash, so adding images computes only the new ones.
+
+How a stage is pooled, and how an image is averaged with its mirror image,
+is defined once here (``pooled_stages``, ``mirror_average``) as Keras ops: the
+feature network every engine runs, a feature head's export graph and its
+Grad-CAM all build on them (``cnnkit.kinds``).
 
 On disk each key is one folder holding one file, ``features.npz`` (a plain
 numpy zip: ``hashes`` -- the SHA-1 of each row's image file --, ``meta`` -- a
@@ -46,12 +53,14 @@ except ImportError:  # Windows
 
 from cnnkit.backbones import BackboneSpec, get_backbone
 from cnnkit.data import ImageStream, SkippedFile
-from cnnkit.engines import check_engine, inference_fn, make_runner  # noqa: F401 - inference_fn re-exported
+from cnnkit.engines import check_engine, make_runner
 from cnnkit.errors import CnnkitError
-from cnnkit.options import Engine, Pool, check_grid
+from cnnkit.options import Engine, Pool, Precision, check_grid
 from cnnkit.paths import cache_dir, file_digest
 
-_FORMAT = 2  # 1 was one .npy per stage beside hashes.json, each replaced separately
+# 1 was one .npy per stage beside hashes.json, each replaced separately; 2 did not record the precision,
+# and an OpenVINO engine on an AMX CPU filled it in bfloat16: its rows are not trusted.
+_FORMAT = 3
 
 
 def parse_layers(spec: BackboneSpec, layers: str | Sequence[str]) -> list[str]:
@@ -73,12 +82,14 @@ class FeatureConfig:
     pool: Pool = Pool.avg
     flip: bool = False
     grid: int = 1
+    precision: Precision = Precision.float32
 
     def resolved(self) -> FeatureConfig:
-        """The same configuration with the default input size filled in and the pooling checked."""
+        """The same configuration with the default input size filled in and the choices checked."""
         spec = get_backbone(self.backbone)
         return FeatureConfig(self.backbone, str(self.weights), self.image_size or spec.input_size,
-                             Pool.parse(self.pool, "--pool"), self.flip, check_grid(self.grid))
+                             Pool.parse(self.pool, "--pool"), self.flip, check_grid(self.grid),
+                             Precision.parse(self.precision, "--precision"))
 
     @property
     def weights_tag(self) -> str:
@@ -88,12 +99,14 @@ class FeatureConfig:
 
     @property
     def network_key(self) -> str:
-        """What the network computes depends on: weights, input size, pooling (not flip-averaging)."""
-        return f"{self.weights_tag}-{self.image_size}px-{self.pool}{f'-grid{self.grid}' if self.grid > 1 else ''}"
+        """What the feature network computes depends on: weights, input size, pooling, flip-averaging."""
+        return (f"{self.weights_tag}-{self.image_size}px-{self.pool}{f'-grid{self.grid}' if self.grid > 1 else ''}"
+                f"{'-flip' if self.flip else ''}")
 
     @property
     def cache_key(self) -> str:
-        return f"{self.network_key}{'-flip' if self.flip else ''}"
+        """... and the numbers, on the arithmetic too (float32 rows are the same on every engine)."""
+        return f"{self.network_key}{'-bf16' if self.precision == Precision.bfloat16 else ''}"
 
 
 def grid_bounds(size: int, grid: int) -> list[tuple[int, int]]:
@@ -126,17 +139,76 @@ def stage_grid(spec: BackboneSpec, stage: str, grid: int) -> int:
     return 1 if stage == stages[-1] else grid
 
 
-def unmirror(features, grid: int, backend=np):
-    """Grid-pooled features of a mirror image, each region moved back to where it is in the image.
+def unmirror(features, grid: int):
+    """Grid-pooled features of a mirror image (Keras ops), each region moved back to where it is in the image.
 
     Averaging them with the image's own features then averages each region with its mirror,
-    as global pooling does for the whole map. ``backend``: ``numpy`` or ``keras.ops``.
+    as global pooling does for the whole map.
     """
+    from keras import ops
+
     if grid == 1:
         return features
     channels = features.shape[-1] // (grid * grid)
-    cells = backend.reshape(features, (-1, grid, grid, channels))
-    return backend.reshape(backend.flip(cells, axis=2), (-1, grid * grid * channels))
+    cells = ops.reshape(features, (-1, grid, grid, channels))
+    return ops.reshape(ops.flip(cells, axis=2), (-1, grid * grid * channels))
+
+
+def mirror_average(view, images, flip: bool):
+    """The mirror average (``--flip``) of pooled features, as Keras ops: its one definition.
+
+    ``view(images, mirrored)`` returns ``(pooled, extra)``: pooled features (a tensor or a dict
+    of them) of the images, or of their mirror images with every region put back in place
+    (``unmirror``), and anything else the caller wants of each view (Grad-CAM's feature maps).
+    With ``flip`` the pooled features of the image and of its mirror image are averaged: a
+    linear classifier on them then averages the two views' logits. Feature heads and networks
+    alike, in every engine, export and explanation.
+
+    Returns:
+        (pooled, [extra of each view, the mirror image's second]).
+    """
+    import keras
+    from keras import ops
+
+    pooled, extra = view(images, False)
+    if not flip:
+        return pooled, [extra]
+    mirrored, mirror_extra = view(ops.flip(images, axis=2), True)
+    return keras.tree.map_structure(lambda a, b: (a + b) / 2.0, pooled, mirrored), [extra, mirror_extra]
+
+
+def stage_maps(spec: BackboneSpec, weights: str | None, image_size: int, stages: Sequence[str]):
+    """A Keras model: raw pixels -> {stage key: that stage's feature map} (the backbone cut at each stage)."""
+    import keras
+
+    base = build_backbone(spec, weights, image_size)
+    return keras.Model(base.input, {s: spec.stage_layer(base, s).output for s in stages},
+                       name=f"{spec.name}_stages")
+
+
+def pooled_stages(maps_model, images, grids: dict[str, int], pool: Pool | str, flip: bool,
+                  keep: Sequence[str] = ()):
+    """Keras ops: each stage of ``grids`` pooled over its grid, mirror-averaged with ``flip``: a run's features.
+
+    Args:
+        maps_model: a ``stage_maps`` model holding every stage of ``grids`` and ``keep``.
+        images: raw pixels (any dtype; cast to float32).
+        grids: stage key -> regions per side (``stage_grid``).
+        keep: stages whose feature maps to return too (Grad-CAM's).
+
+    Returns:
+        ({stage: pooled}, [({stage in keep: map}, mirrored) of each view]).
+    """
+    from keras import ops
+
+    def view(x, mirrored: bool):
+        maps = maps_model(x, training=False)
+        pooled = {s: grid_pool(ops.cast(maps[s], "float32"), grid, pool) for s, grid in grids.items()}
+        if mirrored:
+            pooled = {s: unmirror(p, grids[s]) for s, p in pooled.items()}
+        return pooled, ({s: maps[s] for s in keep}, mirrored)
+
+    return mirror_average(view, ops.cast(images, "float32"), flip)
 
 
 def file_hash(path: Path) -> str:
@@ -166,35 +238,33 @@ class FeatureExtractor:
     are the classifier's features, and nine times 1,280 of them overfit little data.
 
     Args:
-        config: backbone, weights, input size, pooling, flip-averaging, grid.
-        engine: what runs the network (``cnnkit.engines``); ``auto`` the
-            fastest installed one. The network is exported once per
-            (backbone, weights, size, pooling) for ONNX Runtime and OpenVINO.
-            TensorFlow by default here, so the library's numbers do not
-            depend on what else is installed; the commands default to ``auto``.
+        config: backbone, weights, input size, pooling, flip-averaging, grid, precision.
+        engine: what runs the network (``cnnkit.engines``); ``auto`` (the
+            default, as in the commands) the fastest usable one, in the
+            config's precision. The network is exported once per (backbone,
+            weights, size, pooling, flip) for ONNX Runtime and OpenVINO.
     """
 
-    def __init__(self, config: FeatureConfig, engine: Engine | str = Engine.tf):
+    def __init__(self, config: FeatureConfig, engine: Engine | str = Engine.auto):
         self.config = config.resolved()
         self.spec = get_backbone(self.config.backbone)
         self.stages = [s for s in self.spec.layer_choices if s != "top"]
-        self.engine = check_engine(engine)
+        self.engine = check_engine(engine, self.config.precision)
         self._model = None
         self._runner = None
 
     @property
     def model(self):
-        """Keras model: raw pixels -> {stage: pooled features}."""
+        """Keras model: raw ``uint8`` pixels -> {stage: pooled features}, mirror-averaged with ``flip``."""
         if self._model is None:
             import keras
 
-            base = build_backbone(self.spec, self.config.weights, self.config.image_size)
-            pool = (keras.layers.GlobalAveragePooling2D if self.config.pool == Pool.avg
-                    else keras.layers.GlobalMaxPooling2D)
-            outputs = {s: (grid_pool(self.spec.stage_layer(base, s).output, self.grid_of(s), self.config.pool)
-                           if self.grid_of(s) > 1 else pool(name=f"pool_{s}")(self.spec.stage_layer(base, s).output))
-                       for s in self.stages}
-            self._model = keras.Model(base.input, outputs, name=f"{self.spec.name}_features")
+            size = self.config.image_size
+            inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
+            maps = stage_maps(self.spec, self.config.weights, size, self.stages)
+            pooled, _ = pooled_stages(maps, inputs, {s: self.grid_of(s) for s in self.stages}, self.config.pool,
+                                      self.config.flip)
+            self._model = keras.Model(inputs, pooled, name=f"{self.spec.name}_features")
         return self._model
 
     def grid_of(self, stage: str) -> int:
@@ -206,18 +276,12 @@ class FeatureExtractor:
         """The engine running ``model`` (``cnnkit.engines``), made on first use."""
         if self._runner is None:
             self._runner = make_runner(self.engine, self.config.backbone, f"{self.config.network_key}-stages",
-                                       lambda: self.model, self.config.image_size)
+                                       lambda: self.model, self.config.image_size, self.config.precision)
         return self._runner
 
     def __call__(self, images) -> dict[str, np.ndarray]:
         """Pooled features of a batch of raw ``uint8`` images."""
-        images = np.asarray(images)
-        out = {s: np.asarray(v, dtype=np.float32) for s, v in self.runner(images).items()}
-        if self.config.flip:
-            mirrored = self.runner(np.ascontiguousarray(images[:, :, ::-1]))
-            out = {s: (out[s] + unmirror(np.asarray(mirrored[s], dtype=np.float32), self.grid_of(s))) / 2
-                   for s in out}
-        return out
+        return {s: np.asarray(v, dtype=np.float32) for s, v in self.runner(np.asarray(images)).items()}
 
     def extract(self, paths: Sequence[Path], batch_size: int = 32,
                 progress: Callable[[int, int], None] | None = None
@@ -295,7 +359,8 @@ class FeatureCache:
         self.stages = [s for s in get_backbone(self.config.backbone).layer_choices if s != "top"]
         self.meta = {"format": _FORMAT, "backbone": self.config.backbone, "key": key,
                      "image_size": self.config.image_size, "pool": self.config.pool,
-                     "flip": self.config.flip, **({"grid": self.config.grid} if self.config.grid > 1 else {})}
+                     "flip": self.config.flip, "precision": self.config.precision,
+                     **({"grid": self.config.grid} if self.config.grid > 1 else {})}
 
     def load(self) -> tuple[list[str], dict[str, np.ndarray]]:
         """The cached (row hashes, {stage: rows}), or empty if absent or not exactly as written."""
@@ -410,12 +475,12 @@ def _merge(base: tuple[list[str], dict[str, np.ndarray]], hashes: list[str],
 def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: int = 32,
                      use_cache: bool = True, extractor: FeatureExtractor | None = None,
                      progress: Callable[[int, int], None] | None = None,
-                     engine: Engine | str = Engine.tf, stages: Sequence[str] | None = None) -> FeatureTable:
+                     engine: Engine | str = Engine.auto, stages: Sequence[str] | None = None) -> FeatureTable:
     """Stage features for image files, from the cache where possible.
 
     Args:
         paths: the image files.
-        config: backbone, weights, size, pooling, flip.
+        config: backbone, weights, size, pooling, flip, precision.
         use_cache: read and extend the on-disk cache.
         extractor: reuse an already built extractor.
         progress: ``(done, total)`` callback over the images needing a forward pass.

@@ -47,6 +47,17 @@ class Engine(Choice):
     openvino = "openvino"
 
 
+class Precision(Choice):
+    """The arithmetic of a forward pass that does not train: float32 everywhere unless asked.
+
+    ``bfloat16`` (OpenVINO on CPUs with AMX or AVX-512-BF16) is faster and changes 1-5 % of a
+    feature head's predictions (docs/engines.md); features of each precision are cached apart.
+    """
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
 def parse_pca(value: str | int | None) -> str | int | None:
     """``"auto"``, ``"none"`` or a positive integer number of components."""
     if value is None or str(value).lower() == "none":
@@ -120,9 +131,11 @@ class ExtractOptions:
     use_cache: bool = True
     strict: bool = False
     engine: Engine = Engine.auto
+    precision: Precision = Precision.float32
 
     def __post_init__(self):
         self.pool = Pool.parse(self.pool, "--pool")
+        self.precision = Precision.parse(self.precision, "--precision")
         self.grid = check_grid(self.grid)
         self.image_size = check_image_size(self.image_size)
         self.engine = Engine.parse(self.engine, "--engine")

@@ -12,6 +12,7 @@ from enum import Enum
 from pathlib import Path
 
 from cnnkit.choices import Choice
+from cnnkit.kinds import TriedRow
 from cnnkit.options import command_line
 
 
@@ -90,7 +91,7 @@ class Plan:
         import tempfile
 
         from cnnkit.ensemble import make_ensemble
-        from cnnkit.runs import read_manifest
+        from cnnkit.runs import load_run
 
         weights = self.weights or [1.0] * len(self.members)
         with tempfile.TemporaryDirectory(prefix="cnnkit-members-") as scratch:
@@ -102,24 +103,15 @@ class Plan:
             path = make_ensemble([result.run_path for result in results], out, weights=weights, force=force,
                                  attach=[*shared, *attach], strategy=str(self.strategy),
                                  command_line=self.command_line, data=self.data if scored else None, split=scored)
-        manifest = read_manifest(path)
-        return EnsembleResult(path, manifest.metrics, tried_in(path, manifest))
+        run = load_run(path)
+        return EnsembleResult(path, run.manifest.metrics, tried_in(run))
 
 
-def tried_in(folder: Path, manifest) -> list[dict]:
-    """The candidates a feature-head run scored; an ensemble's, member by member, named by backbone."""
-    from cnnkit.runs import read_manifest
+def tried_in(run) -> list[TriedRow]:
+    """The candidates a run's search scored (an ensemble's, member by member, named by backbone)."""
+    from cnnkit.kinds import get_kind
 
-    if manifest.model.kind == "feature_head":
-        return manifest.model.tried
-    if manifest.model.kind != "ensemble":
-        return []
-    rows = []
-    for member in manifest.model.members:
-        inner = read_manifest(folder / member.path)
-        backbone = getattr(inner.model, "backbone", "")
-        rows += [{**row, "layers": f"{backbone}: {row['layers']}"} for row in tried_in(folder / member.path, inner)]
-    return rows
+    return get_kind(run.kind, run.path).tried(run)
 
 
 @dataclass
@@ -129,7 +121,7 @@ class EnsembleResult:
 
     run_path: Path
     metrics: dict
-    tried: list[dict]
+    tried: list[TriedRow]
 
 
 def _held_out_average(results, weights) -> list:
@@ -140,8 +132,8 @@ def _held_out_average(results, weights) -> list:
     probabilities is exactly what the ensemble predicts there: its CV accuracy and confusion
     matrix, not the members'. Members without such evidence (training runs) get none here.
     """
-    evaluations = [getattr(result, "evaluation", None) for result in results]
-    splits = {getattr(result, "held_out", None) for result in results}
+    evaluations = [result.evaluation for result in results]
+    splits = {result.held_out for result in results}
     if None in evaluations or len(splits) != 1 or any(e.paths != evaluations[0].paths for e in evaluations):
         return []
     from dataclasses import replace

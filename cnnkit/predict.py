@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnkit.backbones.registry import DEFAULT_BACKBONE
-from cnnkit.data import ImageStream, SkippedFile, find_images
+from cnnkit.classifier import Classifier, RunnerClassifier
+from cnnkit.data import SkippedFile, find_images
 
 ProgressFn = Callable[[int, int], None]
 
@@ -40,36 +41,29 @@ def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list
     return [[(class_names[j], float(row[j])) for j in idx] for row, idx in zip(probabilities, order)]
 
 
-def run_classifier(model, inputs: Sequence[str | Path], class_names: Sequence[str], image_size: int,
-                   crop_pct: float, k: int = 5, batch_size: int = 32,
-                   progress: ProgressFn | None = None, tta=None) -> PredictionReport:
+def run_classifier(classifier: Classifier, inputs: Sequence[str | Path], class_names: Sequence[str], k: int = 5,
+                   batch_size: int = 32, progress: ProgressFn | None = None, tta=None) -> PredictionReport:
     """Classify image files.
 
     Args:
-        model: a callable mapping a batch of raw ``uint8`` images to class
-            probabilities (a run's classifier, or a Keras model's
-            ``predict_on_batch``).
+        classifier: a ``cnnkit.classifier.Classifier`` (a run's, or a backbone's ImageNet classifier).
         tta: a ``cnnkit.tta.TTA`` to average each image's views, or ``None``.
     """
     if tta is not None:
         from cnnkit.tta import TTAClassifier
 
-        model = TTAClassifier(model, tta)
+        classifier = TTAClassifier(classifier, tta)
     paths, problems = find_images(list(inputs))
-    if hasattr(model, "predict_files"):  # a feature head: cached images need no forward pass
-        probabilities, kept, failures = model.predict_files(paths, batch_size, progress)
-    else:
-        stream = ImageStream(paths, image_size, crop_pct)
-        outputs, kept = stream.map_batches(lambda images: np.asarray(model(images)), batch_size, progress)
-        probabilities, failures = (np.concatenate(outputs) if outputs else None), stream.failures
-    tops = top_k(probabilities, class_names, k) if len(kept) else []
-    predictions = [Prediction(paths[int(i)], top) for i, top in zip(kept, tops)]
-    return PredictionReport(predictions, problems + failures)
+    found = classifier.predict_files(paths, batch_size, progress)
+    tops = top_k(found.probabilities, class_names, k) if len(found.kept) else []
+    predictions = [Prediction(paths[int(i)], top) for i, top in zip(found.kept, tops)]
+    return PredictionReport(predictions, problems + found.failures)
 
 
 def predict_imagenet(inputs: Sequence[str | Path], backbone: str = DEFAULT_BACKBONE, k: int = 5,
                      batch_size: int = 32, weights: str | Path = "imagenet",
-                     progress: ProgressFn | None = None, engine: str = "tf", tta=None) -> PredictionReport:
+                     progress: ProgressFn | None = None, engine: str = "auto", tta=None,
+                     precision: str = "float32") -> PredictionReport:
     """Name what is in each image with the backbone's own ImageNet classifier.
 
     Args:
@@ -77,7 +71,7 @@ def predict_imagenet(inputs: Sequence[str | Path], backbone: str = DEFAULT_BACKB
         backbone: a registry name.
         k: how many classes to return per image.
         weights: "imagenet" or a weights file for the backbone.
-        engine: what runs the network (``cnnkit.engines``).
+        engine: what runs the network (``cnnkit.engines``), in ``precision``.
         tta: a ``cnnkit.tta.TTA`` to average each image's views, or ``None``.
     """
     from cnnkit.backbones import get_backbone, imagenet_class_names
@@ -89,22 +83,24 @@ def predict_imagenet(inputs: Sequence[str | Path], backbone: str = DEFAULT_BACKB
         spec.build(weights=weights, include_top=True)  # the registry's one-line error
     tag = FeatureConfig(backbone, str(weights), spec.input_size).weights_tag
     runner = make_runner(engine, backbone, f"{tag}-{spec.input_size}px-imagenet-classifier",
-                         lambda: spec.build(weights=weights, include_top=True), spec.input_size)
-    return run_classifier(lambda images: runner(images)["probabilities"], inputs, imagenet_class_names(),
-                          spec.input_size, spec.crop_pct, k, batch_size, progress, tta)
+                         lambda: spec.build(weights=weights, include_top=True), spec.input_size, precision)
+    names = imagenet_class_names()
+    classifier = RunnerClassifier(runner, spec.input_size, spec.crop_pct, len(names))
+    return run_classifier(classifier, inputs, names, k, batch_size, progress, tta)
 
 
 def predict_run(inputs: Sequence[str | Path], run_path: str | Path, k: int = 5, batch_size: int = 32,
-                progress: ProgressFn | None = None, engine: str = "tf", tta=None) -> PredictionReport:
+                progress: ProgressFn | None = None, engine: str = "auto", tta=None,
+                precision: str = "float32") -> PredictionReport:
     """Classify images with a trained run (from extract, finetune, train or ensemble).
 
     Args:
-        engine: what runs the network (``cnnkit.engines``); a feature-head run
+        engine: what runs the network (``cnnkit.engines``), in ``precision``; a feature-head run
             whose images are all in the feature cache runs none.
         tta: a ``cnnkit.tta.TTA`` to average each image's views, or ``None``.
     """
     from cnnkit.runs import load_run
 
     run = load_run(run_path)
-    return run_classifier(run.classifier(engine), inputs, run.class_names, run.image_size,
-                          run.crop_pct, k, batch_size, progress, tta.for_run(run) if tta is not None else None)
+    return run_classifier(run.classifier(engine, precision), inputs, run.class_names, k, batch_size, progress,
+                          tta.for_run(run) if tta is not None else None)

@@ -55,23 +55,19 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from cnnkit.errors import CnnkitError
-from cnnkit.options import MAX_GRID, MAX_IMAGE_SIZE
+from cnnkit.kinds import Section, get_kind, registered_kinds
+from cnnkit.kinds.registry import on_register
+from cnnkit.options import MAX_IMAGE_SIZE
 from cnnkit.paths import file_digest, publish_folder
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
-class _Section(BaseModel):
-    # Unknown fields are refused: a manifest that does not fit this version's
-    # schema is a damaged run or a newer format, never silently half-read.
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataSummary(_Section):
+class DataSummary(Section):
     """The images a run learned from.
 
     ``fingerprint`` is the SHA-256 of the sorted (split, class, file name,
@@ -86,67 +82,12 @@ class DataSummary(_Section):
     skipped: int = 0
 
 
-class FeatureHeadModel(_Section):
-    """A fixed pretrained backbone's pooled stage features and a scikit-learn head (``head.skops``)."""
-
-    kind: Literal["feature_head"] = "feature_head"
-    backbone: str
-    weights: str
-    layers: list[str] = Field(min_length=1)
-    pool: Literal["avg", "max"]
-    flip: bool
-    # Regions per side of every stage but the last (1 before --grid existed); bounded like --grid,
-    # since it sizes the slices of the feature map a reader builds.
-    grid: int = Field(1, ge=1, le=MAX_GRID)
-    head: Literal["logreg", "svm", "linear-svm", "knn"]
-    pca: int | Literal["auto"] | None
-    whiten: bool
-    l2_normalize: bool
-    best_params: dict[str, Any]
-    cv_folds: int
-    feature_dims: int
-    tried: list[dict[str, Any]] = []
+def model_sections():
+    """The registered kinds' sections, told apart by their ``kind`` field: what a manifest's ``model`` may be."""
+    return Annotated[Union[tuple(kind.section for kind in registered_kinds())], Field(discriminator="kind")]
 
 
-class NetworkModel(_Section):
-    """A Keras network from raw pixels to probabilities (``model.keras``).
-
-    ``feature_layer`` names the pooled layer before the classifier, the
-    retrieval embedding of `similar`. ``flip``: the pooled features are
-    averaged with the mirror image's before the classifier (runs before it
-    existed read as ``False``, which is how they predicted).
-    """
-
-    kind: Literal["network"] = "network"
-    backbone: str
-    weights: str
-    freeze: str
-    feature_layer: str
-    flip: bool = False
-    epochs_run: int
-    best_epoch: int
-    interrupted: bool = False
-
-
-class EnsembleMember(_Section):
-    """One member of an ensemble: its copy's folder inside the run and its seal."""
-
-    path: str
-    seal: str
-    weight: float = Field(gt=0)
-
-
-class EnsembleModel(_Section):
-    """The weighted mean of its members' class probabilities."""
-
-    kind: Literal["ensemble"] = "ensemble"
-    members: list[EnsembleMember] = Field(min_length=1)
-
-
-ModelSection = Annotated[Union[FeatureHeadModel, NetworkModel, EnsembleModel], Field(discriminator="kind")]
-
-
-class RunManifest(_Section):
+class RunManifest(Section):
     """Everything cnnkit records about a run (``manifest.json``).
 
     Attributes:
@@ -177,7 +118,7 @@ class RunManifest(_Section):
     preprocessing: str
     data: DataSummary | None = None
     metrics: dict[str, float | int | None] = {}
-    model: ModelSection
+    model: model_sections()
     files: dict[str, str] = {}
     seal: str = ""
 
@@ -187,6 +128,16 @@ class RunManifest(_Section):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False)
+
+
+def _follow_the_registry() -> None:
+    """A kind registered after this module was imported (one defined outside cnnkit) becomes a valid ``model``."""
+    field = RunManifest.model_fields["model"]
+    field.annotation, field.discriminator = model_sections().__origin__, "kind"
+    RunManifest.model_rebuild(force=True)
+
+
+on_register(_follow_the_registry)
 
 
 def seal_of_fields(fields: dict) -> str:
@@ -290,7 +241,8 @@ class Run:
         return self.manifest.crop_pct
 
     @property
-    def model(self) -> FeatureHeadModel | NetworkModel | EnsembleModel:
+    def model(self):
+        """The manifest's model section, of the run's kind (``cnnkit.kinds``)."""
         return self.manifest.model
 
     @property
@@ -319,42 +271,31 @@ class Run:
         except ValueError as error:
             raise CnnkitError(f"{self.path / name}: damaged JSON ({error})") from None
 
-    def classifier(self, engine: str = "tf"):
-        """A callable: raw ``uint8`` image batch -> class probabilities (``engine``: see ``cnnkit.engines``)."""
-        from cnnkit.models import load_classifier
-
-        return load_classifier(self, engine)
+    def classifier(self, engine="auto", precision="float32"):
+        """The run's ``cnnkit.classifier.Classifier``: raw ``uint8`` image batches (and files) -> class
+        probabilities, its network run by ``engine`` in ``precision`` (see ``cnnkit.engines``)."""
+        return get_kind(self.kind, self.path).classifier(self, engine, precision)
 
     @property
     def mirror_symmetric(self) -> bool:
-        """Whether the run predicts the same for an image and its mirror image (see ``_mirror_symmetric``)."""
-        return _mirror_symmetric(self.manifest, self.path)
+        """Whether the run predicts the same for an image and its mirror image (``Kind.mirror_symmetric``)."""
+        return get_kind(self.kind, self.path).mirror_symmetric(self)
 
-    def members(self) -> list[tuple[Run, float]]:
-        """An ensemble's member runs, each verified like ``load_run``, with its weight.
+    def nested(self, name: str, seal: str, verify: bool = True) -> Run:
+        """A sealed run stored inside this one (an ensemble's member) at the relative folder ``name``.
+
+        Verified as ``load_run`` verifies (every file's checksum), or with ``verify=False`` its manifest
+        and seal only; and it must carry ``seal``, the one recorded when it was copied in.
 
         Raises:
-            CnnkitError: not an ensemble; a member outside the folder, damaged,
-                re-sealed since the ensemble was made, or with other classes.
+            CnnkitError: ``name`` outside the folder or behind a link, a damaged run, another seal.
         """
-        if not isinstance(self.model, EnsembleModel):
-            raise CnnkitError(f"{self.path}: not an ensemble run")
-        members = []
-        for member in self.model.members:
-            run = load_run(_safe_member(self.path, member.path))
-            if run.manifest.seal != member.seal:
-                raise CnnkitError(f"{run.path}: is not the run the ensemble was made of (seal mismatch); "
-                                  "refusing to load it -- re-create the ensemble")
-            check_same_classes(self, run)
-            members.append((run, member.weight))
-        return members
-
-
-def check_same_classes(first: Run, other: Run) -> None:
-    """Refuse a run whose class names are not ``first``'s (in any order), with one line naming both."""
-    if sorted(first.class_names) != sorted(other.class_names):
-        raise CnnkitError(f"{other.path}: its classes ({', '.join(other.class_names)}) differ from {first.path}'s "
-                          f"({', '.join(first.class_names)}); an ensemble's members must have the same classes")
+        path = _safe_member(self.path, name)
+        run = load_run(path) if verify else Run(path, read_manifest(path))
+        if run.manifest.seal != seal:
+            raise CnnkitError(f"{run.path}: is not the run {self.path} was made of (seal mismatch); "
+                              "refusing to load it -- re-create it")
+        return run
 
 
 def open_unsealed(folder: Path, manifest: RunManifest) -> Run:
@@ -365,30 +306,6 @@ def open_unsealed(folder: Path, manifest: RunManifest) -> Run:
     """
     files = {p.relative_to(folder).as_posix(): "" for p in sorted(folder.rglob("*")) if p.is_file()}
     return Run(Path(folder), manifest.model_copy(update={"files": files}))
-
-
-def _mirror_symmetric(manifest: RunManifest, path: Path) -> bool:
-    """Whether a run predicts the same for an image and its mirror image.
-
-    A network with ``flip`` averages the pooled features of the two views.
-    A feature head with ``flip`` does too, but a stage pooled over a grid of
-    regions is averaged region by region with the mirror's regions moved back
-    (``cnnkit.features.unmirror``): the mirror image then gets those regions
-    in mirrored order, so only runs whose stages are all pooled over the whole
-    map are symmetric. An ensemble is when all its members are; their sealed
-    manifests tell (loading its classifier verifies their files).
-    """
-    model = manifest.model
-    if isinstance(model, EnsembleModel):
-        members = [_safe_member(path, member.path) for member in model.members]
-        return all(_mirror_symmetric(read_manifest(member), member) for member in members)
-    if isinstance(model, FeatureHeadModel):
-        from cnnkit.backbones import get_backbone
-        from cnnkit.features import stage_grid
-
-        spec = get_backbone(model.backbone)
-        return model.flip and all(stage_grid(spec, spec.stage_key(layer), model.grid) == 1 for layer in model.layers)
-    return model.flip
 
 
 def _field_error(manifest_path: Path, error: ValidationError) -> CnnkitError:

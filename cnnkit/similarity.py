@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data import load_image
 from cnnkit.errors import CnnkitError
 
 
@@ -75,11 +74,12 @@ def nearest(index: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65536) 
     return best_indices, best_scores
 
 
-def similar_images(run_path: str | Path, image: str | Path, k: int = 5, engine: str = "tf") -> list[Neighbour]:
+def similar_images(run_path: str | Path, image: str | Path, k: int = 5, engine: str = "auto",
+                   precision: str = "float32") -> list[Neighbour]:
     """The ``k`` training images of a run most similar to ``image``.
 
     Args:
-        engine: what runs the network (``cnnkit.engines``); a feature-head
+        engine: what runs the network (``cnnkit.engines``), in ``precision``; a feature-head
             run whose query image is in the feature cache runs none.
     """
     from cnnkit.runs import load_run
@@ -92,13 +92,9 @@ def similar_images(run_path: str | Path, image: str | Path, k: int = 5, engine: 
     paths = run.load_json("index/paths.json")
     if len(index) != len(labels) or len(index) != len(paths):
         raise CnnkitError(f"{run_path}: the retrieval index is inconsistent; re-create the run")
-    classifier = run.classifier(engine)
-    if hasattr(classifier, "embed_files"):
-        query, kept, failures = classifier.embed_files([Path(image)])
-        if not len(kept):
-            raise CnnkitError(f"{failures[0].path}: {failures[0].reason}")
-    else:
-        query = classifier.embed(load_image(image, run.image_size, run.crop_pct)[None])
+    query, kept, failures = run.classifier(engine, precision).embed_files([Path(image)])
+    if not len(kept):
+        raise CnnkitError(f"{failures[0].path}: {failures[0].reason}")
     if query.shape[1] != index.shape[1]:
         raise CnnkitError(f"{run_path}: index has {index.shape[1]} dims, the model gives {query.shape[1]}")
     rows, scores = nearest(index, query, k)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from cnnkit.classifier import Classifier
+
 # (top, left) of each crop as a share of the room left around it: centre, then the four corners.
 _PLACES = ((0.5, 0.5), (0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0))
 
@@ -72,23 +74,30 @@ def views(images, tta: TTA = TTA()):
         yield np.ascontiguousarray(view[:, :, ::-1]) if mirrored else view
 
 
-class TTAClassifier:
+class TTAClassifier(Classifier):
     """A classifier of raw ``uint8`` batches that averages another one's probabilities over views.
 
-    ``last_plain`` keeps the plain view's probabilities of the last batch, so
-    a caller can report the accuracy with and without TTA from one pass.
+    ``batch`` returns the plain view's probabilities beside the average, so a caller can report
+    the accuracy with and without TTA from one pass (``FilePredictions.plain``). Files are always
+    decoded and classified view by view (a feature head's cache holds the plain view only).
     """
 
-    def __init__(self, classifier: Callable, tta: TTA = TTA()):
+    def __init__(self, classifier: Classifier | Callable, tta: TTA = TTA()):
         self.classifier = classifier
         self.tta = tta
-        self.last_plain: np.ndarray | None = None
+        # A plain callable of batches works too, for batches (files need a Classifier's decoding size).
+        self.image_size = getattr(classifier, "image_size", None)
+        self.crop_pct = getattr(classifier, "crop_pct", 1.0)
+        self.classes = getattr(classifier, "classes", None)
 
-    def __call__(self, images) -> np.ndarray:
-        total = None
+    def batch(self, images) -> tuple[np.ndarray, np.ndarray]:
+        total, plain = None, None
         for i, view in enumerate(views(images, self.tta)):
             probabilities = np.asarray(self.classifier(view), np.float64)
             if i == 0:
-                self.last_plain = probabilities.astype(np.float32)
+                plain = probabilities.astype(np.float32)
             total = probabilities if total is None else total + probabilities
-        return (total / self.tta.views).astype(np.float32)
+        return (total / self.tta.views).astype(np.float32), plain
+
+    def __call__(self, images) -> np.ndarray:
+        return self.batch(images)[0]

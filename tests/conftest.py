@@ -13,14 +13,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 REPO = Path(__file__).resolve().parents[1]
+# What this run must have rather than skip: CI sets CNNKIT_REQUIRE=docker,browser (.ci/run), so a test
+# that needs a Docker engine or Chromium fails there instead of passing by skipping.
+REQUIRED = {name.strip() for name in os.environ.get("CNNKIT_REQUIRE", "").split(",") if name.strip()}
 SAMPLE_DATA = REPO / "sample_data"
 PHOTOS = SAMPLE_DATA / "photos"
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test session uses its own cnnkit cache, never the user's."""
+    """Each test session uses its own cnnkit cache, never the user's.
+
+    ``auto`` means TensorFlow here (``CNNKIT_ENGINE``): measuring three engines for each of the
+    hundreds of tiny networks the tests make would cost minutes and test nothing new. The engine
+    tests ask for each engine, and for ``auto``'s measurement, by name (tests/test_engines.py,
+    tests/test_agreement.py).
+    """
     monkeypatch.setenv("CNNKIT_HOME", str(tmp_path_factory.getbasetemp() / "cnnkit_home"))
+    monkeypatch.setenv("CNNKIT_ENGINE", "tf")
+
+
+def needs(what: str, present: bool, reason: str) -> None:
+    """Skip the test with ``reason`` when ``what`` (a service or program) is missing, unless it is required."""
+    if present:
+        return
+    if what in REQUIRED:
+        pytest.fail(f"{reason} (CNNKIT_REQUIRE names {what}: this run must not skip it)")
+    pytest.skip(reason)
 
 
 def _pattern(seed: int, size: int = 24) -> Image.Image:

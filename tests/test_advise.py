@@ -7,6 +7,7 @@ import pytest
 from cnnkit.advise import Thresholds, decide
 from cnnkit.auto import run_auto
 from cnnkit.predict import predict_run
+from cnnkit.kinds.ensemble import members as ensemble_members
 from cnnkit.runs import load_run
 from conftest import PHOTOS, make_class_tree
 
@@ -255,9 +256,9 @@ def test_auto_from_scratch_averages_the_network_with_a_features_head(tmp_path, m
     assert any("averaged 2:1" in reason for reason in result.advice.reasons)
     run = load_run(result.run_path)
     assert run.kind == "ensemble" and run.image_size == SCRATCH_PARTNER["image_size"]
-    members = [member for member, _ in run.members()]
+    members = [member for member, _ in ensemble_members(run)]
     assert [m.kind for m in members] == ["network", "feature_head"] and members[0].image_size == 28
-    assert [round(w, 3) for _, w in run.members()] == [0.667, 0.333]
+    assert [round(w, 3) for _, w in ensemble_members(run)] == [0.667, 0.333]
     # The ensemble scored the test split itself (its members share no held-out evidence).
     assert (result.run_path / "heldout" / "test").is_dir()
     assert run.manifest.metrics["test_accuracy"] == pytest.approx(evaluate_run(run, data).accuracy)

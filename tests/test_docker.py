@@ -3,8 +3,8 @@
 No registry is reachable here, so the image is built on a local stand-in for
 python:3.11-slim made from this machine's Debian mirror (docker/local-base.sh,
 reused once built). Needs a Docker engine (.ci/setup.d/20-docker.sh starts
-one); without one these tests fail, they do not skip. Select them with
-``-m docker``, leave them out with ``-m "not docker"``.
+one); without one they skip with the reason, except where CNNKIT_REQUIRE names docker (CI), where
+they fail. Select them with ``-m docker``, leave them out with ``-m "not docker"``.
 """
 
 import json
@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from cnnkit.runs import load_run
-from conftest import PHOTOS, REPO, SAMPLE_DATA
+from conftest import PHOTOS, REPO, SAMPLE_DATA, needs
 
 pytestmark = pytest.mark.docker
 
@@ -30,9 +30,8 @@ def _docker(*arguments: str, timeout: float = 600) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def image() -> str:
     """cnnkit's image, built from this checkout (Docker's layer cache makes a rebuild after a code change quick)."""
-    if shutil.which("docker") is None or _docker("info", timeout=60).returncode != 0:
-        pytest.fail("no Docker engine answers: run .ci/setup.d/20-docker.sh as root "
-                    "(or leave these tests out with -m 'not docker')")
+    needs("docker", shutil.which("docker") is not None and _docker("info", timeout=60).returncode == 0,
+          "needs a Docker engine: none answers (.ci/setup.d/20-docker.sh starts one, as root)")
     if os.environ.get("CNNKIT_TEST_REBUILD_BASE") or _docker("image", "inspect", BASE).returncode != 0:
         built = subprocess.run([str(REPO / "docker" / "local-base.sh"), BASE], capture_output=True, text=True,
                                timeout=900)

@@ -63,12 +63,12 @@ def test_auto_measures_once_per_network_and_remembers(tmp_path, monkeypatch):
 @pytest.mark.parametrize("content", [b"\x00garbage", b'{"a": ' * 50_000, b"[1, 2]", b"x" * (2 << 20),
                                      b'{"%s": {"engine": "../../evil"}}', b'{"%s": "openvino"}'])
 def test_a_damaged_or_crafted_speed_record_means_measuring_again(content, tmp_path, monkeypatch):
-    from cnnkit.engines import machine_id
+    from cnnkit.engines import speed_entry
 
     monkeypatch.setenv("CNNKIT_HOME", str(tmp_path))
     extractor = FeatureExtractor(FeatureConfig("tiny_cnn", "none", 32))
     (tmp_path / "engines").mkdir()
-    entry = f"{machine_id()} | tiny_cnn/test-key".encode()
+    entry = speed_entry("tiny_cnn", "test-key").encode()
     (tmp_path / "engines" / "auto.json").write_bytes(content.replace(b"%s", entry) if b"%s" in content else content)
     built = []
     chosen = choose_engine("tiny_cnn", "test-key", lambda: built.append(1) or extractor.model, 32)
@@ -80,11 +80,16 @@ def test_a_damaged_or_crafted_speed_record_means_measuring_again(content, tmp_pa
 def test_a_missing_engine_package_is_one_line_saying_what_to_install(monkeypatch):
     import cnnkit.engines
 
-    monkeypatch.setattr(cnnkit.engines, "available_engines", lambda: [Engine.tf])
-    with pytest.raises(CnnkitError, match=r'--engine openvino needs the openvino package: pip install "cnnkit\[export\]"'):
+    monkeypatch.setattr(cnnkit.engines, "_installed", lambda package: package not in ("openvino", "tf2onnx"))
+    with pytest.raises(CnnkitError, match=r"^--engine openvino needs openvino, tf2onnx: pip install openvino tf2onnx"):
         check_engine("openvino")
+    with pytest.raises(CnnkitError, match=r"^--precision bfloat16 needs OpenVINO \(openvino, tf2onnx\)"):
+        check_engine("auto", "bfloat16")
     with pytest.raises(CnnkitError, match="choose from auto, tf, onnx, openvino"):
         check_engine("tensorrt")
+    with pytest.raises(CnnkitError, match="only --engine openvino computes in bfloat16"):
+        check_engine("tf", "bfloat16")
+    assert available_engines() == [Engine.tf]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

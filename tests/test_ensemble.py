@@ -12,6 +12,7 @@ from cnnkit.cli import app
 from cnnkit.ensemble import make_ensemble, parse_weights
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import evaluate_run
+from cnnkit.kinds.ensemble import member_view, members
 from cnnkit.runs import load_run
 from cnnkit.similarity import similar_images
 from conftest import make_class_tree, reseal
@@ -76,7 +77,7 @@ def test_member_paths_stay_inside_the_run(made, tmp_path, path):
     shutil.copytree(made[4], copy)
     reseal(copy, lambda m: m["model"]["members"][0].update(path=path))
     with pytest.raises(CnnkitError, match="not a file inside the run"):
-        load_run(copy).members()
+        members(load_run(copy))
     with pytest.raises(CnnkitError, match="not a file inside the run"):  # the TTA view count reads members too
         load_run(copy).mirror_symmetric
 
@@ -88,7 +89,7 @@ def test_a_member_behind_a_symbolic_link_is_refused(made, tmp_path):
     os.symlink(tmp_path / "elsewhere", copy / "linked")
     reseal(copy, lambda m: m["model"]["members"][0].update(path="linked"))
     with pytest.raises(CnnkitError, match="symbolic link"):
-        load_run(copy).members()
+        members(load_run(copy))
     with pytest.raises(CnnkitError, match="symbolic link"):
         load_run(copy).mirror_symmetric
 
@@ -161,7 +162,6 @@ def test_a_smaller_member_sees_the_image_as_if_decoded_at_its_own_size(tmp_path)
     from PIL import Image
 
     from cnnkit.data.images import load_image
-    from cnnkit.models import member_view
 
     y, x = np.mgrid[0:28, 0:28]
     picture = (127 + 120 * np.sin(x / 3.0) * np.cos(y / 4.0)).astype(np.uint8)  # smooth, like a garment

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from cnnkit.cli import app
 from cnnkit.errors import CnnkitError
-from cnnkit.explain import explain, fold_linear_head, place_in_box, resolve_class
+from cnnkit.explain import explain, resolve_class
+from cnnkit.saliency import place_in_box
 from cnnkit.heads import fit_head
 from conftest import PHOTOS
 from tiny_runs import extract_run, shared_runs, train_run
@@ -17,35 +18,53 @@ from tiny_runs import extract_run, shared_runs, train_run
 runner = CliRunner()
 
 
+def _graph(pipeline, features):
+    """The head's graph evaluated on ``features``: (scores or None, probabilities)."""
+    import keras
+
+    from cnnkit.head_graph import head_graph
+
+    inputs = keras.Input((features.shape[1],))
+    graph = head_graph(pipeline, inputs)
+    outputs = {"probabilities": graph.probabilities, **({"scores": graph.scores} if graph.scores is not None else {})}
+    out = keras.Model(inputs, outputs)(features.astype(np.float32))
+    return (np.asarray(out["scores"]) if "scores" in out else None), np.asarray(out["probabilities"])
+
+
 @pytest.mark.parametrize("head, pca, whiten, l2, classes", [
     ("logreg", "auto", False, False, 3), ("logreg", 4, True, True, 3), ("logreg", None, False, False, 2),
-    ("linear-svm", 4, False, False, 3),
+    ("linear-svm", 4, False, False, 3), ("linear-svm", None, False, True, 2),
 ])
-def test_the_folded_head_gives_the_pipelines_scores(head, pca, whiten, l2, classes):
+def test_the_head_graph_gives_the_pipelines_probabilities_and_scores(head, pca, whiten, l2, classes):
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(classes), 12)
     features = rng.normal(size=(len(labels), 10)) + labels[:, None] * 0.8 + 3.0
     pipeline = fit_head(features, labels, head, pca, whiten, l2, cv=3).pipeline
-    weight, bias, normalised = fold_linear_head(pipeline)
-    assert normalised == l2
-    x = features / np.linalg.norm(features, axis=1, keepdims=True) if l2 else features
-    scores = x @ weight + bias
-    if head == "logreg":
+    scores, probabilities = _graph(pipeline, features)
+    np.testing.assert_allclose(probabilities, pipeline.predict_proba(features), atol=1e-4)
+    if head == "logreg":  # the logits: their softmax is the head's probabilities
         softmax = np.exp(scores - scores.max(axis=1, keepdims=True))
-        np.testing.assert_allclose(softmax / softmax.sum(axis=1, keepdims=True), pipeline.predict_proba(features),
-                                   atol=1e-4)
+        np.testing.assert_allclose(softmax / softmax.sum(axis=1, keepdims=True), probabilities, atol=1e-5)
     else:  # the mean decision function of the calibration folds' SVMs
         svms = [c.estimator for c in pipeline.named_steps["clf"].calibrated_classifiers_]
         inner = pipeline[:-1].transform(features)
         expected = np.mean([s.decision_function(inner) for s in svms], axis=0)
+        expected = expected if classes > 2 else np.stack([np.zeros_like(expected), expected], axis=1)
         np.testing.assert_allclose(scores, expected, atol=1e-3)
 
 
-def test_a_nonlinear_head_does_not_fold():
+def test_a_knn_head_has_probabilities_but_no_scores_and_an_rbf_svm_no_graph():
     labels = np.repeat([0, 1], 10)
     features = np.random.default_rng(1).normal(size=(20, 5)) + labels[:, None]
-    with pytest.raises(CnnkitError, match="not linear"):
-        fold_linear_head(fit_head(features, labels, "knn", None, cv=3).pipeline)
+    knn = fit_head(features, labels, "knn", None, cv=3).pipeline
+    queries = np.random.default_rng(2).normal(size=(8, 5)) + 0.5  # not training points: no distance is 0
+    scores, probabilities = _graph(knn, queries)
+    assert scores is None
+    np.testing.assert_allclose(probabilities, knn.predict_proba(queries), atol=1e-5)
+    from cnnkit.head_graph import head_graph
+
+    with pytest.raises(CnnkitError, match="one-vs-one"):
+        head_graph(fit_head(features, labels, "svm", None, cv=3).pipeline, features.astype(np.float32))
 
 
 def test_the_map_is_in_the_original_grid_and_zero_outside_the_crop():

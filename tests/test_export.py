@@ -209,7 +209,8 @@ def test_an_ensemble_exports_as_one_graph_averaging_its_members(runs, tmp_path):
     import shutil
 
     from cnnkit.export import inference_model
-    from cnnkit.runs import EnsembleMember, EnsembleModel, RunManifest, load_run, write_run
+    from cnnkit.kinds.ensemble import EnsembleMember, EnsembleModel
+    from cnnkit.runs import RunManifest, load_run, write_run
 
     members = [load_run(runs["logreg"]), load_run(runs["knn"])]
 

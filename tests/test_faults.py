@@ -65,7 +65,8 @@ def test_an_unwritable_out_is_one_line(data, tmp_path):
 _KILLED_WRITER = """
 import sys, time
 from pathlib import Path
-from cnnkit.runs import RunManifest, FeatureHeadModel, write_run
+from cnnkit.kinds.feature_head import FeatureHeadModel
+from cnnkit.runs import RunManifest, write_run
 
 out, ready, force = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "force"
 manifest = RunManifest(command="extract", class_names=["a", "b"], image_size=32, preprocessing="tf",

@@ -93,7 +93,7 @@ def test_a_run_whose_manifest_claims_a_crafted_grid_is_refused(grid):
     # The grid sizes slices of the feature map: a manifest may only name what --grid accepts.
     from pydantic import ValidationError
 
-    from cnnkit.runs import FeatureHeadModel
+    from cnnkit.kinds.feature_head import FeatureHeadModel
 
     fields = dict(backbone="tiny_cnn", weights="none", layers=["conv3"], pool="avg", flip=False, head="logreg",
                   pca=None, whiten=False, l2_normalize=False, best_params={}, cv_folds=0, feature_dims=8)

@@ -13,15 +13,11 @@ from pathlib import Path
 import pytest
 
 from cnnkit.auto import run_auto
-from conftest import make_class_tree
+from conftest import make_class_tree, needs
 from tiny_runs import finetune_run, shared_runs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER),
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; "
-           ".ci/setup.d/10-chromium.sh installs them)")
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -30,6 +26,8 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
+    needs("browser", bool(CHROMIUM and DRIVER), "needs Debian's chromium and chromium-driver "
+          "(apt-get install chromium chromium-driver; .ci/setup.d/10-chromium.sh installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -9,7 +9,9 @@ import pytest
 from cnnkit.errors import CnnkitError
 from cnnkit.extraction import run_extract
 from cnnkit.options import ExtractOptions
-from cnnkit.runs import FORMAT_VERSION, FeatureHeadModel, NetworkModel, load_run
+from cnnkit.kinds.feature_head import FeatureHeadModel
+from cnnkit.kinds.network import NetworkModel
+from cnnkit.runs import FORMAT_VERSION, load_run
 from conftest import make_class_tree, reseal
 
 TINY = dict(backbone="tiny_cnn", weights="none", image_size=32)

@@ -44,10 +44,11 @@ def test_the_classifier_averages_every_views_probabilities():
 
     batch = _gradient_batch()
     averaged = TTAClassifier(left_brightness)
-    result = averaged(batch)
+    result, plain = averaged.batch(batch)
     expected = np.mean([left_brightness(v) for v in views(batch)], axis=0)
     np.testing.assert_allclose(result, expected, rtol=1e-6)
-    np.testing.assert_allclose(averaged.last_plain, left_brightness(batch), rtol=1e-6)
+    np.testing.assert_allclose(averaged(batch), expected, rtol=1e-6)
+    np.testing.assert_allclose(plain, left_brightness(batch), rtol=1e-6)
     # Mirroring swaps the halves, so the average is pulled towards 0.5.
     assert abs(result[0, 0] - 0.5) < abs(left_brightness(batch)[0, 0] - 0.5)
 

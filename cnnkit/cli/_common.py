@@ -19,7 +19,7 @@ from rich.markup import escape
 from cnnkit.backbones import DEFAULT_BACKBONE, list_backbones
 from cnnkit.choices import Choice
 from cnnkit.errors import CnnkitError
-from cnnkit.options import Engine
+from cnnkit.options import Engine, Precision
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -36,8 +36,13 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
 EngineOption = Annotated[Engine, typer.Option(
-    "--engine", help="What runs the network: TensorFlow, ONNX Runtime, OpenVINO (bf16 on AMX CPUs), or auto "
-                     "(the fastest installed, measured once per network and machine).")]
+    "--engine", help="What runs the network: TensorFlow, ONNX Runtime, OpenVINO, or auto (the fastest usable "
+                     "one, measured once per network and machine; $CNNKIT_ENGINE fixes it). Every engine gives "
+                     "the same answers.")]
+PrecisionOption = Annotated[Precision, typer.Option(
+    "--precision", help="Arithmetic of the network: float32 (the same answers on every engine and export), or "
+                        "bfloat16 (OpenVINO on CPUs with AMX or AVX-512-BF16: about 2x faster, changes some "
+                        "predictions).")]
 TTAOption = Annotated[bool, typer.Option(
     "--tta", help="Test-time augmentation: average the probabilities of 12 views per image (whole image + "
     "centre and four corner crops at 87.5%, each also mirrored, unless the run averages the mirror "
@@ -117,15 +122,15 @@ def report_skipped(skipped, quiet: bool = False) -> None:
         warn(f"{len(skipped)} file(s) skipped")
 
 
-def progress_line(row: dict) -> str:
-    """One line for a finished training epoch or a scored (layers, head) candidate."""
-    if "epoch" in row:
+def progress_line(row) -> str:
+    """One line for a finished training epoch (a dict) or a scored (layers, head) candidate (a ``TriedRow``)."""
+    if isinstance(row, dict):
         return (f"[dim]{row['phase']:>8}[/dim] epoch {row['epoch']:>3}  loss {row.get('loss', 0):.4f}  "
                 f"acc {row.get('accuracy', 0):.3f}  val_loss {row.get('val_loss', 0):.4f}  "
                 f"[bold]val_acc {row.get('val_accuracy', 0):.3f}[/bold]  lr {row.get('learning_rate', 0):.2g}  "
                 f"{row['seconds']:.0f}s  {row['images_per_s']:.0f} img/s")
-    score = f"cv accuracy {row['cv_accuracy']:.3f}" if row.get("cv_accuracy") is not None else escape(row["error"])
-    return f"tried {escape(row['layers'])} + {row['head']}: {score}"
+    score = f"cv accuracy {row.cv_accuracy:.3f}" if row.cv_accuracy is not None else escape(row.error or "-")
+    return f"tried {escape(row.layers)} + {row.head}: {score}"
 
 
 def print_json(data) -> None:

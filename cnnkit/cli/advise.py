@@ -113,7 +113,7 @@ def auto(
     if json_output:
         print_json({"run": str(result.run_path), "report": str(result.report_path),
                     "strategy": str(result.advice.strategy), "cell": result.advice.cell,
-                    "plan": result.plan.to_dict(), "tried": result.tried, "metrics": result.metrics,
+                    "plan": result.plan.to_dict(), "tried": [t.model_dump(exclude_none=True) for t in result.tried], "metrics": result.metrics,
                     "seconds": result.seconds})
         return
     if quiet:

@@ -9,8 +9,9 @@ import typer
 from rich.markup import escape
 
 from cnnkit.choices import Choice
-from cnnkit.options import Engine
-from cnnkit.cli._common import (BatchSizeOption, EngineOption, JsonOption, QuietOption, console, print_json,
+from cnnkit.options import Engine, Precision
+from cnnkit.cli._common import (BatchSizeOption, EngineOption, JsonOption, PrecisionOption, QuietOption, console,
+                                print_json,
                                 progress_bar, progress_callback, quiet_tensorflow, report_skipped,
                                 TTAOption, user_errors)
 
@@ -28,6 +29,7 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write metrics.json, confusion.json/png and report.html (default RUN/eval/<DATA name>).")] = None,
     batch_size: BatchSizeOption = 32,
     engine: EngineOption = Engine.auto,
+    precision: PrecisionOption = Precision.float32,
     tta: TTAOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -42,7 +44,8 @@ def evaluate(
     with user_errors(), progress_bar(quiet or json_output) as progress:
         loaded = load_run(run)
         evaluation = evaluate_run(loaded, data, split and str(split), batch_size,
-                                  progress_callback(progress, "evaluating"), engine, tta=TTA() if tta else None)
+                                  progress_callback(progress, "evaluating"), engine, tta=TTA() if tta else None,
+                                  precision=precision)
         written = write_evaluation_report(evaluation, out or run / "eval" / (data.stem or "data"), loaded)
     report_skipped(evaluation.skipped, quiet)
     result = evaluation.to_dict()

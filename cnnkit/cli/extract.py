@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, EngineOption, JsonOption, QuietOption, console,
+from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, EngineOption, JsonOption, PrecisionOption,
+                                QuietOption, console,
                                 print_json, progress_bar, progress_callback, progress_line, quiet_tensorflow,
                                 report_skipped, user_errors)
 from cnnkit.options import MAX_GRID, MAX_IMAGE_SIZE, ExtractOptions, Head, Pool
@@ -38,6 +39,7 @@ def extract(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = not _D.use_cache,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image (exit 2).")] = _D.strict,
     engine: EngineOption = _D.engine,
+    precision: PrecisionOption = _D.precision,
     force: Annotated[bool, typer.Option(help="Replace --out if it is an existing run.")] = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -50,7 +52,8 @@ def extract(
         options = ExtractOptions(backbone=str(backbone), layers=layer, weights=weights, image_size=image_size,
                                  pool=pool, flip=flip, grid=grid, l2_normalize=l2, pca=pca, whiten=whiten, head=head, head_param=head_param,
                                  cv=cv, val_split=val_split, seed=seed, batch_size=batch_size,
-                                 use_cache=not no_cache, strict=strict, engine=engine)
+                                 use_cache=not no_cache, strict=strict, engine=engine,
+                                 precision=precision)
         result = run_extract(data, options, out, force, progress=progress_callback(progress, "features"),
                              report=None if quiet or json_output else lambda row: progress.console.print(
                                  progress_line(row), soft_wrap=True))
@@ -59,7 +62,7 @@ def extract(
         "run": str(result.run_path), "backbone": str(backbone), "layers": result.layers,
         "feature_dims": result.feature_dims, "head": result.head, "best_params": result.fitted.best_params,
         "images": result.counts, "computed": result.computed, "seconds": result.seconds, **result.metrics,
-        "tried": result.tried,
+        "tried": [t.model_dump(exclude_none=True) for t in result.tried],
     }
     if json_output:
         print_json(summary)

@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cnnkit.options import Engine
+from cnnkit.options import Engine, Precision
 
-from cnnkit.cli._common import (DEFAULT, BackboneOption, BatchSizeOption, EngineOption, JsonOption, QuietOption, console,
+from cnnkit.cli._common import (DEFAULT, BackboneOption, BatchSizeOption, EngineOption, JsonOption, PrecisionOption,
+                                QuietOption, console,
                                 print_json, progress_bar, progress_callback, quiet_tensorflow,
                                 report_skipped, TTAOption, user_errors, warn)
 
@@ -23,6 +24,7 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes shown per image.")] = 5,
     batch_size: BatchSizeOption = 32,
     engine: EngineOption = Engine.auto,
+    precision: PrecisionOption = Precision.float32,
     tta: TTAOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -36,10 +38,11 @@ def predict(
 
         views = TTA() if tta else None
         if model is not None:
-            report = predict_run(images, model, top_k, batch_size, progress=update, engine=engine, tta=views)
+            report = predict_run(images, model, top_k, batch_size, progress=update, engine=engine, tta=views,
+                                 precision=precision)
         else:
             report = predict_imagenet(images, str(backbone), top_k, batch_size, weights, progress=update,
-                                      engine=engine, tta=views)
+                                      engine=engine, tta=views, precision=precision)
     report_skipped(report.failures, quiet=True)
     if json_output:
         print_json([p.to_dict() for p in report.predictions])

@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cnnkit.options import Engine
+from cnnkit.options import Engine, Precision
 
-from cnnkit.cli._common import EngineOption, JsonOption, console, print_json, quiet_tensorflow, user_errors
+from cnnkit.cli._common import (EngineOption, JsonOption, PrecisionOption, console, print_json, quiet_tensorflow,
+                                user_errors)
 
 
 def similar(
@@ -18,6 +19,7 @@ def similar(
     image: Annotated[Path, typer.Argument(help="The query image.", show_default=False)],
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="How many neighbours.")] = 5,
     engine: EngineOption = Engine.auto,
+    precision: PrecisionOption = Precision.float32,
     json_output: JsonOption = False,
 ) -> None:
     """List the training images most similar to IMAGE (cosine similarity of the run's features)."""
@@ -25,7 +27,7 @@ def similar(
     from cnnkit.similarity import similar_images
 
     with user_errors():
-        neighbours = similar_images(run, image, k, engine)
+        neighbours = similar_images(run, image, k, engine, precision)
     if json_output:
         print_json([n.__dict__ for n in neighbours])
         return

@@ -49,6 +49,11 @@ class TrainResult:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list = field(default_factory=list)
     weights_digest: str = ""
+    # What an ensemble plan averages across members (see ExtractResult): a network's held-out evidence is
+    # written into its own run, and an ensemble with a network member scores itself.
+    evaluation: None = None
+    held_out: None = None
+    tried: list = field(default_factory=list)  # a network run searches no candidates
 
 
 def weights_digest(model) -> str:
@@ -175,7 +180,8 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
     from cnnkit.training.datasets import evaluation_batches, training_batches
     from cnnkit.training.loop import LoopContext, Steps, read_history, run_phases
     from cnnkit.training.monitor import diagnose
-    from cnnkit.training.network import build_network, freeze_through, inference_network, probabilities_of
+    from cnnkit.kinds.network import inference_network
+    from cnnkit.training.network import build_network, freeze_through, probabilities_of
     from cnnkit.training.resume import work_folder
     from cnnkit.training.sanity import sanity_check
     from cnnkit.training.save import TrainingOutcome, save_training_run

@@ -265,7 +265,8 @@ def run_phases(ctx: LoopContext, resume=None, report: Callable[[dict], None] | N
     from cnnkit.training.callbacks import TimeLimit
     from cnnkit.training.callbacks import restore_optimizer
     from cnnkit.training.monitor import UpdateRatioMonitor
-    from cnnkit.training.network import backbone_of, freeze_through, inference_network, probabilities_of, stage_groups
+    from cnnkit.kinds.network import inference_network
+    from cnnkit.training.network import backbone_of, freeze_through, probabilities_of, stage_groups
     from cnnkit.training.schedule import LearningRatePolicy
 
     say = say or (lambda message: None)

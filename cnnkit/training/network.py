@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from cnnkit.backbones import BackboneSpec
+from cnnkit.kinds.network import BACKBONE_LAYER, CLASSIFIER_LAYER, FEATURE_LAYER
 from cnnkit.training.augment import Augmentation
-
-# The pooled layer before the classifier: the retrieval embedding of `similar`,
-# recorded in the run's manifest (``NetworkModel.feature_layer``).
-FEATURE_LAYER = "features"
-BACKBONE_LAYER = "backbone"
 
 
 def build_network(spec: BackboneSpec, num_classes: int, weights, image_size: int, dropout: float,
@@ -33,52 +29,13 @@ def build_network(spec: BackboneSpec, num_classes: int, weights, image_size: int
     x = keras.layers.GlobalAveragePooling2D(name=FEATURE_LAYER)(x)
     if dropout:
         x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions",
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name=CLASSIFIER_LAYER,
                                  dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"{spec.name}_classifier")
 
 
-def inference_network(model, flip: bool = False, feature_layer: str = FEATURE_LAYER):
-    """The trained network as a run predicts with it: raw pixels -> ``{"probabilities", "features"}``.
-
-    With ``flip`` (``--flip``, recorded as ``NetworkModel.flip``) the pooled
-    features are averaged with the mirror image's before the classifier; the
-    classifier is linear before its softmax, so that averages the two views'
-    logits. Augmentation and dropout are the identity at inference and are
-    left out of that graph. Without ``flip`` the model's own graph, whatever
-    its layout.
-
-    Raises:
-        ValueError: the model has no layer ``feature_layer`` (or, with
-            ``flip``, no backbone or classifier layer of cnnkit's layout).
-    """
-    import keras
-
-    features = model.get_layer(feature_layer)
-    if not flip:
-        return keras.Model(model.input, {"probabilities": model.output, "features": features.output})
-    backbone, classifier = model.get_layer(BACKBONE_LAYER), model.get_layer("predictions")
-    inputs = keras.Input(model.input.shape[1:], name="image")
-    pooled = pooled_features(backbone, features, inputs, flip=True)
-    return keras.Model(inputs, {"probabilities": classifier(pooled), "features": pooled})
-
-
-def pooled_features(backbone, pool, images, flip: bool):
-    """The pooled features a run's classifier reads: with ``flip``, averaged with the mirror image's.
-
-    The one definition of ``NetworkModel.flip``, for ``inference_network`` and
-    the exported graph (``cnnkit.export``) alike.
-    """
-    from keras import ops
-
-    pooled = pool(backbone(images, training=False))
-    if flip:
-        pooled = (pooled + pool(backbone(ops.flip(images, axis=2), training=False))) / 2.0
-    return pooled
-
-
 def probabilities_of(predictor):
-    """The ``probabilities`` output of an ``inference_network`` alone, as a model of one output."""
+    """The ``probabilities`` output of an ``inference_network`` (``cnnkit.kinds.network``) alone, as a model."""
     import keras
 
     return keras.Model(predictor.input, predictor.output["probabilities"])

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.runs import Attachment, NetworkModel, RunManifest, data_summary, write_run
+from cnnkit.kinds.network import BACKBONE_LAYER, FEATURE_LAYER, NetworkModel
+from cnnkit.runs import Attachment, RunManifest, data_summary, write_run
 
 
 @dataclass
@@ -33,7 +34,7 @@ def training_features(predictor, samples, image_size: int, batch_size: int):
     import keras
 
     from cnnkit.data import ImageStream
-    from cnnkit.features import inference_fn
+    from cnnkit.engines import inference_fn
 
     features_fn = inference_fn(keras.Model(predictor.input, predictor.output["features"]))
     stream = ImageStream([s.path for s in samples], image_size)
@@ -54,7 +55,7 @@ def save_training_run(out: Path, outcome: TrainingOutcome, spec, options, datase
     skipped = skipped if isinstance(skipped, int) else len(skipped_files)
     from cnnkit.options import command_line
     from cnnkit.similarity import write_index
-    from cnnkit.training.network import BACKBONE_LAYER, FEATURE_LAYER, probabilities_of
+    from cnnkit.training.network import probabilities_of
     from cnnkit.training.plots import plot_first_layer_filters, plot_history, plot_update_ratios
 
     model = outcome.model
@@ -101,8 +102,8 @@ def held_out_evaluation(model, samples, class_names, image_size: int, batch_size
     if not samples:
         return None
     from cnnkit.data import ImageStream
+    from cnnkit.engines import inference_fn
     from cnnkit.evaluation import Evaluation
-    from cnnkit.features import inference_fn
 
     predict = inference_fn(model)
     stream = ImageStream([s.path for s in samples], image_size)
