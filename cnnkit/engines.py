@@ -120,11 +120,24 @@ def check_engine(engine: Engine | str, precision: Precision | str = Precision.fl
     return engine
 
 
+class _Inference:
+    """A model's inference call. An object rather than a closure: TensorFlow counts traces per Python
+    function's code, so every model's closure would share one count and a job that runs several models
+    (auto's probes, members, measurements) would read as one function retracing."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, images):
+        return self.model(images, training=False)
+
+
 def inference_fn(model):
-    """``model`` as one traced function that accepts any batch size without retracing."""
+    """``model`` as a function traced once, for raw ``uint8`` batches of any size (``None`` batch dimension)."""
     import tensorflow as tf
 
-    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    spec = tf.TensorSpec((None, *model.input.shape[1:]), tf.uint8, name="image")
+    return tf.function(_Inference(model), input_signature=[spec])
 
 
 class TensorFlowRunner:

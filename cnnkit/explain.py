@@ -63,7 +63,7 @@ class ImageNetExplainer(Explainer):
         maps = feature_map_layer(spec, model, spec.stage_key(self.layer))
         last = model.layers[-1]
         inner = keras.Model(model.input, [maps.output, last.input])
-        self._forward = lambda x: (lambda a, b: ([(a, False)], class_scores(last, b)))(*inner(x, training=False))
+        self._forward = lambda x: (lambda a, b: ([(a, 0, False)], class_scores(last, b)))(*inner(x, training=False))
         self.class_names = imagenet_class_names()
         self.image_size, self.crop_pct = spec.input_size, spec.crop_pct
 

@@ -139,6 +139,18 @@ def stage_grid(spec: BackboneSpec, stage: str, grid: int) -> int:
     return 1 if stage == stages[-1] else grid
 
 
+def mirror(images, axis: int = 2):
+    """Keras ops: ``images`` reversed along ``axis`` (2: left-right for NHWC images, as ``numpy.flip``).
+
+    A gather with constant indices rather than ``ops.flip``: ONNX has no reverse op, and the
+    ``ReverseSequence`` with transposes that ``ops.flip`` converts to made the ONNX engines 20 %
+    slower on flip-averaged features (docs/engines.md).
+    """
+    from keras import ops
+
+    return ops.take(images, np.arange(images.shape[axis] - 1, -1, -1), axis=axis)
+
+
 def unmirror(features, grid: int):
     """Grid-pooled features of a mirror image (Keras ops), each region moved back to where it is in the image.
 
@@ -151,30 +163,40 @@ def unmirror(features, grid: int):
         return features
     channels = features.shape[-1] // (grid * grid)
     cells = ops.reshape(features, (-1, grid, grid, channels))
-    return ops.reshape(ops.flip(cells, axis=2), (-1, grid * grid * channels))
+    return ops.reshape(mirror(cells, 2), (-1, grid * grid * channels))
 
 
-def mirror_average(view, images, flip: bool):
+def mirror_average(view, images, flip: bool, unmirror_pooled=None):
     """The mirror average (``--flip``) of pooled features, as Keras ops: its one definition.
 
-    ``view(images, mirrored)`` returns ``(pooled, extra)``: pooled features (a tensor or a dict
-    of them) of the images, or of their mirror images with every region put back in place
-    (``unmirror``), and anything else the caller wants of each view (Grad-CAM's feature maps).
-    With ``flip`` the pooled features of the image and of its mirror image are averaged: a
-    linear classifier on them then averages the two views' logits. Feature heads and networks
-    alike, in every engine, export and explanation.
+    ``view(batch)`` returns ``(pooled, maps)``: the pooled features of a batch (a tensor or a
+    dict of them) and anything else the caller wants of it (Grad-CAM's feature maps, a dict).
+    With ``flip`` the images and their mirror images go through ``view`` as one batch twice as
+    long (one backbone in the graph: what the engines run fastest), the mirror images' pooled
+    features are put back in place by ``unmirror_pooled`` (grid regions, ``unmirror``) and
+    averaged with the images' own: a linear classifier on them then averages the two views'
+    logits. Feature heads and networks alike, in every engine, export and explanation.
 
     Returns:
-        (pooled, [extra of each view, the mirror image's second]).
+        (pooled, views): ``views`` is ``[(maps, row offset, mirrored)]``, one per view: that
+        view of image ``i`` is row ``offset + i`` of the returned ``maps``.
     """
-    import keras
     from keras import ops
 
-    pooled, extra = view(images, False)
     if not flip:
-        return pooled, [extra]
-    mirrored, mirror_extra = view(ops.flip(images, axis=2), True)
-    return keras.tree.map_structure(lambda a, b: (a + b) / 2.0, pooled, mirrored), [extra, mirror_extra]
+        pooled, maps = view(images)
+        return pooled, [(maps, 0, False)]
+    pooled, maps = view(ops.concatenate([images, mirror(images)], axis=0))
+    if isinstance(pooled, dict):
+        halves = {name: ops.split(value, 2, axis=0) for name, value in pooled.items()}
+        own, mirrored = ({name: pair[i] for name, pair in halves.items()} for i in (0, 1))
+    else:
+        own, mirrored = ops.split(pooled, 2, axis=0)
+    if unmirror_pooled is not None:
+        mirrored = unmirror_pooled(mirrored)
+    averaged = ({name: (own[name] + mirrored[name]) / 2.0 for name in own} if isinstance(own, dict)
+                else (own + mirrored) / 2.0)
+    return averaged, [(maps, 0, False), (maps, ops.shape(images)[0], True)]
 
 
 def stage_maps(spec: BackboneSpec, weights: str | None, image_size: int, stages: Sequence[str]):
@@ -197,18 +219,17 @@ def pooled_stages(maps_model, images, grids: dict[str, int], pool: Pool | str, f
         keep: stages whose feature maps to return too (Grad-CAM's).
 
     Returns:
-        ({stage: pooled}, [({stage in keep: map}, mirrored) of each view]).
+        ({stage: pooled}, views): ``views`` as ``mirror_average`` returns them, with {stage in keep: map}.
     """
     from keras import ops
 
-    def view(x, mirrored: bool):
+    def view(x):
         maps = maps_model(x, training=False)
         pooled = {s: grid_pool(ops.cast(maps[s], "float32"), grid, pool) for s, grid in grids.items()}
-        if mirrored:
-            pooled = {s: unmirror(p, grids[s]) for s, p in pooled.items()}
-        return pooled, ({s: maps[s] for s in keep}, mirrored)
+        return pooled, {s: maps[s] for s in keep}
 
-    return mirror_average(view, ops.cast(images, "float32"), flip)
+    return mirror_average(view, ops.cast(images, "float32"), flip,
+                          lambda pooled: {s: unmirror(p, grids[s]) for s, p in pooled.items()})
 
 
 def file_hash(path: Path) -> str:

@@ -62,14 +62,15 @@ class Explainer:
         raise NotImplementedError
 
 
-# float32 images -> ([(feature map, mirrored)], class scores before the softmax)
+# float32 images -> ([(feature maps, row, mirrored)], class scores before the softmax)
 Forward = Callable
 
 
 def grad_cam(forward: Forward, image: np.ndarray, class_index: int | None) -> ModelView:
     """Grad-CAM of one raw ``uint8`` image through ``forward``.
 
-    A map of a mirrored view (``mirrored``) is flipped back before the views' maps are summed.
+    Each view of the image is one ``row`` of a feature-map tensor (the mirror image's is flipped
+    back, ``mirrored``) before the views' maps are summed.
     """
     import tensorflow as tf
 
@@ -84,11 +85,11 @@ def grad_cam(forward: Forward, image: np.ndarray, class_index: int | None) -> Mo
         if class_index is None:
             class_index = int(np.argmax(probabilities))
         target = logits[0, class_index]
-    gradients = tape.gradient(target, [m for m, _ in maps])
+    gradients = tape.gradient(target, [m for m, _, _ in maps])
     heat = None
-    for (feature_map, mirrored), gradient in zip(maps, gradients):
-        feature_map = tf.cast(feature_map, tf.float32)[0]
-        gradient = tf.zeros_like(feature_map) if gradient is None else tf.cast(gradient, tf.float32)[0]
+    for (feature_map, row, mirrored), gradient in zip(maps, gradients):
+        feature_map = tf.cast(feature_map, tf.float32)[row]
+        gradient = tf.zeros_like(feature_map) if gradient is None else tf.cast(gradient, tf.float32)[row]
         weights = tf.reduce_mean(gradient, axis=(0, 1))
         cam = tf.reduce_sum(feature_map * weights, axis=-1).numpy()
         cam = cam[:, ::-1] if mirrored else cam

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 from typing import Annotated
@@ -49,21 +50,42 @@ TTAOption = Annotated[bool, typer.Option(
     "itself: 6 views); up to 12x slower.")]
 
 
-def quiet_tensorflow() -> None:
-    """Keep TensorFlow's C++ start-up chatter off the terminal, whenever it is imported.
+def quiet_output() -> None:
+    """Keep the libraries' log lines and warnings off the terminal; cnnkit's own notes print as one line each.
 
-    TensorFlow logs oneDNN and CPU-feature notices from C++ before its log
-    level applies, so the process's stderr is pointed at a temporary file
-    while it is imported; the file is replayed only if the import fails.
-    Nothing is imported here: a hook on the import system does this the
-    moment something first imports TensorFlow, so a command that never needs
-    it (a cached rerun, another engine) never pays its start-up time.
+    - TensorFlow logs oneDNN and CPU-feature notices from C++ while it is imported, before its
+      log level applies, so the process's stderr is pointed at a temporary file while it is
+      imported (replayed only if the import fails); later C++ lines (``failed call to cuInit``
+      on a machine with an NVIDIA driver and no usable GPU) are held back by
+      ``TF_CPP_MIN_LOG_LEVEL=3`` unless the user set it; its Python logger keeps errors only.
+      Nothing is imported here: a hook on the import system does this the moment something
+      first imports TensorFlow, so a command that never needs it never pays its start-up time.
+    - Python warnings of the libraries go to the ``py.warnings`` logger, which prints nothing
+      unless ``CNNKIT_DEBUG`` is set.
+    - The ``cnnkit`` logger (an engine's fallback, ``cnnkit.engines.note``) prints ``note: ...``.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    debug = bool(os.environ.get("CNNKIT_DEBUG"))
+    logging.captureWarnings(not debug)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.propagate = debug
+    if not warnings_log.handlers:
+        warnings_log.addHandler(logging.NullHandler())
+    notes = logging.getLogger("cnnkit")
+    if not any(isinstance(h, _NoteHandler) for h in notes.handlers):
+        notes.addHandler(_NoteHandler())
+        notes.propagate = False
     if "tensorflow" in sys.modules or any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _QuietTensorFlowFinder())
+
+
+class _NoteHandler(logging.Handler):
+    """Prints each record of the ``cnnkit`` logger as one yellow ``note:`` line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"[yellow]note:[/yellow] {escape(record.getMessage())}", soft_wrap=True)
 
 
 class _QuietTensorFlowFinder:
@@ -96,6 +118,8 @@ class _QuietLoader:
             os.dup2(captured.fileno(), 2)
             try:
                 self.loader.exec_module(module)
+                if not os.environ.get("CNNKIT_DEBUG"):
+                    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing, deprecation notices
             except BaseException:
                 os.dup2(saved, 2)
                 captured.seek(0)

@@ -11,7 +11,7 @@ from rich.markup import escape
 from cnnkit.options import Engine
 
 from cnnkit.cli._common import (DEFAULT, BackboneOption, EngineOption, JsonOption, QuietOption, console, err_console,
-                                print_json, progress_line, quiet_tensorflow, user_errors)
+                                print_json, progress_line, quiet_output, user_errors)
 
 Data = Annotated[Path, typer.Argument(help="Folder of class subfolders (optionally train/ val/ test/), or a CSV of path,label.", show_default=False)]
 LittleData = Annotated[int | None, typer.Option(help="Override: images per class below which data is 'little'.")]
@@ -70,7 +70,7 @@ def advise(
     json_output: JsonOption = False,
 ) -> None:
     """Measure data size and similarity to ImageNet, pick the table's cell, say why and what to run."""
-    quiet_tensorflow()
+    quiet_output()
     from cnnkit.advise import advise as measure
 
     with user_errors():
@@ -96,7 +96,7 @@ def auto(
     quiet: QuietOption = False,
 ) -> None:
     """Advise, run the chosen strategy, evaluate, and write a report of what was measured, tried and chosen."""
-    quiet_tensorflow()
+    quiet_output()
     from cnnkit.auto import run_auto
 
     def say(message):

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli._common import JsonOption, console, print_json, quiet_tensorflow, user_errors
+from cnnkit.cli._common import JsonOption, console, print_json, quiet_output, user_errors
 
 
 def backbones(
@@ -15,7 +15,7 @@ def backbones(
     json_output: JsonOption = False,
 ) -> None:
     """List the backbones: input size, parameters, stages conv1..conv5 with feature dims, weights."""
-    quiet_tensorflow()
+    quiet_output()
     with user_errors():
         from cnnkit.backbones.describe import describe_backbones
 

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from cnnkit.cli._common import (JsonOption, QuietOption, console, print_json, progress_bar, progress_callback,
-                                quiet_tensorflow, user_errors)
+                                quiet_output, user_errors)
 
 
 def ensemble(
@@ -23,7 +23,7 @@ def ensemble(
 ) -> None:
     """Combine runs into one that averages their class probabilities (members are copied into it)."""
     if data is not None:
-        quiet_tensorflow()
+        quiet_output()
     from cnnkit.ensemble import make_ensemble, parse_weights
 
     with user_errors(), progress_bar(quiet or json_output) as progress:

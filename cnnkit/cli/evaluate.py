@@ -12,7 +12,7 @@ from cnnkit.choices import Choice
 from cnnkit.options import Engine, Precision
 from cnnkit.cli._common import (BatchSizeOption, EngineOption, JsonOption, PrecisionOption, QuietOption, console,
                                 print_json,
-                                progress_bar, progress_callback, quiet_tensorflow, report_skipped,
+                                progress_bar, progress_callback, quiet_output, report_skipped,
                                 TTAOption, user_errors)
 
 
@@ -35,7 +35,7 @@ def evaluate(
     quiet: QuietOption = False,
 ) -> None:
     """Score a trained run on labelled images and write the confusion matrix."""
-    quiet_tensorflow()
+    quiet_output()
     from cnnkit.evaluation import evaluate_run
     from cnnkit.reporting import write_evaluation_report
     from cnnkit.runs import load_run

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from cnnkit.choices import Choice
 from cnnkit.cli._common import (DEFAULT, BackboneOption, JsonOption, QuietOption, console, print_json,
-                                progress_bar, progress_callback, quiet_tensorflow, report_skipped, user_errors,
+                                progress_bar, progress_callback, quiet_output, report_skipped, user_errors,
                                 warn)
 
 
@@ -37,7 +37,7 @@ def explain(
     quiet: QuietOption = False,
 ) -> None:
     """Show where the model looks: a Grad-CAM heat map per image (occlusion for k-NN and RBF-SVM heads)."""
-    quiet_tensorflow()
+    quiet_output()
     from cnnkit.explain import explain as run_explain
 
     with user_errors(), progress_bar(quiet or json_output) as progress:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cnnkit.cli._common import JsonOption, console, err_console, print_json, quiet_tensorflow, user_errors
+from cnnkit.cli._common import JsonOption, console, err_console, print_json, quiet_output, user_errors
 from cnnkit.options import ExportFormat, Quantize
 
 
@@ -24,7 +24,7 @@ def export(
     json_output: JsonOption = False,
 ) -> None:
     """Write a run as SavedModel, TFLite or ONNX: raw uint8 RGB in, class probabilities out, checked against the run."""
-    quiet_tensorflow()
+    quiet_output()
     from cnnkit.export import ExportCheckError, export_run
 
     with user_errors():

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, EngineOption, JsonOption, PrecisionOption,
                                 QuietOption, console,
-                                print_json, progress_bar, progress_callback, progress_line, quiet_tensorflow,
+                                print_json, progress_bar, progress_callback, progress_line, quiet_output,
                                 report_skipped, user_errors)
 from cnnkit.options import MAX_GRID, MAX_IMAGE_SIZE, ExtractOptions, Head, Pool
 
@@ -45,7 +45,7 @@ def extract(
     quiet: QuietOption = False,
 ) -> None:
     """Use a pretrained CNN as a fixed feature extractor and fit a classical head on its features."""
-    quiet_tensorflow()
+    quiet_output()
     from cnnkit.extraction import run_extract
 
     with user_errors(), progress_bar(quiet or json_output) as progress:

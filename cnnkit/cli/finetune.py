@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from cnnkit.cli._common import (Backbone, BackboneOption, JsonOption, QuietOption, console, err_console,
-                                print_json, progress_line, quiet_tensorflow, report_skipped, user_errors)
+                                print_json, progress_line, quiet_output, report_skipped, user_errors)
 from cnnkit.options import FINETUNE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TRAIN, Augment, BatchNorm, Device, Freeze, Optimizer, Schedule, TrainOptions
 
 Epochs = Annotated[int, typer.Option(min=1, help="Epochs of the main phase.")]
@@ -43,7 +43,7 @@ Data = Annotated[Path, typer.Argument(help="Folder of class subfolders (optional
 
 
 def _run(data, options, out, force, resume, json_output, quiet):
-    quiet_tensorflow()
+    quiet_output()
     from cnnkit.training import run_training
 
     if resume is not None:

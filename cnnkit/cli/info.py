@@ -6,7 +6,7 @@ import platform
 
 from rich.markup import escape
 
-from cnnkit.cli._common import JsonOption, console, print_json, quiet_tensorflow, user_errors
+from cnnkit.cli._common import JsonOption, console, print_json, quiet_output, user_errors
 
 
 def _version(package: str) -> str:
@@ -20,7 +20,7 @@ def _version(package: str) -> str:
 
 def collect_info() -> dict:
     """Everything `cnnkit info` reports, as plain data."""
-    quiet_tensorflow()
+    quiet_output()
     import tensorflow as tf
 
     from cnnkit import __version__

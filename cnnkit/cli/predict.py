@@ -12,7 +12,7 @@ from cnnkit.options import Engine, Precision
 
 from cnnkit.cli._common import (DEFAULT, BackboneOption, BatchSizeOption, EngineOption, JsonOption, PrecisionOption,
                                 QuietOption, console,
-                                print_json, progress_bar, progress_callback, quiet_tensorflow,
+                                print_json, progress_bar, progress_callback, quiet_output,
                                 report_skipped, TTAOption, user_errors, warn)
 
 
@@ -30,7 +30,7 @@ def predict(
     quiet: QuietOption = False,
 ) -> None:
     """Name what is in each image: the backbone's own ImageNet classifier, or a trained --model."""
-    quiet_tensorflow()
+    quiet_output()
     with user_errors(), progress_bar(quiet or json_output) as progress:
         update = progress_callback(progress, "predicting")
         from cnnkit.predict import predict_imagenet, predict_run

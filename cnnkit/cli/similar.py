@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from cnnkit.options import Engine, Precision
 
-from cnnkit.cli._common import (EngineOption, JsonOption, PrecisionOption, console, print_json, quiet_tensorflow,
+from cnnkit.cli._common import (EngineOption, JsonOption, PrecisionOption, console, print_json, quiet_output,
                                 user_errors)
 
 
@@ -23,7 +23,7 @@ def similar(
     json_output: JsonOption = False,
 ) -> None:
     """List the training images most similar to IMAGE (cosine similarity of the run's features)."""
-    quiet_tensorflow()
+    quiet_output()
     from cnnkit.similarity import similar_images
 
     with user_errors():

@@ -145,7 +145,7 @@ class FeatureHeadKind(Kind):
         features = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
         graph = head_graph(head, features, name=f"head{tag}")
         return Forward(graph.probabilities, graph.scores, features,
-                       [(kept[target[0]], mirrored) for kept, mirrored in views] if target else [])
+                       [(maps[target[0]], row, mirrored) for maps, row, mirrored in views] if target else [])
 
     def explainer(self, run, layer=None, batch_size=32):
         from cnnkit.saliency import OcclusionExplainer

@@ -41,7 +41,8 @@ class Forward:
         scores: (n, classes) the class scores before the last squashing (logits), which Grad-CAM
             differentiates; ``None`` where there are none (a k-NN head).
         features: (n, dims) the retrieval embedding before the classifier, where the graph has one.
-        maps: the feature maps of the stage asked for, one ``(map, mirrored)`` per view.
+        maps: the feature maps of the stage asked for, one ``(maps, row offset, mirrored)`` per view: that
+            view of image ``i`` is row ``offset + i`` of ``maps`` (``cnnkit.features.mirror_average``).
     """
 
     probabilities: Any
@@ -111,16 +112,16 @@ class Kind:
         layer = spec.check_stage(layer)
         inputs = keras.Input((run.image_size, run.image_size, 3), name="image")
         found = self.forward(run, inputs, stage=layer)
-        if found.scores is None or any(len(m.shape) != 4 for m, _ in found.maps):
+        if found.scores is None or any(len(m.shape) != 4 for m, _, _ in found.maps):
             choices = [s for s in spec.layer_choices if s not in ("top", "conv5")]
             raise CnnkitError(f"--layer {layer}: {spec.name}'s last stage is not a feature map here; "
                               f"choose from {', '.join(choices)}")
-        model = keras.Model(inputs, [found.scores, *[m for m, _ in found.maps]])
-        mirrored = [flag for _, flag in found.maps]
+        model = keras.Model(inputs, [found.scores, found.maps[0][0]])  # every view's maps are rows of one tensor
+        views = [(i, mirrored) for i, (_, _, mirrored) in enumerate(found.maps)]  # one image: view i is row i
 
         def forward(x):
-            scores, *maps = model(x, training=False)
-            return list(zip(maps, mirrored)), scores
+            scores, maps = model(x, training=False)
+            return [(maps, row, mirrored) for row, mirrored in views], scores
 
         return GradCamExplainer(forward, run.class_names, run.image_size, run.crop_pct, layer)
 

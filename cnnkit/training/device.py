@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cnnkit.errors import CnnkitError
 from cnnkit.options import Device
@@ -45,6 +45,7 @@ class DeviceSetup:
     workers: int = 1
     task: str = ""
     chief: bool = True
+    _sum: object = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def replicas(self) -> int:
@@ -90,9 +91,15 @@ class DeviceSetup:
     def _total(self, local: int) -> int:
         import tensorflow as tf
 
+        if self._sum is None:
+            # One traced all-reduce per setup: run eagerly, a collective strategy warns of its overhead and
+            # builds the reduction again at every call.
+            def total(value):
+                return self.strategy.reduce("sum", self.strategy.run(lambda: tf.identity(value)), axis=None)
+
+            self._sum = tf.function(total, input_signature=[tf.TensorSpec((), tf.int64)])
         # Summed over replicas: each worker's devices all hold its value.
-        summed = self.strategy.reduce("sum", self.strategy.run(lambda: tf.constant(local, tf.int64)), axis=None)
-        return int(summed) // (self.replicas // self.workers)
+        return int(self._sum(tf.constant(local, tf.int64))) // (self.replicas // self.workers)
 
 
 @dataclass(frozen=True)
