@@ -1,7 +1,7 @@
 """Benchmark: fine-tuning's BatchNorm handling and rate on Fashion-MNIST subsets (issue 14, item 2).
 
 The same random training subsets and test images as ``bench/quality_fewshot.py``
-(``bench/fewshot_explore/prep.py`` layout: ROOT/s{seed}/n{per_class}/train,
+(``bench/fewshot_explore/prep.py at 93d781a`` layout: ROOT/s{seed}/n{per_class}/train,
 ROOT/test), one `cnnkit finetune` run per variant and subset, test accuracy and
 wall time, and the logistic head on conv4+top features (the little-data plan)
 on the same images as the baseline.

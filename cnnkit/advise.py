@@ -36,93 +36,38 @@ from cnnkit.errors import CnnkitError
 from cnnkit.options import FINETUNE
 from cnnkit.plan import Plan, Strategy
 
-# The stages the little-data strategies fit their logistic head on. Fixed,
-# not chosen by cross-validation: on 10-100 images per class the CV choice
-# among stage sets is noise (it picked conv4 alone, 0.73 on test, where
-# conv4+top gives 0.79), while conv4+top was best or level-best on every
-# random Fashion-MNIST subset measured and top alone best on natural photos
-# (docs/quality.md). C and the PCA size by CV on top of that; one linear
-# head, so a run exports as one graph.
+# Each constant's measurements and the experiments behind it: docs/advise.md, "The plans' constants".
+# The stages of the little-data plans' one logistic head: fixed, since a CV choice among stage sets on
+# 10-100 images per class is noise.
 LINEAR_LAYERS = {Strategy.linear_top: "top", Strategy.linear_stages: "conv4,top"}
-# No PCA in the little-data plans: choosing its size by CV on 100 images is noise. On three
-# Fashion-MNIST subsets (conv4+top, flip, logreg; bench/fewshot_explore), PCA chosen by CV gave
-# 0.783 +- 0.016 at 10 per class against 0.792 +- 0.010 without, and 0.862 against 0.863 at 100,
-# at three times the search time.
-# Flip-averaged features: +0.3 to +0.9 point on Fashion-MNIST subsets, level
-# on photo crops (docs/quality.md), for twice the forward passes.
+# Flip-averaged features: +0.3 to +0.9 point on Fashion-MNIST subsets, for twice the forward passes.
 LINEAR_FLIP = {Strategy.linear_top: False, Strategy.linear_stages: True}
-# conv4 pooled over 3 x 3 regions instead of the whole map (`--grid 3`; top stays global) in the
-# linear-stages plan: on a domain unlike ImageNet's the intermediate stage is there for its
-# patterns, and where they are is part of what it tells. On three Fashion-MNIST subsets
-# (bench/fewshot_explore/members.py, 2,000 test images), at 10 / 100 per class: Lite0 alone 0.787 /
-# 0.865 whole-map, 0.812 / 0.880 with the grid; the three-backbone ensemble 0.806 / 0.876 and
-# 0.817 / 0.889 (better on every subset). Linear-top uses top alone, which the grid leaves as it is.
+# conv4 over 3 x 3 regions in the linear-stages plan: where a pattern is, is part of what it tells.
 LINEAR_GRID = {Strategy.linear_top: 1, Strategy.linear_stages: 3}
-# Little data on the default backbone: the same logistic head on EfficientNet-Lite1's (different
-# domain only, below) and Lite2's features too (at the first member's input size, the same stages, no flip), the heads' probabilities
-# averaged in an ensemble run, with as many of these partners, in this order, as the budget has room
-# for. On three random Fashion-MNIST subsets (2,000 test images, conv4+top, C=0.1;
-# bench/fewshot_explore/members.py), at 10 / 100 per class: Lite0 alone (flip) 0.787 / 0.865, Lite1
-# alone 0.774 / 0.863, Lite2 alone 0.788 / 0.851; Lite0 + Lite1 0.791 / 0.875, Lite0 + Lite2 0.802 /
-# 0.871, all three 0.806 / 0.876 (better than either pair on every subset at 100 per class; flipping
-# the partners too, for twice their passes, 0.810 / 0.877). Costs in Lite0 forward passes at 224 px,
-# model only, batch 32: Lite1 1.14 / 1.29 and Lite2 1.26 / 1.41 (OpenVINO / ONNX Runtime, 2 cores),
-# rounded up here for the decoding each member does again. Lite1 only for a domain unlike ImageNet's
-# (linear-stages): on crops of natural photos (`quality_fewshot.py --photos`, 10 and 30 per class,
-# three subsets) it cost 2.0-2.4 points on every linear-top cell (0.897 -> 0.873, 0.827 -> 0.807,
-# 0.893 -> 0.873) and was level on the linear-stages ones (-0.3, +1.0, -1.7).
-# Every head of that ensemble uses C = ENSEMBLE_HEAD_C instead of a CV choice: averaging CV-tuned
-# heads gained only 0.3 / 0.2 points through `auto` (0.794 / 0.865), because the CV choice of C on
-# 100-1,000 images is noise (it ranged from 0.01 to 10 across the subsets, like the PCA size above);
-# with C = 0.1, 0.795 / 0.870 against 0.791 / 0.863 for the one-head plan (bench/quality_fewshot.py), and
-# 0.802 / 0.871 with Lite2 at Lite0's 224 px instead of its own 260 (cheaper, and the ensemble exports).
+# The backbones averaged with the default one in little-data plans, as the budget has room for them
+# (costs in its forward passes), each head with a fixed C: CV-tuned heads gained less.
 PARTNER_BACKBONES = {"efficientnet_lite0": {Strategy.linear_stages: ("efficientnet_lite1", "efficientnet_lite2"),
                                              Strategy.linear_top: ("efficientnet_lite2",)}}
 PARTNER_COST_IN_FORWARD_PASSES = {"efficientnet_lite1": 1.5, "efficientnet_lite2": 2.0}
 ENSEMBLE_HEAD_C = 0.1
 # Images the domain-shift and ImageNet-confidence signals are measured on.
 SIGNAL_IMAGES = 64
-# Training a few stages costs about eight forward passes per image, as advise measures them: on two
-# CPU cores fine-tuning above conv2 trained 35-43 images/s in its head epochs and 28 in its
-# fine-tuning epoch (1,000 Fashion-MNIST images per class), and advise measures 189-281 forward
-# passes/s on Fashion-MNIST since its timing leaves out the first batch (the engine's one-off
-# making). Timed with it, advise had read 90/s, and this was 3.0: the decisions stay as measured
-# (features at 300 and 1,000 per class in 10 minutes, fine-tuning at 300 in an hour).
+# Training a few stages costs about eight forward passes per image, as advise times them.
 FINETUNE_COST_IN_FORWARD_PASSES = 8.0
-# Fine-tuning is planned only when the budget has room for this many epochs after the head
-# epochs, at the speed advise measured; otherwise the little-data plan (features) runs instead.
-# Five is where fine-tuning above conv2 drew level with features at 300 Fashion-MNIST images per
-# class (0.883 against 0.884, 2 head + 5 epochs, docs/quality.md); at 1,000 per class a 10-minute
-# budget on two CPU cores fits less than one epoch after the head epochs: fine-tuning above conv2
-# forced into it reached 0.874 in 14.5 minutes, the feature plan 0.923 in 3.4 (docs/quality.md).
+# Fine-tuning is planned only when this many epochs fit the budget after the head epochs.
 FINETUNE_MIN_EPOCHS = 5
-# Input sizes for images smaller than the backbone's input, measured by bench/image_size.py
-# (docs/advise.md, "Image size"): EfficientNet-Lite0 conv4+top features of 28 px Fashion-MNIST,
-# test accuracy (mean of the 10- and 100-per-class cells over three subsets) and the feature
-# stage's speed against 224 px. A plan takes the fastest size within IMAGE_SIZE_MARGIN of the
-# most accurate one.
+# A plan's input size for small images: the fastest measured size (accuracy, speed against 224 px)
+# within IMAGE_SIZE_MARGIN of the most accurate.
 IMAGE_SIZE_MARGIN = 0.01
 SMALL_IMAGE_SIZES = {224: (0.825, 1.0), 160: (0.8125, 1.1), 128: (0.7985, 1.6), 96: (0.789, 2.6)}
-# The most epochs a from-scratch plan may train: its --time-limit, not this, ends it on a
-# big dataset (Fashion-MNIST: about 90 s an epoch on two cores, so ~35 epochs in an hour).
+# The most epochs a from-scratch plan may train: its --time-limit ends it on a big dataset.
 SCRATCH_MAX_EPOCHS = 100
-# Beside a from-scratch network, a logistic head on the default backbone's features of the same
-# images (conv4 over a 3 x 3 grid + top, 128 px, no flip, C = 0.1, 10 % held out, 2 CV folds only
-# to report), the two runs' probabilities averaged with weights SCRATCH_WEIGHTS (network, features)
-# in an ensemble run: a network trained on these images and an ImageNet backbone err on different
-# ones. Full Fashion-MNIST, 10,000 test images (bench/scratch_partner.py): the stop-21 network
-# (0.9394) with such a head fitted on 54,000 images (0.915; ~4.5 minutes on two cores) 0.944 at a
-# features' share of 0.3, 0.9435 at 0.25 and 0.35, 0.935 at 0.5 (the label-smoothed network is
-# less confident than the logistic head, which dominates an equal average); with a head fitted on
-# 9,000 images (0.904) 0.943 too. At 224 px with flip the head was 0.911 on 9,000 images and the
-# pair 0.943 as well, at 2.4 times the forward passes' cost of 128 px without flip. Through
-# `auto --budget 60`: network 0.939 (28 epochs), head 0.915, ensemble 0.943 in 56 minutes.
+# Beside a from-scratch network, a logistic head on the default backbone's features, averaged 2:1:
+# the two err on different images.
 SCRATCH_PARTNER = {"layers": "conv4,top", "grid": 3, "flip": False, "image_size": 128, "head_param": 0.1,
                    "pca": None, "val_split": 0.1, "cv": 2}
 SCRATCH_WEIGHTS = [2.0, 1.0]
-# The partner is planned when its estimated time (its forward passes over the training and test
-# images, the ensemble's pass over the test images, and fitting the head) is at most this share of
-# the training time: with less, the epochs it takes from the network cost more than it adds.
+# The partner is planned when its estimated time is at most this share of the training time.
 SCRATCH_PARTNER_MAX_SHARE = 0.25
 # Fitting the partner's head, seconds per training image: 78 s for 54,000 on two CPU cores.
 SCRATCH_PARTNER_FIT_SECONDS = 0.0015
@@ -491,14 +436,12 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
         return Plan(strategy, "ensemble", str(data), members=[Plan(strategy, "train", str(data), network),
                                                               Plan(strategy, "extract", str(data), features)],
                     weights=SCRATCH_WEIGHTS)
-    else:
-        freeze = "conv4" if strategy == Strategy.finetune_few else "conv2"
-        options = preset("finetune", backbone=backbone, freeze=freeze, image_size=image_size, seed=seed)
-        epochs = int(np.clip(finetune_epochs_that_fit(train_images, seconds_left, forward_images_per_s),
-                             1, options.epochs))
-        options = replace(options, epochs=epochs)
-    command = "train" if strategy == Strategy.train_scratch else "finetune"
-    return Plan(strategy, command, str(data), replace(options, time_limit=round(training_seconds / 60, 2)))
+    freeze = "conv4" if strategy == Strategy.finetune_few else "conv2"
+    options = preset("finetune", backbone=backbone, freeze=freeze, image_size=image_size, seed=seed)
+    epochs = int(np.clip(finetune_epochs_that_fit(train_images, seconds_left, forward_images_per_s),
+                         1, options.epochs))
+    return Plan(strategy, "finetune", str(data),
+                replace(options, epochs=epochs, time_limit=round(training_seconds / 60, 2)))
 
 
 def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 20, max_images: int = 400,

@@ -168,25 +168,8 @@ def noisy_int8_tensors(debugger) -> list[str]:
 
     TensorFlow's selective-quantization recipe: the debugger runs each quantized op beside its
     float op on the same input, and ``rmse/scale`` (the RMS difference in units of the output's
-    quantization step) is ~0.29 (1/sqrt(12), rounding alone) for a well-quantized tensor. Those
-    above ``INT8_MAX_RMSE_PER_SCALE`` stay float. Measured on Fashion-MNIST, 1,000 test images,
-    agreement with the float run / file size before int8_weights_for_float_convolutions (float32
-    13.5 MB), EfficientNet-Lite0 (bench/int8_explore/explore.py):
-
-    - conv4+top logreg head: no tensor float 96.7 % / 4.0 MB; > 0.45: 97.0 % / 4.2 MB;
-      > 0.42: 99.0 % / 6.1 MB; > 0.4: 99.2 % / 6.1 MB (18 of 50 tensors); > 0.38: 99.2 % / 7.0 MB;
-    - finetune --freeze conv4: none 94.3 % / 4.0 MB; > 0.45: 95.8 % / 6.3 MB;
-      > 0.42: 99.0 % / 7.8 MB; > 0.4: 98.9 % / 7.9 MB (21 of 50 tensors); > 0.38: 99.3 % / 8.3 MB.
-
-    The 0.4 was chosen on these two runs, which share one backbone (its frozen lower half gives
-    the same statistics in both): a rule fitted to one architecture, not a law; the export's own
-    agreement check still guards other models. The statistics come out the same from 50 or 200
-    images (18 tensors above 0.4 either way). Agreement on held-out *training* images was tried
-    as the stopping rule of a loop instead: it tracks the test agreement for the finetune run but
-    is 100 % at every setting for a feature head, whose head memorises its training features.
-
-    Previously tried without reaching 98 %: float first convolutions, float depthwise
-    convolutions (93.5 %), 1,000 calibration images (93.4 %), int16 activations (95.4 %).
+    quantization step) is ~0.29 (1/sqrt(12), rounding alone) for a well-quantized tensor; those
+    above ``INT8_MAX_RMSE_PER_SCALE`` stay float. Measurements behind the 0.4: docs/int8.md.
     """
     import csv
     import io
@@ -209,23 +192,13 @@ def int8_weights_for_float_convolutions(flatbuffer: bytes,
     """Store the float32 weights of a TFLite model's float convolutions as int8 (weight-only).
 
     Selective int8 quantization (``write_tflite``) keeps the noisiest convolutions in float32, and
-    TFLite's converter then keeps their *weights* float32 too: on EfficientNet-Lite0 those are
-    large 1x1 convolutions, and the file was 0.45-0.58x the float one instead of about 0.3x. The
-    converter has no option for int8 weights under float activations inside a full-int8 model, so
-    this rewrites the flatbuffer the way TFLite's own weight-only quantization lays it out: each
-    such weight tensor becomes int8 with symmetric per-output-channel scales, and a ``DEQUANTIZE``
-    op (version 5: per-channel int8) turns it back into a float32 tensor that the convolution reads.
-    TFLite's ``DEQUANTIZE`` kernel computes a constant input once (on the first run) and keeps the
-    result, so inference runs the same float convolution on weights rounded to 8 bits; activations stay float.
-
-    Convolutions with fewer than ``min_weights`` weights keep float32: they are the network's
-    first layers (stem and early blocks, ~100k weights in all, 0.3 MB), and rounding their weights
-    too cost 1.2-1.4 points of agreement. Measured on Fashion-MNIST, 1,000 test images, agreement
-    with ``cnnkit predict`` / size (float 13.5 MB), EfficientNet-Lite0 (bench/int8_explore/RESULTS.md):
-    conv4+top logreg run 99.2 % / 6.15 MB before, 99.0 % / 4.12 MB with 16,384, 97.8 % / 4.01 MB
-    with every float convolution rewritten; finetune run 99.6 % / 7.50 MB before, 99.1 % / 4.06 MB,
-    97.7 % / 3.95 MB. Fully connected layers (the head, whose folded standardisation gives columns
-    of very different scales) are left alone.
+    TFLite's converter then keeps their *weights* float32 too, which it has no option against. This
+    rewrites the flatbuffer the way TFLite's own weight-only quantization lays it out: each such
+    weight tensor becomes int8 with symmetric per-output-channel scales, and a ``DEQUANTIZE`` op
+    (version 5: per-channel int8) that the interpreter runs once (on its first run) turns it back
+    into the float32 tensor the convolution reads. Convolutions with fewer than ``min_weights``
+    weights (the first layers) keep float32, and fully connected layers are left alone; the
+    measurements behind both: docs/int8.md.
     """
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils

@@ -84,3 +84,52 @@ def test_no_module_uses_another_modules_private_names():
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
                 offences.append(f"{name} uses {node.value.id}.{node.attr}")
     assert not offences, offences
+
+
+# The layers, lowest first: a module may import its own layer and the ones below, never one above.
+# Read from the folders: core, then data and backbones, then what computes features and runs a
+# network (engines, the feature cache, heads and their graphs), the run kinds (cnnkit/kinds/), the run
+# contract (runs), what reads runs (predict, evaluate, explain, export, reports), the strategies that
+# write them (extract, training, ensembles), the plan, advise and auto, and the CLI on top.
+LAYERS = [
+    ("core", ["cnnkit", "cnnkit.errors", "cnnkit.choices", "cnnkit.paths", "cnnkit.reporting.markup"]),
+    ("data and backbones", ["cnnkit.data", "cnnkit.data.*", "cnnkit.backbones", "cnnkit.backbones.*",
+                            "cnnkit.options"]),
+    ("features and engines", ["cnnkit.engines", "cnnkit.convert", "cnnkit.features", "cnnkit.heads",
+                              "cnnkit.head_graph", "cnnkit.classifier", "cnnkit.saliency", "cnnkit.tta"]),
+    ("kinds", ["cnnkit.kinds", "cnnkit.kinds.*"]),
+    ("runs", ["cnnkit.runs"]),
+    ("readers of runs", ["cnnkit.evaluation", "cnnkit.predict", "cnnkit.similarity", "cnnkit.explain",
+                         "cnnkit.export", "cnnkit.reporting", "cnnkit.reporting.evidence", "cnnkit.reporting.html"]),
+    ("strategies", ["cnnkit.extraction", "cnnkit.ensemble", "cnnkit.training", "cnnkit.training.*"]),
+    ("plan", ["cnnkit.plan"]),
+    ("advise and auto", ["cnnkit.advise", "cnnkit.auto"]),
+    ("cli", ["cnnkit.cli", "cnnkit.cli.*", "cnnkit.__main__"]),
+]
+
+
+def _layer(module: str) -> int:
+    import fnmatch
+
+    found = [i for i, (_, patterns) in enumerate(LAYERS) if any(fnmatch.fnmatchcase(module, p) for p in patterns)]
+    assert len(found) == 1, f"{module} belongs to {len(found)} layers: name it in exactly one of LAYERS"
+    return found[0]
+
+
+def test_every_import_goes_down_the_layers():
+    graph = _graph()
+    upward = [f"{name} ({LAYERS[_layer(name)][0]}) imports {target} ({LAYERS[_layer(target)][0]})"
+              for name, targets in sorted(graph.items()) for target in sorted(targets)
+              if _layer(target) > _layer(name)]
+    assert not upward, upward
+
+
+def test_nothing_below_the_strategies_imports_training():
+    strategies = next(i for i, (name, _) in enumerate(LAYERS) if name == "strategies")
+    offenders = [name for name, targets in _graph().items() if _layer(name) < strategies
+                 and any(t == "cnnkit.training" or t.startswith("cnnkit.training.") for t in targets)]
+    assert not offenders, offenders
+
+
+def test_the_kind_registry_imports_no_kind():
+    assert not {t for t in _graph()["cnnkit.kinds.registry"] if t.startswith("cnnkit.kinds.")}

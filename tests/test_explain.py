@@ -60,6 +60,12 @@ def test_a_knn_head_has_probabilities_but_no_scores_and_an_rbf_svm_no_graph():
     queries = np.random.default_rng(2).normal(size=(8, 5)) + 0.5  # not training points: no distance is 0
     scores, probabilities = _graph(knn, queries)
     assert scores is None
+    # The graph reads scikit-learn's private training vectors (knn_reference): fail loudly if they move.
+    from cnnkit.head_graph import knn_reference
+
+    vectors, classes = knn_reference(knn[-1])
+    np.testing.assert_allclose(vectors, knn[:-1].transform(features), atol=1e-5)  # stored as float32
+    np.testing.assert_array_equal(knn[-1].classes_[classes], labels)
     np.testing.assert_allclose(probabilities, knn.predict_proba(queries), atol=1e-5)
     from cnnkit.head_graph import head_graph
 

@@ -193,17 +193,30 @@ def test_a_writer_publishing_while_another_holds_the_lock_waits_for_it(home, ima
     first, second = images[:10], images[5:]
     fresh = compute_features(second, CONFIG, use_cache=False, extractor=extractor)
     b_hashes = [file_hash(second[i]) for i in fresh.kept]
+    import cnnkit.features
+
     original = FeatureCache._publish
     b = threading.Thread(target=lambda: FeatureCache(CONFIG).add(b_hashes, fresh.features, ([], {})))
+    refused = threading.Event()  # B asked for the lock and was told to wait
+    flock = cnnkit.features.fcntl.flock
+
+    def flock_seen(fd, operation):
+        try:
+            return flock(fd, operation)
+        except BlockingIOError:
+            if threading.current_thread() is b:
+                refused.set()
+            raise
 
     def publish_with_b_racing(self, hashes, arrays):
-        if not b.is_alive() and b.ident is None:
+        if b.ident is None:
             b.start()
-            time.sleep(0.5)
+            assert refused.wait(timeout=120), "B never asked for the lock"
             assert b.is_alive(), "B published while A held the lock"
             assert len(hashes) == 10  # A's merge has not seen B's rows
         original(self, hashes, arrays)
 
+    monkeypatch.setattr(cnnkit.features.fcntl, "flock", flock_seen)
     monkeypatch.setattr(FeatureCache, "_publish", publish_with_b_racing)
     compute_features(first, CONFIG, extractor=extractor)
     b.join(timeout=60)

@@ -223,3 +223,23 @@ def test_a_flip_run_predicts_an_image_and_its_mirror_alike_and_reports_what_it_p
     np.testing.assert_allclose(classify(images), expected, atol=1e-4)
     # The accuracy training reports is the one evaluate measures with the saved run.
     assert result.metrics["test_accuracy"] == pytest.approx(evaluate_run(result.run_path, data).accuracy)
+
+
+def test_every_random_layers_seed_generator_is_found_including_nested_ones():
+    """The callbacks re-seed every random layer through Keras internals (``seed_generators``): a Keras release
+    that moves them must fail here, not silently break --resume's reproducibility."""
+    import keras
+
+    from cnnkit.training.augment import Augmentation
+    from cnnkit.training.callbacks import seed_generators
+
+    inner = keras.Sequential([keras.layers.Dropout(0.5, seed=1)], name="inner")
+    inputs = keras.Input((8, 8, 3))
+    x = inputs
+    for layer in Augmentation(flip=True, crop=0.1, color=0.2, erase=0.5).layers(seed=3):
+        x = layer(x)
+    model = keras.Model(inputs, inner(keras.layers.Flatten()(x)))
+    found = list(seed_generators(model))
+    assert all(isinstance(g, keras.random.SeedGenerator) for g in found)
+    # flip, zoom, shift, colour jitter (and the jitters inside it), erasing, and the nested dropout
+    assert len({id(g) for g in found}) >= 6

@@ -40,7 +40,21 @@ def collect_info() -> dict:
         **device_report(),
         "cache_dir": str(cache_dir()),
         "weights_on_disk": [b.name for b in list_backbones() if b.weights_present()],
+        "engines": engine_report(),
     }
+
+
+def engine_report() -> dict:
+    """The usable engines, what each missing one needs, and what ``--engine auto`` runs the default backbone on."""
+    from cnnkit.backbones.registry import DEFAULT_BACKBONE
+    from cnnkit.engines import NAMES, PACKAGES, available_engines, missing_packages
+    from cnnkit.features import FeatureConfig, FeatureExtractor
+
+    runner = FeatureExtractor(FeatureConfig(DEFAULT_BACKBONE)).runner  # measured once per machine, remembered
+    return {"usable": [str(e) for e in available_engines()],
+            "missing": {str(e): missing_packages(e) for e in PACKAGES if missing_packages(e)},
+            "auto": {"backbone": DEFAULT_BACKBONE, "engine": str(runner.engine), "name": NAMES[runner.engine],
+                     "precision": str(runner.precision)}}
 
 
 def info(json_output: JsonOption = False) -> None:
@@ -67,6 +81,11 @@ def info(json_output: JsonOption = False) -> None:
     table.add_row("tensorflow build", f"CUDA {build['cuda_version']}, cuDNN {build['cudnn_version']}"
                   if build["cuda"] else "CPU only (no CUDA)")
     table.add_row("training uses", data["would_use"] + (f", {data['workers']} workers" if data["workers"] > 1 else ""))
+    engines = data["engines"]
+    table.add_row("engines", ", ".join(engines["usable"]) + "".join(
+        f"; {name} needs {', '.join(packages)}" for name, packages in engines["missing"].items()))
+    auto = engines["auto"]
+    table.add_row("--engine auto", f"{auto['name']} ({auto['engine']}) in {auto['precision']} for {auto['backbone']}")
     table.add_row("cache dir", data["cache_dir"])
     table.add_row("weights on disk", ", ".join(data["weights_on_disk"]) or "none")
     console.print(table)

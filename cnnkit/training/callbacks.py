@@ -25,7 +25,13 @@ from cnnkit.paths import atomic_write
 CHECKPOINT_FORMAT = 3
 
 
-def _seed_generators(model):
+def seed_generators(model):
+    """Every ``keras.random.SeedGenerator`` of the model's layers, nested models included.
+
+    Keras has no public accessor for them, nor for the sub-layers of a layer (``RandomColorJitter``
+    holds one per jitter): this is the one place that reads its private ``_flatten_layers`` and
+    ``_seed_generators``, and tests/test_training.py fails loudly if a Keras release moves either.
+    """
     for layer in model._flatten_layers(include_self=False, recursive=True):
         yield from getattr(layer, "_seed_generators", [])
 
@@ -44,7 +50,7 @@ class EpochSeeding(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_var.assign(epoch)
-        for i, generator in enumerate(_seed_generators(self.model)):
+        for i, generator in enumerate(seed_generators(self.model)):
             generator.state.assign(np.array([self.seed * 1000 + i, epoch], dtype="int64"))
 
 
