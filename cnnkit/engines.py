@@ -195,15 +195,49 @@ class OpenVinoRunner:
         core = ov.Core()
         self.precision = Precision.parse(precision, "--precision")
         hint = "bf16" if self.precision == Precision.bfloat16 else "f32"
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-            "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
-        self.request = self.compiled.create_infer_request()
+        with kept_signal_stack():
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+                "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+            self.request = self.compiled.create_infer_request()
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        result = self.request.infer({0: np.ascontiguousarray(images, np.uint8)})
+        with kept_signal_stack():
+            result = self.request.infer({0: np.ascontiguousarray(images, np.uint8)})
         return {name: np.asarray(result[output], np.float32)
                 for name, output in zip(self.output_names, self.compiled.outputs)}
+
+
+@contextmanager
+def kept_signal_stack():
+    """Put the calling thread's alternate signal stack back as it was after the block (Linux; else nothing).
+
+    OpenVINO's CPU plugin points the thread that runs it at an alternate signal stack of its own
+    (on CPUs with AMX, whose register state makes signal frames large) and does not always put the
+    previous one back before that memory is freed. Python runs its signal handlers on the alternate
+    stack (``SA_ONSTACK``), so the next Ctrl-C or SIGTERM -- the one that makes `train` save an
+    interrupted run -- then killed the process with SIGSEGV instead (tests/test_engines.py).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+
+    class Stack(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = Stack()
+    if libc.sigaltstack(None, ctypes.byref(before)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        before.ss_flags &= ~1  # SS_ONSTACK is reported, never set
+        libc.sigaltstack(ctypes.byref(before), None)
 
 
 def engine_folder(name: str, key: str) -> Path:

@@ -195,3 +195,56 @@ def test_a_network_run_on_another_engine_needs_tensorflow_only_the_first_time(tm
                               timeout=300)
         statuses.append(done.stderr.strip().splitlines()[-1])
     assert statuses == ["exit=0 tensorflow=True keras=True", "exit=0 tensorflow=False keras=False"]
+
+
+_SIGNAL_AFTER_OPENVINO = """
+import gc, os, signal, sys, threading
+import numpy as np
+from cnnkit.engines import OpenVinoRunner
+received = []
+signal.signal(signal.SIGTERM, lambda *args: received.append(1))  # Python runs it on the alternate stack
+held = [OpenVinoRunner(sys.argv[1])]
+held[0](np.zeros((2, 32, 32, 3), np.uint8))
+# Freed on another thread (the garbage collector runs wherever it happens to): without cnnkit's care the
+# main thread's alternate signal stack was then OpenVINO's freed memory, and the signal a segfault.
+freeing = threading.Thread(target=lambda: (held.clear(), gc.collect()))
+freeing.start()
+freeing.join()
+os.kill(os.getpid(), signal.SIGTERM)
+print("handled" if received else "not handled")
+"""
+
+
+def test_a_signal_after_openvino_ran_is_handled_not_a_segfault(tmp_path, monkeypatch):
+    """OpenVINO leaves the thread's alternate signal stack on memory it frees; cnnkit puts the old one back."""
+    import os
+
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path))
+    FeatureExtractor(FeatureConfig("tiny_cnn", "none", 32), Engine.openvino)(np.zeros((1, 32, 32, 3), np.uint8))
+    (model,) = (tmp_path / "engines").rglob("model.onnx")
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _SIGNAL_AFTER_OPENVINO, str(model)],
+                              capture_output=True, text=True, timeout=120, env={**os.environ})
+        assert done.returncode == 0 and done.stdout.strip() == "handled", (done.returncode, done.stderr[-2000:])
+
+
+def test_openvino_leaves_the_threads_signal_stack_as_it_found_it(tmp_path, monkeypatch):
+    import ctypes
+
+    from cnnkit.engines import OpenVinoRunner
+
+    class Stack(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    def current():
+        stack = Stack()
+        ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack))
+        return stack.ss_sp, stack.ss_size
+
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path))
+    FeatureExtractor(FeatureConfig("tiny_cnn", "none", 32), Engine.openvino)(np.zeros((1, 32, 32, 3), np.uint8))
+    (model,) = (tmp_path / "engines").rglob("model.onnx")
+    before = current()
+    runner = OpenVinoRunner(model)
+    runner(np.zeros((2, 32, 32, 3), np.uint8))
+    assert current() == before
