@@ -34,7 +34,8 @@ from cnnkit.backbones.registry import DEFAULT_BACKBONE
 from cnnkit.data import Dataset, Sample, load_dataset, per_class_order, sample_per_class
 from cnnkit.errors import CnnkitError
 from cnnkit.options import FINETUNE
-from cnnkit.plan import Plan, Strategy
+from cnnkit.options import Strategy
+from cnnkit.plan import Plan
 
 # Each constant's measurements and the experiments behind it: docs/advise.md, "The plans' constants".
 # The stages of the little-data plans' one logistic head: fixed, since a CV choice among stage sets on

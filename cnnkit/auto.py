@@ -72,7 +72,7 @@ def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE
         (folder / "report.md").write_text(render_report(result), encoding="utf-8")
         (folder / "auto.json").write_text(json.dumps(result.to_dict(), indent=2, default=str), encoding="utf-8")
 
-    result = advice.plan.run(out, force, dataset=dataset, attach=[attach_report], report=report, progress=say)
+    result = advice.plan.run(out, force, dataset=dataset, attach=[attach_report], report=report, say=say)
     return AutoResult(advice, result.run_path, list(result.tried), result.metrics,
                       time.perf_counter() - started)
 

@@ -42,7 +42,7 @@ def parse_weights(text: str | None, count: int) -> list[float]:
 
 def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Sequence[float] | None = None,
                   force: bool = False, attach: Sequence = (), data: str | Path | None = None,
-                  progress: Callable[[int, int], None] | None = None, strategy: str | None = None,
+                  progress: Callable[[int, int], None] | None = None, table_strategy: str | None = None,
                   command_line: str | None = None, split: str | None = None) -> Path:
     """Write a run at ``out`` averaging the probabilities of the runs ``members``.
 
@@ -58,7 +58,7 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
         split: score ``data``'s split of this name instead, recorded as ``<split>_accuracy``
             (`auto`'s plans: the test split of the data the members learned from).
         progress: ``(done, total)`` callback over those images.
-        strategy: the strategy-table cell this run carries out (`auto`), to record.
+        table_strategy: the strategy-table cell this run carries out (`auto`), to record.
         command_line: the commands that made it, to record, when not this one call (`auto`'s plan).
 
     Raises:
@@ -84,7 +84,7 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
             copy_run(run, folder / "members" / str(i))
 
     manifest = RunManifest(
-        command="ensemble", strategy=strategy, command_line=command_line or shlex.join(
+        command="ensemble", strategy=table_strategy, command_line=command_line or shlex.join(
             ["cnnkit", "ensemble", *map(str, members), "--out", str(out),
              "--weights", ",".join(f"{w:g}" for w in given)]),
         options={"members": [str(Path(p).resolve()) for p in members], "weights": weights},

@@ -67,7 +67,7 @@ class ImageNetExplainer(Explainer):
         self.class_names = imagenet_class_names()
         self.image_size, self.crop_pct = spec.input_size, spec.crop_pct
 
-    def view(self, image, class_index=None):
+    def heat_map(self, image, class_index=None):
         return grad_cam(self._forward, image, class_index)
 
 
@@ -100,7 +100,7 @@ def explain_image(explainer: Explainer, path: Path, class_index: int | None = No
     """Explain one image file; the heat map comes back in the file's own pixel grid."""
     original = load_image(path)
     pixels = load_image(path, explainer.image_size, explainer.crop_pct)
-    result = explainer.view(pixels, class_index)
+    result = explainer.heat_map(pixels, class_index)
     heat = place_in_box(result.heat, original.shape[0], original.shape[1], explainer.crop_pct)
     return Explanation(Path(path), explainer.class_names[result.class_index], result.class_index,
                        float(result.probabilities[result.class_index]), explainer.method, explainer.layer, heat)

@@ -118,7 +118,7 @@ def search_head(table, rows: np.ndarray, labels: np.ndarray, layer_sets: Sequenc
 def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | None = None,
                 force: bool = False, progress: Callable[[int, int], None] | None = None,
                 dataset: Dataset | None = None, attach: Sequence = (),
-                strategy: str | None = None, report: Callable[[dict], None] | None = None) -> ExtractResult:
+                table_strategy: str | None = None, report: Callable[[TriedRow], None] | None = None) -> ExtractResult:
     """Fit a feature-extraction classifier on ``data`` and save it to ``out``.
 
     Args:
@@ -129,7 +129,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
         progress: ``(done, total)`` callback over images needing a forward pass.
         dataset: an already loaded dataset (``data`` is then only recorded).
         attach: hooks adding reports to the run (see ``cnnkit.runs.Attachment``).
-        strategy: the strategy-table cell this run carries out, to record.
+        table_strategy: the strategy-table cell this run carries out, to record.
         report: called with each (layers, head) candidate as the search scores it.
     """
     from cnnkit.backbones import get_backbone
@@ -202,7 +202,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
             write_index(folder, x_train, y_train, train_paths, embed=partial(embed_features, fitted.pipeline))
 
         manifest = RunManifest(
-            command="extract", strategy=strategy, command_line=command_line("extract", data, options),
+            command="extract", strategy=table_strategy, command_line=command_line("extract", data, options),
             options=asdict(options), class_names=dataset.class_names, image_size=config.image_size,
             crop_pct=1.0, preprocessing=spec.preprocessing,
             data=data_summary(dataset, splits, len(dataset.skipped) + len(table.failures)),

@@ -166,12 +166,12 @@ def unmirror(features, grid: int):
     return ops.reshape(mirror(cells, 2), (-1, grid * grid * channels))
 
 
-def mirror_average(view, images, flip: bool, unmirror_pooled=None):
+def mirror_average(pooled_of, images, flip: bool, unmirror_pooled=None):
     """The mirror average (``--flip``) of pooled features, as Keras ops: its one definition.
 
-    ``view(batch)`` returns ``(pooled, maps)``: the pooled features of a batch (a tensor or a
+    ``pooled_of(batch)`` returns ``(pooled, maps)``: the pooled features of a batch (a tensor or a
     dict of them) and anything else the caller wants of it (Grad-CAM's feature maps, a dict).
-    With ``flip`` the images and their mirror images go through ``view`` as one batch twice as
+    With ``flip`` the images and their mirror images go through ``pooled_of`` as one batch twice as
     long (one backbone in the graph: what the engines run fastest), the mirror images' pooled
     features are put back in place by ``unmirror_pooled`` (grid regions, ``unmirror``) and
     averaged with the images' own: a linear classifier on them then averages the two views'
@@ -184,9 +184,9 @@ def mirror_average(view, images, flip: bool, unmirror_pooled=None):
     from keras import ops
 
     if not flip:
-        pooled, maps = view(images)
+        pooled, maps = pooled_of(images)
         return pooled, [(maps, 0, False)]
-    pooled, maps = view(ops.concatenate([images, mirror(images)], axis=0))
+    pooled, maps = pooled_of(ops.concatenate([images, mirror(images)], axis=0))
     if isinstance(pooled, dict):
         halves = {name: ops.split(value, 2, axis=0) for name, value in pooled.items()}
         own, mirrored = ({name: pair[i] for name, pair in halves.items()} for i in (0, 1))
@@ -223,12 +223,12 @@ def pooled_stages(maps_model, images, grids: dict[str, int], pool: Pool | str, f
     """
     from keras import ops
 
-    def view(x):
+    def pooled_of(x):
         maps = maps_model(x, training=False)
         pooled = {s: grid_pool(ops.cast(maps[s], "float32"), grid, pool) for s, grid in grids.items()}
         return pooled, {s: maps[s] for s in keep}
 
-    return mirror_average(view, ops.cast(images, "float32"), flip,
+    return mirror_average(pooled_of, ops.cast(images, "float32"), flip,
                           lambda pooled: {s: unmirror(p, grids[s]) for s, p in pooled.items()})
 
 

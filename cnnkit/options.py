@@ -47,6 +47,16 @@ class Engine(Choice):
     openvino = "openvino"
 
 
+class Strategy(Choice):
+    """The cells of the notes' strategy table (see ``cnnkit.advise``), as a run records the one it carries out."""
+
+    linear_top = "linear-top"
+    linear_stages = "linear-stages"
+    finetune_few = "finetune-few"
+    finetune_many = "finetune-many"
+    train_scratch = "train-scratch"
+
+
 class Precision(Choice):
     """The arithmetic of a forward pass that does not train: float32 everywhere unless asked.
 

@@ -11,19 +11,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from cnnkit.choices import Choice
 from cnnkit.kinds import TriedRow
-from cnnkit.options import command_line
-
-
-class Strategy(Choice):
-    """The cells of the notes' table (see ``cnnkit.advise``)."""
-
-    linear_top = "linear-top"
-    linear_stages = "linear-stages"
-    finetune_few = "finetune-few"
-    finetune_many = "finetune-many"
-    train_scratch = "train-scratch"
+from cnnkit.options import Strategy, command_line
 
 
 @dataclass
@@ -65,24 +54,25 @@ class Plan:
                 "options": {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self.options).items()},
                 "command_line": self.command_line}
 
-    def run(self, out: str | Path, force: bool = False, dataset=None, attach=(), report=None, progress=None):
+    def run(self, out: str | Path, force: bool = False, dataset=None, attach=(), report=None, say=None):
         """Carry the plan out: ``run_extract`` or ``run_training`` with its options, into ``out``.
 
-        ``report`` gets each searched candidate (extract) or finished epoch (training).
+        ``report`` gets each searched candidate (extract) or finished epoch (training); ``say`` short
+        status lines (training).
         """
         if self.command == "ensemble":
-            return self._run_ensemble(out, force, dataset, attach, report, progress)
+            return self._run_ensemble(out, force, dataset, attach, report, say)
         if self.command == "extract":
             from cnnkit.extraction import run_extract
 
             return run_extract(self.data, self.options, out, force, dataset=dataset, attach=attach,
-                               strategy=str(self.strategy), report=report)
+                               table_strategy=str(self.strategy), report=report)
         from cnnkit.training import run_training
 
-        return run_training(self.data, self.options, out, force, report=report, progress=progress,
-                            dataset=dataset, attach=attach, strategy=str(self.strategy))
+        return run_training(self.data, self.options, out, force, report=report, say=say,
+                            dataset=dataset, attach=attach, table_strategy=str(self.strategy))
 
-    def _run_ensemble(self, out, force, dataset, attach, report, progress) -> EnsembleResult:
+    def _run_ensemble(self, out, force, dataset, attach, report, say) -> EnsembleResult:
         """Each member into a scratch folder, then the ensemble run (which copies them in) at ``out``.
 
         The ensemble's held-out evidence is its members' averaged where they share it (same images,
@@ -96,12 +86,12 @@ class Plan:
         weights = self.weights or [1.0] * len(self.members)
         with tempfile.TemporaryDirectory(prefix="cnnkit-members-") as scratch:
             results = [member.run(Path(scratch) / f"{i}-{member.options.backbone}", dataset=dataset, report=report,
-                                  progress=progress)
+                                  say=say)
                        for i, member in enumerate(self.members)]
             shared = _held_out_average(results, weights)
             scored = "test" if not shared and dataset is not None and dataset.splits.get("test") else None
             path = make_ensemble([result.run_path for result in results], out, weights=weights, force=force,
-                                 attach=[*shared, *attach], strategy=str(self.strategy),
+                                 attach=[*shared, *attach], table_strategy=str(self.strategy),
                                  command_line=self.command_line, data=self.data if scored else None, split=scored)
         run = load_run(path)
         return EnsembleResult(path, run.manifest.metrics, tried_in(run))

@@ -60,7 +60,7 @@ from pydantic import Field, ValidationError
 from cnnkit.errors import CnnkitError
 from cnnkit.kinds import Section, get_kind, registered_kinds
 from cnnkit.kinds.registry import on_register
-from cnnkit.options import MAX_IMAGE_SIZE
+from cnnkit.options import MAX_IMAGE_SIZE, Strategy
 from cnnkit.paths import file_digest, publish_folder
 
 FORMAT_VERSION = 2
@@ -108,7 +108,8 @@ class RunManifest(Section):
     cnnkit_version: str = ""
     created: str = ""
     command: Literal["extract", "finetune", "train", "ensemble"]
-    strategy: str | None = None
+    # A strategy-table cell's name (a string in the file, as every field: manifests are read strictly).
+    strategy: Literal[tuple(s.value for s in Strategy)] | None = None
     command_line: str = ""
     options: dict[str, Any] = {}
     class_names: list[str] = Field(min_length=2)

@@ -27,7 +27,7 @@ OCCLUSION = "occlusion"
 
 
 @dataclass
-class ModelView:
+class HeatMap:
     """What an explainer returns for one image at the model's input size.
 
     Attributes:
@@ -58,7 +58,7 @@ class Explainer:
     method: str
     layer: str
 
-    def view(self, image: np.ndarray, class_index: int | None) -> ModelView:
+    def heat_map(self, image: np.ndarray, class_index: int | None) -> HeatMap:
         raise NotImplementedError
 
 
@@ -66,7 +66,7 @@ class Explainer:
 Forward = Callable
 
 
-def grad_cam(forward: Forward, image: np.ndarray, class_index: int | None) -> ModelView:
+def grad_cam(forward: Forward, image: np.ndarray, class_index: int | None) -> HeatMap:
     """Grad-CAM of one raw ``uint8`` image through ``forward``.
 
     Each view of the image is one ``row`` of a feature-map tensor (the mirror image's is flipped
@@ -95,7 +95,7 @@ def grad_cam(forward: Forward, image: np.ndarray, class_index: int | None) -> Mo
         cam = cam[:, ::-1] if mirrored else cam
         heat = cam if heat is None else heat + cam
     heat = np.maximum(heat, 0)
-    return ModelView(probabilities, class_index, normalise(heat))
+    return HeatMap(probabilities, class_index, normalise(heat))
 
 
 class GradCamExplainer(Explainer):
@@ -107,7 +107,7 @@ class GradCamExplainer(Explainer):
         self._forward = forward
         self.class_names, self.image_size, self.crop_pct, self.layer = list(class_names), image_size, crop_pct, layer
 
-    def view(self, image, class_index=None):
+    def heat_map(self, image, class_index=None):
         return grad_cam(self._forward, image, class_index)
 
 
@@ -158,7 +158,7 @@ class OcclusionExplainer(Explainer):
         self.class_names, self.image_size, self.crop_pct = list(class_names), image_size, crop_pct
         self.batch_size = batch_size
 
-    def view(self, image, class_index=None):
+    def heat_map(self, image, class_index=None):
         size = image.shape[0]
         patch = max(1, size // 7)
         stride = max(1, patch // 2)
@@ -179,7 +179,7 @@ class OcclusionExplainer(Explainer):
                 heat[y:y + patch, x:x + patch] += drop
                 covered[y:y + patch, x:x + patch] += 1
         heat = np.maximum(heat / np.maximum(covered, 1), 0)
-        return ModelView(probabilities.astype(np.float32), class_index, normalise(heat))
+        return HeatMap(probabilities.astype(np.float32), class_index, normalise(heat))
 
 
 def place_in_box(heat: np.ndarray, height: int, width: int, crop_pct: float) -> np.ndarray:

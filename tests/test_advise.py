@@ -143,7 +143,7 @@ def test_auto_fine_tunes_when_the_thresholds_say_lot(tmp_path, monkeypatch):
 
 def test_a_from_scratch_plan_trains_until_its_time_limit():
     from cnnkit.advise import SCRATCH_MAX_EPOCHS, make_plan
-    from cnnkit.plan import Strategy
+    from cnnkit.options import Strategy
 
     plan = make_plan(Strategy.train_scratch, "data", "efficientnet_lite2", 28, 60_000, 3600, 100.0)
     assert plan.command == "train" and plan.options.epochs == SCRATCH_MAX_EPOCHS
@@ -155,7 +155,7 @@ def test_a_from_scratch_plan_trains_until_its_time_limit():
 
 def test_little_data_adds_a_second_backbone_only_when_the_budget_has_room():
     from cnnkit.advise import make_plan
-    from cnnkit.plan import Strategy
+    from cnnkit.options import Strategy
 
     def plan(backbone="efficientnet_lite0", minutes=10.0, rate=50.0):
         return make_plan(Strategy.linear_stages, "data", backbone, None, 1_000, minutes * 60, rate)
@@ -176,7 +176,7 @@ def test_little_data_adds_a_second_backbone_only_when_the_budget_has_room():
 
 def test_a_scratch_plan_adds_a_features_partner_when_the_budget_has_room_for_it():
     from cnnkit.advise import SCRATCH_PARTNER, SCRATCH_WEIGHTS, make_plan, scratch_partner_seconds
-    from cnnkit.plan import Strategy
+    from cnnkit.options import Strategy
 
     def plan(minutes, rate=150.0, train=54_000, test=10_000):
         return make_plan(Strategy.train_scratch, "data", "efficientnet_lite0", 28, train, minutes * 60, rate,
@@ -202,7 +202,7 @@ def test_a_scratch_plan_adds_a_features_partner_when_the_budget_has_room_for_it(
 
 def test_a_scratch_plan_trains_for_its_budget_not_a_fixed_epoch_count():
     from cnnkit.advise import SCRATCH_MAX_EPOCHS, make_plan
-    from cnnkit.plan import Strategy
+    from cnnkit.options import Strategy
 
     for minutes in (10, 60):
         plan = make_plan(Strategy.train_scratch, "data", "efficientnet_lite0", 28, 54_000, minutes * 60 - 15, None)
@@ -213,7 +213,7 @@ def test_a_scratch_plan_trains_for_its_budget_not_a_fixed_epoch_count():
 
 def test_the_input_size_is_the_fastest_within_the_stated_margin():
     from cnnkit.advise import IMAGE_SIZE_MARGIN, SMALL_IMAGE_SIZES, choose_image_size
-    from cnnkit.plan import Strategy
+    from cnnkit.options import Strategy
 
     # From scratch: the images' own side.
     assert choose_image_size(Strategy.train_scratch, 28, 224)[0] == 28
@@ -230,7 +230,7 @@ def test_the_input_size_is_the_fastest_within_the_stated_margin():
 
 def test_fine_tuning_the_budget_cannot_fit_becomes_the_feature_plan_and_says_why(tmp_path):
     from cnnkit.advise import FINETUNE_MIN_EPOCHS, advise, finetune_epochs_that_fit
-    from cnnkit.plan import Strategy
+    from cnnkit.options import Strategy
 
     # 10,000 images in what 10 minutes leave, at the default speed: not one epoch; at a GPU's: plenty.
     assert finetune_epochs_that_fit(10_000, 585, None) < 1
@@ -248,7 +248,7 @@ def test_auto_from_scratch_averages_the_network_with_a_features_head(tmp_path, m
     import cnnkit.advise
     from cnnkit.advise import SCRATCH_PARTNER, SCRATCH_WEIGHTS
     from cnnkit.evaluation import evaluate_run
-    from cnnkit.plan import Strategy
+    from cnnkit.options import Strategy
 
     data = tmp_path / "data"
     make_class_tree(data / "train", {"x": 10, "y": 10}, size=28)

@@ -12,7 +12,7 @@ from cnnkit.cli import app
 from cnnkit.ensemble import make_ensemble, parse_weights
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import evaluate_run
-from cnnkit.kinds.ensemble import member_view, members
+from cnnkit.kinds.ensemble import member_input, members
 from cnnkit.runs import load_run
 from cnnkit.similarity import similar_images
 from conftest import make_class_tree, reseal
@@ -167,12 +167,12 @@ def test_a_smaller_member_sees_the_image_as_if_decoded_at_its_own_size(tmp_path)
     picture = (127 + 120 * np.sin(x / 3.0) * np.cos(y / 4.0)).astype(np.uint8)  # smooth, like a garment
     Image.fromarray(picture).save(tmp_path / "garment.png")
     direct = load_image(tmp_path / "garment.png", 28).astype(int)
-    seen = member_view(load_image(tmp_path / "garment.png", 128)[None], 1.0, 1.0, 28)[0].astype(int)
+    seen = member_input(load_image(tmp_path / "garment.png", 128)[None], 1.0, 1.0, 28)[0].astype(int)
     assert seen.shape == direct.shape and seen.dtype == np.int64
     assert np.abs(seen - direct).mean() < 1.5 and np.abs(seen - direct).max() <= 12
     # The same share of the centre when the member crops more than the ensemble does.
-    cropped = member_view(np.zeros((1, 100, 100, 3), np.uint8), 1.0, 0.5, 20)
+    cropped = member_input(np.zeros((1, 100, 100, 3), np.uint8), 1.0, 0.5, 20)
     assert cropped.shape == (1, 20, 20, 3) and cropped.dtype == np.uint8
     # A crafted member crop far below a pixel still gives the member a (one-pixel) view, not an error.
-    tiny = member_view(np.full((1, 100, 100, 3), 7, np.uint8), 1.0, 1e-9, 20)
+    tiny = member_input(np.full((1, 100, 100, 3), 7, np.uint8), 1.0, 1e-9, 20)
     assert tiny.shape == (1, 20, 20, 3) and (tiny == 7).all()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cnnkit.cli import app
 from cnnkit.options import FINETUNE, TRAIN, ExtractOptions, TrainOptions, command_line, preset
-from cnnkit.plan import Strategy
+from cnnkit.options import Strategy
 from conftest import make_class_tree
 
 runner = CliRunner()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
 
@@ -49,11 +50,9 @@ def extract(
     from cnnkit.extraction import run_extract
 
     with user_errors(), progress_bar(quiet or json_output) as progress:
-        options = ExtractOptions(backbone=str(backbone), layers=layer, weights=weights, image_size=image_size,
-                                 pool=pool, flip=flip, grid=grid, l2_normalize=l2, pca=pca, whiten=whiten, head=head, head_param=head_param,
-                                 cv=cv, val_split=val_split, seed=seed, batch_size=batch_size,
-                                 use_cache=not no_cache, strict=strict, engine=engine,
-                                 precision=precision)
+        # The flags whose names are not the fields' (--layer, --l2, --no-cache); the rest by name.
+        given = {**locals(), "backbone": str(backbone), "layers": layer, "l2_normalize": l2, "use_cache": not no_cache}
+        options = ExtractOptions(**{f.name: given[f.name] for f in fields(ExtractOptions)})
         result = run_extract(data, options, out, force, progress=progress_callback(progress, "features"),
                              report=None if quiet or json_output else lambda row: progress.console.print(
                                  progress_line(row), soft_wrap=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +11,8 @@ from rich.markup import escape
 
 from cnnkit.cli._common import (Backbone, BackboneOption, JsonOption, QuietOption, console, err_console,
                                 print_json, progress_line, quiet_output, report_skipped, user_errors)
-from cnnkit.options import FINETUNE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TRAIN, Augment, BatchNorm, Device, Freeze, Optimizer, Schedule, TrainOptions
+from cnnkit.options import (FINETUNE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TRAIN, Augment, BatchNorm, Device, Freeze,
+                            Optimizer, Schedule, TrainOptions, preset)
 
 Epochs = Annotated[int, typer.Option(min=1, help="Epochs of the main phase.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per step (the notes: 32-256).")]
@@ -42,6 +44,17 @@ Strict = Annotated[bool, typer.Option(help="Stop at the first unreadable image (
 Data = Annotated[Path, typer.Argument(help="Folder of class subfolders (optionally train/ val/ test/), or a CSV of path,label.", show_default=False)]
 
 
+def options_from(mode: str, parameters: dict) -> TrainOptions:
+    """The command's parameters that are ``TrainOptions`` fields, over the mode's preset (``cnnkit.options``).
+
+    The options are listed once, in the command's signature; a field the command has no flag for
+    (``train``'s freeze, head epochs and BatchNorm mode) keeps the preset's value.
+    """
+    names = {f.name for f in fields(TrainOptions)}
+    return preset(mode, **{name: str(value) if name == "backbone" else value
+                           for name, value in parameters.items() if name in names})
+
+
 def _run(data, options, out, force, resume, json_output, quiet):
     quiet_output()
     from cnnkit.training import run_training
@@ -62,7 +75,7 @@ def _run(data, options, out, force, resume, json_output, quiet):
     with user_errors():
         # With --resume, the options come from the run's checkpoint.
         result = run_training(data, options, out, force=force, resume=resume is not None, report=report,
-                              progress=say)
+                              say=say)
     report_skipped(result.skipped, quiet)
     summary = {"run": str(result.run_path) if result.run_path else None, "interrupted": result.interrupted,
                "images": result.counts,
@@ -125,15 +138,7 @@ def finetune(
     quiet: QuietOption = False,
 ) -> None:
     """Replace the classifier, freeze the stages up to --freeze, train the rest (head first)."""
-    options = TrainOptions(
-        mode="finetune", backbone=str(backbone), weights=weights, freeze=freeze, image_size=image_size,
-        epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, finetune_lr_scale=finetune_lr_scale,
-        optimizer=optimizer, momentum=momentum, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
-        dropout=dropout, augment=augment, erase=erase, flip=flip, batchnorm=batchnorm,
-        label_smoothing=label_smoothing, val_split=val_split, patience=patience, plateau_patience=plateau_patience,
-        seed=seed, deterministic=deterministic, device=device, tensorboard=tensorboard, sanity=sanity, strict=strict,
-        time_limit=time_limit)
-    _run(data, options, out, force, resume, json_output, quiet)
+    _run(data, options_from("finetune", locals()), out, force, resume, json_output, quiet)
 
 
 def train(
@@ -171,16 +176,7 @@ def train(
     quiet: QuietOption = False,
 ) -> None:
     """Train every layer: from pretrained weights, or from scratch (default: the compact small_resnet)."""
-    options = TrainOptions(
-        mode="train", backbone=str(backbone), weights=weights, freeze="none", image_size=image_size,
-        epochs=epochs, head_epochs=0, batch_size=batch_size, lr=lr, finetune_lr_scale=TRAIN.finetune_lr_scale,
-        batchnorm=TRAIN.batchnorm,
-        optimizer=optimizer, momentum=momentum, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
-        dropout=dropout, augment=augment, erase=erase, flip=flip, label_smoothing=label_smoothing,
-        val_split=val_split, patience=patience, plateau_patience=plateau_patience, seed=seed,
-        deterministic=deterministic, device=device, tensorboard=tensorboard, sanity=sanity, strict=strict,
-        time_limit=time_limit)
-    _run(data, options, out, force, resume, json_output, quiet)
+    _run(data, options_from("train", locals()), out, force, resume, json_output, quiet)
 
 
 def register(app) -> None:

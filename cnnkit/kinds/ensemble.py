@@ -3,7 +3,7 @@
 Each member is a sealed run copied into ``members/<i>/`` and pinned by its
 seal (``cnnkit.runs.Run.nested`` verifies it). The ensemble's images are
 decoded at its largest member's size and crop; a member trained at another
-size or crop sees its own centre crop of them, resized (``member_view``), and
+size or crop sees its own centre crop of them, resized (``member_input``), and
 its columns are put in the ensemble's class order. The graph does the same
 with ``resize_view`` on symbolic tensors, so an exported ensemble predicts as
 cnnkit does.
@@ -20,7 +20,7 @@ from pydantic import Field
 from cnnkit.classifier import Classifier
 from cnnkit.errors import CnnkitError
 from cnnkit.kinds.registry import Forward, Kind, ModelDescription, Section, TriedRow, get_kind, register_kind
-from cnnkit.saliency import Explainer, ModelView, normalise, place_in_box
+from cnnkit.saliency import Explainer, HeatMap, normalise, place_in_box
 
 
 class EnsembleMember(Section):
@@ -60,7 +60,7 @@ def members(run) -> list[tuple[object, float]]:
     return found
 
 
-def member_view(images, crop_pct: float, member_crop_pct: float, member_size: int) -> np.ndarray:
+def member_input(images, crop_pct: float, member_crop_pct: float, member_size: int) -> np.ndarray:
     """Raw ``uint8`` images decoded for an ensemble, as one of its members would have been given them.
 
     The member's share of the centre is cut out in whole pixels, then resized by ``resize_view``
@@ -104,7 +104,7 @@ class EnsembleClassifier(Classifier):
     def __call__(self, images) -> np.ndarray:
         total = 0.0
         for member, classifier, weight, order in self.members:
-            seen = member_view(images, self.run.crop_pct, member.crop_pct, member.image_size)
+            seen = member_input(images, self.run.crop_pct, member.crop_pct, member.image_size)
             total = total + weight * np.asarray(classifier(seen), np.float64)[:, order]
         return np.asarray(total, np.float32)
 
@@ -126,7 +126,7 @@ class EnsembleExplainer(Explainer):
         self.method = methods.pop() if len(methods) == 1 else "+".join(sorted(methods))
         self.layer = ",".join(dict.fromkeys(e.layer for _, e, _ in self.members))
 
-    def view(self, image, class_index=None):
+    def heat_map(self, image, class_index=None):
         probabilities = np.asarray(self.classifier(image[None]), np.float32)[0]
         if class_index is None:
             class_index = int(np.argmax(probabilities))
@@ -134,12 +134,12 @@ class EnsembleExplainer(Explainer):
         size = self.image_size
         heat = np.zeros((size, size), np.float64)
         for member, explainer, weight in self.members:
-            seen = member_view(image[None], self.crop_pct, member.crop_pct, member.image_size)[0]
-            result = explainer.view(seen, member.class_names.index(name))
+            seen = member_input(image[None], self.crop_pct, member.crop_pct, member.image_size)[0]
+            result = explainer.heat_map(seen, member.class_names.index(name))
             # The member saw the centre ``member.crop_pct / crop_pct`` of the ensemble's input square.
             share = min(member.crop_pct / self.crop_pct, 1.0)
             heat += weight * place_in_box(result.heat, size, size, share)
-        return ModelView(probabilities, class_index, normalise(heat))
+        return HeatMap(probabilities, class_index, normalise(heat))
 
 
 @register_kind
@@ -160,7 +160,7 @@ class EnsembleKind(Kind):
                 raise CnnkitError(f"{run.path}: member {member.path} crops {member.crop_pct} of the image, the "
                                   f"ensemble {run.crop_pct}; cnnkit builds graphs of ensembles whose members share "
                                   "one crop")
-            # A smaller member sees the ensemble's image resized as member_view resizes it.
+            # A smaller member sees the ensemble's image resized as member_input resizes it.
             seen = images if member.image_size == run.image_size else resize_view(images, member.image_size)
             order = [member.class_names.index(name) for name in run.class_names]
             found = get_kind(member.kind, member.path).forward(member, seen, tag=f"{tag}_m{i}")

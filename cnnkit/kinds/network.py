@@ -82,13 +82,13 @@ def network_forward(model, images, flip: bool, feature_layer: str = FEATURE_LAYE
             layer.name = f"{layer.name}{tag}"
     inner = keras.Model(backbone.input, [stage_layer.output, backbone.output]) if stage_layer is not None else None
 
-    def view(x):
+    def pooled_of(x):
         if inner is None:
             return pool(backbone(x, training=False)), {}
         feature_map, final = inner(x, training=False)
         return pool(final), {"map": feature_map}
 
-    pooled, views = mirror_average(view, ops.cast(images, "float32"), flip)
+    pooled, views = mirror_average(pooled_of, ops.cast(images, "float32"), flip)
     return Forward(classifier(pooled), class_scores(classifier, pooled), pooled,
                    [(maps["map"], row, mirrored) for maps, row, mirrored in views] if inner is not None else [])
 

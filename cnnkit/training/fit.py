@@ -101,8 +101,8 @@ def sigterm_as_interrupt():
 
 def run_training(data: str | Path, options: TrainOptions, out: str | Path, force: bool = False,
                  resume: bool = False, report: Callable[[dict], None] | None = None,
-                 progress: Callable[[str], None] | None = None, dataset: Dataset | None = None,
-                 attach: Sequence = (), strategy: str | None = None) -> TrainResult:
+                 say: Callable[[str], None] | None = None, dataset: Dataset | None = None,
+                 attach: Sequence = (), table_strategy: str | None = None) -> TrainResult:
     """Train a classifier network on ``data`` and save it as a run at ``out``.
 
     With ``TF_CONFIG`` naming several workers (see ``device``), every worker
@@ -115,9 +115,10 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
         force: replace an existing run at ``out``.
         resume: continue the interrupted run at ``out`` from its last epoch.
         report: called with each finished epoch's numbers.
-        progress: called with short status lines (phase changes, sanity check).
+        say: called with short status lines (phase changes, sanity check).
         attach: hooks adding reports to the run (see ``cnnkit.runs.Attachment``).
-        strategy: the strategy-table cell this run carries out, to record.
+        table_strategy: the strategy-table cell this run carries out, to record (not a ``tf.distribute``
+            strategy: that is ``device.strategy``).
 
     Raises:
         CnnkitError: bad options or data; in a multi-worker run, a worker that
@@ -131,7 +132,7 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
 
     out = Path(out)
     started = time.monotonic()
-    say = progress or (lambda message: None)
+    say = say or (lambda message: None)
     task = helper_task()
     point = None
     if resume:
@@ -146,7 +147,7 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
     say(f"training on {device.description}")
     try:
         deadline = started + options.time_limit * 60 if options.time_limit else None
-        return _train(data, options, out, force, point, report, say, dataset, attach, strategy, spec, device,
+        return _train(data, options, out, force, point, report, say, dataset, attach, table_strategy, spec, device,
                       deadline)
     except (tf.errors.UnavailableError, tf.errors.InternalError, tf.errors.CancelledError,
             tf.errors.DeadlineExceededError, tf.errors.AbortedError) as error:
@@ -172,7 +173,7 @@ def _first_words(error: Exception, limit: int = 240) -> str:
     return (text[:limit] + "...") if len(text) > limit else text or type(error).__name__
 
 
-def _train(data, options: TrainOptions, out: Path, force: bool, point, report, say, dataset, attach, strategy,
+def _train(data, options: TrainOptions, out: Path, force: bool, point, report, say, dataset, attach, table_strategy,
            spec, device, deadline: float | None = None) -> TrainResult:
     import tensorflow as tf
 
@@ -273,7 +274,8 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
 
     def save(destination: Path, replace: bool) -> Path:
         return save_training_run(destination, outcome, spec, options, dataset, splits, image_size, work,
-                                 replace=replace, skipped=skipped, attach=attach, strategy=strategy)
+                                 replace=replace, skipped=skipped, attach=attach,
+                                 table_strategy=table_strategy)
 
     if device.chief:
         run_path = save(out, force or point is not None)

@@ -45,7 +45,7 @@ def training_features(predictor, samples, image_size: int, batch_size: int):
 
 def save_training_run(out: Path, outcome: TrainingOutcome, spec, options, dataset, splits: dict,
                       image_size: int, work: Path, replace: bool, skipped: int | Sequence = 0,
-                      attach: Sequence[Attachment] = (), strategy: str | None = None) -> Path:
+                      attach: Sequence[Attachment] = (), table_strategy: str | None = None) -> Path:
     """Write the run folder of a finetune or train run (see ``cnnkit.runs`` for the layout).
 
     Args:
@@ -77,7 +77,7 @@ def save_training_run(out: Path, outcome: TrainingOutcome, spec, options, datase
             shutil.copytree(work / "checkpoints", folder / "checkpoints")
 
     manifest = RunManifest(
-        command=str(options.mode), strategy=strategy,
+        command=str(options.mode), strategy=table_strategy,
         command_line=command_line(str(options.mode), dataset.source, options),
         options=asdict(options), class_names=dataset.class_names, image_size=image_size, crop_pct=1.0,
         preprocessing=spec.preprocessing, data=data_summary(dataset, splits, skipped),
