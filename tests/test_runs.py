@@ -293,3 +293,26 @@ def test_asking_whether_a_forged_feature_head_is_mirror_symmetric_names_its_unkn
     with pytest.raises(CnnkitError, match="os.system") as refused:
         load_run(copy).mirror_symmetric
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m.update(strategy="rm -rf /"), "strategy"),  # a strategy is one of the table's cells
+    (lambda m: m["model"].update(kind="pickle"), "model"),  # a kind no cnnkit module registered
+    (lambda m: m["model"]["tried"].append({"layers": "top", "head": "logreg", "cv_accuracy": "0.9"}), "cv_accuracy"),
+    (lambda m: m["model"]["tried"].append({"layers": "top", "head": "logreg", "code": "import os"}), "code"),
+])
+def test_a_forged_strategy_kind_or_tried_row_is_refused_in_one_line(runs, tmp_path, edit, field):
+    """The typed fields of this stop (strategy, the kind's section, the search's rows) read as strictly as the rest."""
+    import shutil
+
+    from cnnkit.runs import seal_of_fields
+
+    copy = tmp_path / "forged"
+    shutil.copytree(runs["extract"], copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    edit(data)
+    data["seal"] = seal_of_fields(data)
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CnnkitError, match=rf"field '[a-z_.0-9]*{field}[^']*'") as refused:
+        load_run(copy)
+    assert "\n" not in str(refused.value)
