@@ -3,7 +3,7 @@
 The same weights (the run's ``model.keras``) classify the test images four
 ways: as given, mirrored only, probabilities of both views averaged, and
 logits of both views averaged. The last is what a ``--flip`` run predicts
-with (``cnnkit.training.network.inference_network`` averages the pooled
+with (``cnnkit.kinds.network.inference_network`` averages the pooled
 features before the linear classifier), so it equals `cnnkit evaluate`.
 
     python bench/mirror_average.py RUN DATA [--split test] [--json out.json]
@@ -28,14 +28,14 @@ def main() -> None:
 
     from cnnkit.data import load_dataset
     from cnnkit.data.images import load_image
-    from cnnkit.models import NetworkClassifier
+    from cnnkit.kinds.network import load_network
     from cnnkit.runs import load_run
 
     run = load_run(args.run)
     samples = load_dataset(args.data).splits[args.split]
     images = np.stack([load_image(s.path, run.image_size) for s in samples])
     labels = np.array([s.label for s in samples])
-    model = NetworkClassifier(run).model  # the network alone: one view
+    model = load_network(run.file("model.keras"))  # the network alone: one view
     plain = model.predict(images, batch_size=500, verbose=0)
     mirror = model.predict(images[:, :, ::-1], batch_size=500, verbose=0)
     logits = np.log(plain + 1e-12) + np.log(mirror + 1e-12)  # softmax logits up to a per-image constant

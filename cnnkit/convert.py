@@ -38,6 +38,11 @@ from cnnkit.errors import CnnkitError
 from cnnkit.options import Quantize
 
 INPUT_NAME = "image"
+
+
+class ConverterMissing(CnnkitError, ImportError):
+    """tf2onnx is not installed or does not import: one line for `export`, and an engine ``auto`` passes over."""
+
 # TFLite ops that `--quantize int8` keeps in float32 (see write_tflite).
 FLOAT_OPS_IN_INT8 = ("ADD", "MEAN", "CONCATENATION", "FULLY_CONNECTED", "SOFTMAX", "LOGISTIC")
 # ... and the tensors whose int8 error exceeds this many quantization steps (RMS; see noisy_int8_tensors),
@@ -88,8 +93,9 @@ def write_onnx(model, path: Path, image_size: int) -> None:
     """An ONNX graph (opset ``ONNX_OPSET``): input ``image`` (uint8 NHWC), the model's named outputs."""
     try:
         import tf2onnx
-    except ImportError:
-        raise CnnkitError('ONNX needs tf2onnx: pip install "cnnkit[export]"') from None
+    except ImportError as error:
+        raise ConverterMissing(f"ONNX needs tf2onnx, which does not import ({str(error).splitlines()[0][:160]}): "
+                               "pip install tf2onnx onnx") from None
     import logging
 
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)  # it logs every rewrite at INFO

@@ -15,7 +15,7 @@ callable from a ``uint8`` image batch to a dict of named ``float32`` outputs.
 Every engine computes in float32 unless the caller asks for ``bfloat16``
 (OpenVINO only, on CPUs with AMX or AVX-512-BF16): the same run then gives the
 same answers on every engine and machine, and as its exports do
-(tests/test_agreement.py). OpenVINO is told so (``INFERENCE_PRECISION_HINT``),
+(tests/test_kinds.py, bench/agreement.py). OpenVINO is told so (``INFERENCE_PRECISION_HINT``),
 since on such CPUs it would otherwise pick bfloat16 itself, which changed 1-5 %
 of predictions (docs/engines.md).
 
@@ -292,7 +292,7 @@ def _runner(engine: Engine, name: str, key: str, build: BuildFn, image_size: int
     except ImportError as error:  # a converter that is installed but does not import (a broken install)
         raise EngineUnavailable(f"{NAMES[engine]} needs the ONNX converter, which does not import "
                                 f"({str(error).splitlines()[0][:160]}): {install_hint(CONVERTER)}") from None
-    except CnnkitError:
+    except CnnkitError:  # the network's own error (a damaged run): the same on every engine
         raise
     except Exception as error:  # noqa: BLE001 - the converter's own errors: this network cannot go to ONNX
         raise EngineUnavailable(f"{NAMES[engine]} cannot run {name}: its conversion to ONNX failed "

@@ -27,7 +27,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     ``auto`` means TensorFlow here (``CNNKIT_ENGINE``): measuring three engines for each of the
     hundreds of tiny networks the tests make would cost minutes and test nothing new. The engine
     tests ask for each engine, and for ``auto``'s measurement, by name (tests/test_engines.py,
-    tests/test_agreement.py).
+    tests/test_kinds.py).
     """
     monkeypatch.setenv("CNNKIT_HOME", str(tmp_path_factory.getbasetemp() / "cnnkit_home"))
     monkeypatch.setenv("CNNKIT_ENGINE", "tf")

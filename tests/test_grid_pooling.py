@@ -81,7 +81,7 @@ def test_a_grid_run_classifies_raw_images_as_its_head_was_fitted_and_records_its
     assert "--grid 3" in run.manifest.command_line
     paths = sorted(data.rglob("*.png"))
     # The features the head was fitted on (the cache extract filled) against the run's own
-    # classifier on decoded pixels (cnnkit.models: the path predict, tta and similar take).
+    # classifier on decoded pixels (cnnkit.kinds: the path predict, tta and similar take).
     table = compute_features(paths, FeatureConfig("tiny_cnn", "none", 32, flip=True, grid=3))
     fitted = load_head(run.file("head.skops")).predict_proba(table.select(["conv3", "top"]))
     direct = run.classifier("tf")(np.stack([load_image(p, 32) for p in paths]))

@@ -75,3 +75,30 @@ def test_an_engine_whose_conversion_fails_is_passed_over_with_a_note(monkeypatch
     assert notes and all("conversion to ONNX failed (an op the converter does not know)" in n for n in notes)
     with pytest.raises(CnnkitError, match="conversion to ONNX failed"):  # asked for by name: one line, no fallback
         make_runner("onnx", "tiny_cnn", "broken-conversion", lambda: model, 32)
+
+
+def test_a_converter_that_does_not_import_is_passed_over_by_auto_and_one_line_for_export(monkeypatch):
+    """tf2onnx installed but broken (find_spec sees it, its import fails): auto falls back, export says what to do."""
+    import builtins
+
+    import cnnkit.engines
+    from cnnkit.convert import ConverterMissing, write_onnx
+    from cnnkit.engines import make_runner
+    from cnnkit.features import FeatureConfig, FeatureExtractor
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name.partition(".")[0] == "tf2onnx":
+            raise ImportError("tf2onnx: an incompatible protobuf")
+        return real_import(name, *args, **kwargs)
+
+    notes: list[str] = []
+    monkeypatch.setattr(builtins, "__import__", broken)
+    monkeypatch.setattr(cnnkit.engines, "note", notes.append)
+    monkeypatch.delenv("CNNKIT_ENGINE")
+    model = FeatureExtractor(FeatureConfig("tiny_cnn", "none", 32), "tf").model
+    assert make_runner("auto", "tiny_cnn", "broken-converter", lambda: model, 32).engine == "tf"
+    assert notes and all("does not import (tf2onnx: an incompatible protobuf)" in n for n in notes)
+    with pytest.raises(ConverterMissing, match="^ONNX needs tf2onnx, which does not import .*pip install tf2onnx onnx$"):
+        write_onnx(model, "unused.onnx", 32)

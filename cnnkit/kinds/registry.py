@@ -10,7 +10,7 @@ candidates it scored. Everything else (``cnnkit.runs``, predict, evaluate,
 export, explain, reports) asks the run's kind and never tests for one.
 
 Adding a kind is one module with a ``Kind`` subclass decorated with
-``register_kind``, imported by ``cnnkit.kinds`` (tests/test_kinds.py adds one).
+``register_kind``, imported by ``cnnkit.kinds``, or anywhere before its runs are read (tests/test_new_kind.py adds one).
 """
 
 from __future__ import annotations
