@@ -35,6 +35,7 @@ loaded when a caller registers them, and cnnkit registers none).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -218,26 +219,37 @@ def kept_signal_stack():
     stack (``SA_ONSTACK``), so the next Ctrl-C or SIGTERM -- the one that makes `train` save an
     interrupted run -- then killed the process with SIGSEGV instead (tests/test_engines.py).
     """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
+    found = _sigaltstack()
+    if found is None:
         yield
         return
+    sigaltstack, stack_type = found
+    import ctypes
 
-    class Stack(ctypes.Structure):
-        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    before = Stack()
-    if libc.sigaltstack(None, ctypes.byref(before)) != 0:
+    before = stack_type()
+    if sigaltstack(None, ctypes.byref(before)) != 0:
         yield
         return
     try:
         yield
     finally:
         before.ss_flags &= ~1  # SS_ONSTACK is reported, never set
-        libc.sigaltstack(ctypes.byref(before), None)
+        sigaltstack(ctypes.byref(before), None)
+
+
+@functools.cache
+def _sigaltstack():
+    """(the C library's ``sigaltstack``, its ``stack_t``) on Linux, else ``None``: looked up once, not per batch."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+
+    class Stack(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    return ctypes.CDLL(None, use_errno=True).sigaltstack, Stack
 
 
 def engine_folder(name: str, key: str) -> Path:
