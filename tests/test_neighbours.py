@@ -1,0 +1,53 @@
+"""The shared nearest-neighbour index: exact cosine neighbours in a PCA-reduced space."""
+
+import numpy as np
+
+from cnnkit.neighbours import NeighbourIndex
+
+
+def _exact_top(features, k):
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    scores = unit @ unit.T
+    np.fill_diagonal(scores, -np.inf)
+    return np.argsort(-scores, axis=1)[:, :k]
+
+
+def test_without_reduction_the_graph_is_the_exact_cosine_graph_of_the_centred_rows():
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((200, 16)).astype(np.float32)
+    index = NeighbourIndex.build(features, dims=32)
+    assert index.components is None
+    indices, similarities = index.graph(5)
+    expected = _exact_top(features - features.mean(axis=0), 5)
+    assert (indices == expected).mean() > 0.99  # float32 ties aside
+    assert np.all(np.diff(similarities, axis=1) <= 1e-6)  # best first
+    assert not np.any(indices == np.arange(200)[:, None])  # never itself
+
+
+def test_reduction_keeps_the_near_neighbours_of_clustered_features():
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((20, 300)).astype(np.float32) * 3
+    features = np.repeat(centres, 10, axis=0) + rng.standard_normal((200, 300)).astype(np.float32)
+    index = NeighbourIndex.build(features, dims=32)
+    assert index.vectors.shape == (200, 32)
+    indices, _ = index.graph(9)
+    assert np.mean(indices // 10 == (np.arange(200) // 10)[:, None]) > 0.98
+
+
+def test_exact_copies_are_each_others_nearest_at_similarity_one():
+    rng = np.random.default_rng(2)
+    features = rng.standard_normal((50, 8)).astype(np.float32)
+    features[7] = features[3]
+    indices, similarities = NeighbourIndex.build(features).graph(1)
+    assert indices[3, 0] == 7 and indices[7, 0] == 3
+    assert similarities[3, 0] > 0.9999
+
+
+def test_queries_use_the_same_projection_and_small_indexes_do_not_fail():
+    rng = np.random.default_rng(3)
+    features = rng.standard_normal((300, 200)).astype(np.float32)
+    index = NeighbourIndex.build(features, dims=16)
+    rows, scores = index.search(index.embed(features[:4]), 3)
+    assert list(rows[:, 0]) == [0, 1, 2, 3] and np.allclose(scores[:, 0], 1.0, atol=1e-5)
+    one = NeighbourIndex.build(features[:1])
+    assert one.graph(5)[0].shape == (1, 0)
