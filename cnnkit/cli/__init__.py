@@ -8,7 +8,8 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from cnnkit.cli import advise, backbones, ensemble, evaluate, explain, export, extract, finetune, info, predict, similar
+from cnnkit.cli import (advise, backbones, ensemble, evaluate, explain, export, extract, finetune, info, label_next,
+                        predict, similar)
 from cnnkit.cli._common import err_console
 
 
@@ -44,7 +45,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-for module in (advise, info, backbones, predict, explain, extract, finetune, evaluate, similar, ensemble, export):
+for module in (advise, info, backbones, predict, explain, extract, finetune, evaluate, similar, ensemble, export,
+               label_next):
     module.register(app)
 
 
