@@ -90,7 +90,7 @@ def write_photo_pool(out: Path, per_class: int, test_per_class: int) -> dict[str
     return truth
 
 
-def reveal(picks, truth: dict[str, str], root: Path, previous: Path | None) -> Path:
+def reveal(picks, truth: dict[str, str], root: Path, previous: Path | None, test: Path) -> Path:
     """``root/train/<class>/``: the previous round's labelled images plus the new picks; ``root/test``."""
     if root.exists():
         shutil.rmtree(root)
@@ -100,7 +100,7 @@ def reveal(picks, truth: dict[str, str], root: Path, previous: Path | None) -> P
         name = Path(pick.path).name
         (root / "train" / truth[name]).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(pick.path, root / "train" / truth[name] / name)
-    (root / "test").symlink_to((root.parent.parent / "test").resolve())
+    (root / "test").symlink_to(test.resolve())
     return root
 
 
@@ -122,10 +122,21 @@ def simulate(out: Path, arm: str, seed: int, rounds: int, per_round: int, truth:
     for round_number in range(1, rounds + 1):
         root = out / "rounds" / arm / f"s{seed}-r{round_number}"
         run = out / "runs" / arm / f"s{seed}-r{round_number}"
-        if len(done) >= round_number and (run / "manifest.json").exists():
+        if len(done) >= round_number and (done[round_number - 1].get("shared_with") or (run / "manifest.json").exists()):
+            if done[round_number - 1].get("shared_with"):
+                root = out / "rounds" / "label-next" / f"s{seed}-r{round_number}"
+                run = out / "runs" / "label-next" / f"s{seed}-r{round_number}"
             previous_data, previous_run = root, run
             continue
         del done[round_number - 1:]
+        shared = results["runs"].get(f"label-next/s{seed}", [])
+        if arm == "typical" and round_number == 1 and shared:
+            # Round 1 has no run: the default arm's picks are the typical rule's, same seed, same pool.
+            done.append(dict(shared[0], shared_with="label-next"))
+            previous_data = out / "rounds" / "label-next" / f"s{seed}-r1"
+            previous_run = out / "runs" / "label-next" / f"s{seed}-r1"
+            save()
+            continue
         rule = ARMS[arm]
         if arm == "margin" and previous_run is None:
             rule = "typical"
@@ -133,7 +144,7 @@ def simulate(out: Path, arm: str, seed: int, rounds: int, per_round: int, truth:
         found = label_next(out / "pool", per_round, model=previous_run if rule in ("auto", "margin") else None,
                            labeled=previous_data / "train" if previous_data else None, rule=rule, seed=seed)
         pick_seconds = time.perf_counter() - started
-        reveal(found.picks, truth, root, previous_data)
+        reveal(found.picks, truth, root, previous_data, out / "test")
         started = time.perf_counter()
         result = run_auto(root, run, seed=seed, force=True)
         row = {"labels": per_round * round_number, "rule": found.rule,

@@ -202,6 +202,16 @@ def label_next(pool: str | Path, n: int, model: str | Path | None = None, labele
     duplicates = len(paths) - already - len(first_of)
     candidates = [paths[i] for i in sorted(first_of.values())]
     _check_enough(pool, n, len(paths), len(candidates), already, duplicates)
+    # A header check first: a pool of files that are no images fails in one line, before any forward pass.
+    from cnnkit.data.images import check_image_header
+
+    problems = {path: check_image_header(path) for path in candidates}
+    bad_headers = [SkippedFile(path, reason) for path, reason in problems.items() if reason]
+    candidates = [path for path in candidates if not problems[path]]
+    if not candidates:
+        raise CnnkitError(f"{pool}: none of its {len(bad_headers)} image files can be read "
+                          f"(first: {bad_headers[0].path}: {bad_headers[0].reason})")
+    _check_enough(pool, n, len(paths), len(candidates), already, duplicates, len(bad_headers))
 
     from cnnkit.features import compute_features
 
@@ -209,11 +219,11 @@ def label_next(pool: str | Path, n: int, model: str | Path | None = None, labele
     table = compute_features(candidates, config, engine=engine, progress=progress,
                              stages=[_stage_key(config, layer) for layer in INDEX_LAYERS])
     readable = [candidates[i] for i in table.kept]
+    failures = bad_headers + list(table.failures)
     if not readable:
-        first = table.failures[0]
-        raise CnnkitError(f"{pool}: none of its {len(candidates)} image files can be read "
-                          f"(first: {first.path}: {first.reason})")
-    _check_enough(pool, n, len(paths), len(readable), already, duplicates, len(table.failures))
+        raise CnnkitError(f"{pool}: none of its {len(failures)} image files can be read "
+                          f"(first: {failures[0].path}: {failures[0].reason})")
+    _check_enough(pool, n, len(paths), len(readable), already, duplicates, len(failures))
     from cnnkit.neighbours import NeighbourIndex
 
     index = NeighbourIndex.build(np.concatenate([table.features[_stage_key(config, l)] for l in INDEX_LAYERS],
@@ -246,7 +256,7 @@ def label_next(pool: str | Path, n: int, model: str | Path | None = None, labele
             best = int(np.argmax(row))
             pick.guess, pick.confidence = class_names[best], float(row[best])
     return LabelNext(picks, rule, reason, len(paths), len(readable), already, duplicates,
-                     list(table.failures), class_names, table.computed)
+                     failures, class_names, table.computed)
 
 
 def _stage_key(config, layer: str) -> str:

@@ -52,6 +52,7 @@ def label_next(
 
         check_destinations(out, copy_to)
         with progress_bar(quiet or json_output) as progress:
+            progress.live.transient = True  # gone when done: an error stays the one line it is
             found = pick(pool, n, model, labeled, rule, str(backbone), engine, seed,
                          progress_callback(progress, "features"))
         report_skipped(found.failures, quiet)
