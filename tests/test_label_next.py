@@ -161,3 +161,20 @@ def test_same_names_from_different_folders_are_copied_side_by_side(pool, tmp_pat
     assert len({p.name for p in copied}) == 3 and all(p.is_file() for p in copied)
     again = copy_picks(found.picks, tmp_path / "unsorted")  # the same content already there: kept, no error
     assert again == copied
+
+
+def test_an_ensembles_probabilities_come_from_its_members_cached_features(pool, tiny_run, tmp_path):
+    """The same numbers as the ensemble's own classifier, which decodes and runs every member each time."""
+    from cnnkit.ensemble import make_ensemble
+    from cnnkit.labelling import run_probabilities
+    from cnnkit.runs import load_run
+    from tiny_runs import extract_run
+
+    data, run = tiny_run
+    other = extract_run(data, tmp_path / "knn", head="knn", cv=2)
+    ensemble = load_run(make_ensemble([run, other], tmp_path / "ens", weights=[2, 1]))
+    paths = sorted(pool.rglob("*.png"))
+    expected = ensemble.classifier().predict_files(paths).probabilities
+    assert abs(run_probabilities(ensemble, paths) - expected).max() < 1e-5
+    found = label_next(pool, 2, model=ensemble.path)
+    assert found.rule == "margin" and all(p.guess for p in found.picks)
