@@ -178,3 +178,16 @@ def test_an_ensembles_probabilities_come_from_its_members_cached_features(pool, 
     assert abs(run_probabilities(ensemble, paths) - expected).max() < 1e-5
     found = label_next(pool, 2, model=ensemble.path)
     assert found.rule == "margin" and all(p.guess for p in found.picks)
+
+
+@pytest.mark.parametrize("args, code", [(["label-next", "--help"], 0), (["label-next", "pool", "-n", "0"], 2),
+                                        (["label-next", "nowhere", "-n", "3"], 2)])
+def test_help_usage_errors_and_a_missing_pool_do_not_import_tensorflow(args, code):
+    import subprocess
+    import sys
+
+    check = ("import sys\nfrom cnnkit.cli import app\ntry:\n    app(sys.argv[1:], standalone_mode=True)\n"
+             "except SystemExit as exit:\n    code = exit.code\n"
+             "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED', code, file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", check, *args], capture_output=True, text=True, timeout=60)
+    assert f"TF_NOT_LOADED {code}" in result.stderr, result.stderr
