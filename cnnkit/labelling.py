@@ -242,12 +242,14 @@ def label_next(pool: str | Path, n: int, model: str | Path | None = None, labele
         labelled_vectors = _labelled_vectors(labelled, config, engine) if labelled else None
         picks = typical_picks(index, readable, n, labelled_vectors, seed)
         reason = ("no run: typical, diverse images (one per k-means cluster of the pool's features, the most "
-                  "typical of each of the largest clusters no labelled image is in) -- at very low budgets "
-                  "they beat a model's uncertainty")
+                  "typical of each of the largest clusters no labelled image is in); with no labels they beat "
+                  "random picks (Fashion-MNIST, 100 labels: +2.2 points, docs/label_next.md)")
     else:
         picks = margin_picks(index, readable, n, probabilities, class_names, seed)
         reason = (f"a run of {len(class_names)} classes: the images it is least sure of (smallest gap between "
-                  "its two most probable classes), one per cluster of the doubtful ones so the batch is diverse")
+                  "its two most probable classes), one per cluster of the doubtful ones so the batch is diverse; "
+                  "it beat staying with typical picks once there is a run (Fashion-MNIST, 300 labels: +1.9 "
+                  "points; +1.5 over random, docs/label_next.md)")
     if probabilities is not None:
         row_of = {p: i for i, p in enumerate(readable)}
         for pick in picks:
@@ -327,7 +329,7 @@ def typicality(index, neighbours: int = TYPICALITY_NEIGHBOURS) -> np.ndarray:
 
 
 def _kmeans(vectors: np.ndarray, clusters: int, seed: int):
-    """(cluster labels, the fitted model) of ``vectors``: scikit-learn's KMeans, or MiniBatchKMeans for many clusters."""
+    """(cluster labels, the fitted model) of ``vectors``: scikit-learn's KMeans (MiniBatchKMeans when big)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     clusters = max(1, min(clusters, len(vectors)))
