@@ -100,8 +100,18 @@ def reveal(picks, truth: dict[str, str], root: Path, previous: Path | None, test
         name = Path(pick.path).name
         (root / "train" / truth[name]).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(pick.path, root / "train" / truth[name] / name)
-    (root / "test").symlink_to(test.resolve())
+    # A class no pick has yet cannot be trained (auto refuses a test class missing from train): its test
+    # images are left out of the folder and counted as wrong (``test_share``).
+    present = {p.name for p in (root / "train").iterdir() if p.is_dir()}
+    (root / "test").mkdir()
+    for folder in sorted(p for p in test.iterdir() if p.is_dir() and p.name in present):
+        (root / "test" / folder.name).symlink_to(folder.resolve())
     return root
+
+
+def test_share(root: Path, test: Path) -> float:
+    """The share of the hidden test images whose class has training images (1.0: every class)."""
+    return (sum(1 for _ in (root / "test").rglob("*.png")) / sum(1 for _ in test.rglob("*.png")))
 
 
 def class_counts(picks, truth: dict[str, str]) -> dict[str, int]:
@@ -147,8 +157,9 @@ def simulate(out: Path, arm: str, seed: int, rounds: int, per_round: int, truth:
         reveal(found.picks, truth, root, previous_data, out / "test")
         started = time.perf_counter()
         result = run_auto(root, run, seed=seed, force=True)
+        share = test_share(root, out / "test")
         row = {"labels": per_round * round_number, "rule": found.rule,
-               "test_accuracy": result.metrics.get("test_accuracy"), "picked_classes": class_counts(found.picks, truth),
+               "test_accuracy": result.metrics.get("test_accuracy") * share, "test_share": share, "picked_classes": class_counts(found.picks, truth),
                "pick_seconds": round(pick_seconds, 1), "auto_seconds": round(time.perf_counter() - started, 1),
                "plan": result.plan.command_line}
         done.append(row)
