@@ -111,7 +111,10 @@ def reveal(picks, truth: dict[str, str], root: Path, previous: Path | None, test
 
 def test_share(root: Path, test: Path) -> float:
     """The share of the hidden test images whose class has training images (1.0: every class)."""
-    return (sum(1 for _ in (root / "test").rglob("*.png")) / sum(1 for _ in test.rglob("*.png")))
+    def count(folder: Path) -> int:  # class folders may be links, which rglob does not follow
+        return sum(len(list(c.glob("*.png"))) for c in folder.iterdir() if c.is_dir())
+
+    return count(root / "test") / count(test)
 
 
 def class_counts(picks, truth: dict[str, str]) -> dict[str, int]:
