@@ -103,6 +103,7 @@ class LabelNext:
         failures: pool files that could not be read.
         class_names: the run's classes (``None`` without a run).
         computed: images that needed a forward pass (0: every feature came from the cache).
+        labelled_from: where the labelled images to leave out came from ("" : none given).
     """
 
     picks: list[Pick]
@@ -115,6 +116,7 @@ class LabelNext:
     failures: list[SkippedFile] = field(default_factory=list)
     class_names: list[str] | None = None
     computed: int = 0
+    labelled_from: str = ""
 
 
 def index_config(backbone: str = DEFAULT_BACKBONE):
@@ -186,7 +188,7 @@ def label_next(pool: str | Path, n: int, model: str | Path | None = None, labele
         from cnnkit.runs import load_run
 
         run = load_run(model)
-    labelled, _, _ = labelled_images(labeled, run)
+    labelled, _, labelled_from = labelled_images(labeled, run)
     if rule == "auto":
         rule = "margin" if run is not None else "typical"
     if rule == "margin" and run is None:
@@ -257,7 +259,7 @@ def label_next(pool: str | Path, n: int, model: str | Path | None = None, labele
             best = int(np.argmax(row))
             pick.guess, pick.confidence = class_names[best], float(row[best])
     return LabelNext(picks, rule, reason, len(paths), len(readable), already, duplicates,
-                     failures, class_names, table.computed)
+                     failures, class_names, table.computed, labelled_from)
 
 
 def run_probabilities(run, paths: Sequence[Path], engine: str = "auto") -> np.ndarray:

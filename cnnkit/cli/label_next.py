@@ -77,6 +77,8 @@ def label_next(
     console.print(f"pool: {found.pool} images, {found.candidates} to pick from"
                   + (f" ({', '.join(left_out)} left out)" if left_out else "")
                   + (f"; {found.computed} new to the feature cache" if found.computed else "; features from the cache"))
+    if found.labelled_from:
+        console.print(f"labelled: {escape(found.labelled_from)}", soft_wrap=True)
     if not quiet:
         from rich.table import Table
 
