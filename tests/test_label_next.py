@@ -191,3 +191,14 @@ def test_help_usage_errors_and_a_missing_pool_do_not_import_tensorflow(args, cod
              "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED', code, file=sys.stderr)\n")
     result = subprocess.run([sys.executable, "-c", check, *args], capture_output=True, text=True, timeout=60)
     assert f"TF_NOT_LOADED {code}" in result.stderr, result.stderr
+
+
+def test_a_runs_training_images_are_left_out_without_labeled(pool, tiny_run, tmp_path):
+    data, run = tiny_run
+    mixed = tmp_path / "pool"
+    shutil.copytree(pool, mixed / "new")
+    shutil.copytree(data, mixed / "old")  # the run's own training images, under other paths
+    found = label_next(mixed, 18, model=run)
+    assert found.already_labelled == 12 and found.candidates == 18
+    assert f"the run's training data {data}" in found.labelled_from or str(data.resolve()) in found.labelled_from
+    assert not any("old" in p.path.parts for p in found.picks)
