@@ -21,10 +21,14 @@ are cached under ``$CNNKIT_HOME`` (default ``OUT/cache``), so the pool goes thro
 backbone once for every seed and arm. Results are saved after every run, and a rerun
 continues where it stopped.
 
-    python bench/label_next.py --seeds 1,2,3 --out /tmp/label-next --json docs/label_next.json
-    python bench/label_next.py --photos --seeds 1,2,3 --per-round 20 --out /tmp/label-next-photos \
-        --json docs/label_next_photos.json
-    python bench/label_next.py --timing-only --out /tmp/label-next     # label-next's own speed
+    python bench/label_next.py --seeds 1,2,3 --arms label-next,random,typical --out /tmp/lnbench/fm
+    python bench/label_next.py --seeds 4,5 --arms label-next,random --out /tmp/lnbench/fm
+    python bench/label_next.py --photos --seeds 1,2,3 --arms label-next,random --per-round 20 \
+        --out /tmp/lnbench/photos
+    python bench/label_next.py --timing-only --out /tmp/lnbench/fm     # label-next's own speed
+
+Each writes OUT/results.json (``--json FILE``: a copy); docs/label_next.json holds the two
+results files as ``{"fashion_mnist": ..., "photo_crops": ..., "timing": ...}``.
 
 Needs: apt-get install dataset-fashion-mnist (Fashion-MNIST); scikit-image (photos).
 """
