@@ -354,12 +354,14 @@ class FeatureTable:
         kept: indices (into the requested paths) of the rows.
         failures: files that could not be decoded.
         computed: how many images needed a forward pass (0 = all cached).
+        hashes: the content hash (SHA-1) of each row's file, when the cache was used.
     """
 
     features: dict[str, np.ndarray]
     kept: np.ndarray
     failures: list[SkippedFile] = field(default_factory=list)
     computed: int = 0
+    hashes: list[str] = field(default_factory=list)
 
     def select(self, layers: Sequence[str]) -> np.ndarray:
         """The chosen layers' features side by side: (rows, sum of dims); one layer's is the table's own array."""
@@ -540,7 +542,7 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
     # keep all of it in memory.
     features = {s: take_rows(a, rows) if len(rows) == len(a) else a[rows]
                 for s, a in cached.items() if stages is None or s in stages}
-    return FeatureTable(features, kept, failures, computed=len(todo))
+    return FeatureTable(features, kept, failures, computed=len(todo), hashes=[hashes[i] for i in kept])
 
 
 def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:

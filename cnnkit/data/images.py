@@ -169,3 +169,53 @@ def check_image_header(path: str | Path) -> str | None:
     except Exception as error:  # noqa: BLE001 - as in load_image
         return _reason(path, error)
     return None
+
+
+class ImageFacts:
+    """What `doctor` reads of one image: its size and mode, and a small grey thumbnail.
+
+    Attributes:
+        width, height: as displayed (EXIF orientation applied).
+        mode: Pillow's mode as stored (``RGB``, ``L``, ``P``, ...).
+        grey_as_colour: stored with colour channels that are all equal.
+        thumbnail: (side, side) ``uint8`` grey pixels of the whole image, squashed to a square.
+    """
+
+    __slots__ = ("width", "height", "mode", "grey_as_colour", "thumbnail")
+
+    def __init__(self, width: int, height: int, mode: str, grey_as_colour: bool, thumbnail: np.ndarray):
+        self.width, self.height, self.mode = width, height, mode
+        self.grey_as_colour, self.thumbnail = grey_as_colour, thumbnail
+
+
+def inspect_image(path: str | Path, side: int = 64) -> ImageFacts:
+    """Read an image's size, mode and a ``side`` x ``side`` grey thumbnail (safe as ``load_image``).
+
+    JPEGs are decoded at reduced scale (``draft``): the thumbnail needs few pixels.
+
+    Raises:
+        UnreadableImageError: as ``load_image``.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _open(path) as image:
+                image.seek(0)
+                mode = image.mode
+                stored = image.size  # before draft scaling: the file's own size
+                if image.format == "JPEG":
+                    image.draft(image.mode, (side * 2, side * 2))
+                image.load()
+                turned = ImageOps.exif_transpose(image) or image
+                width, height = stored if turned.size == image.size or turned.size[0] == turned.size[1] \
+                    else stored[::-1]
+                image = turned
+                rgb = _to_rgb(image).resize((side, side), Image.Resampling.BILINEAR)
+                pixels = np.asarray(rgb, dtype=np.int16)
+                spread = int(np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max())
+                grey = np.asarray(rgb.convert("L"), dtype=np.uint8)
+                return ImageFacts(width, height, mode, mode not in ("L", "LA", "1", "I", "I;16", "F")
+                                  and spread <= 2, grey)
+    except Exception as error:  # noqa: BLE001 - as in load_image
+        raise UnreadableImageError(f"{path}: {_reason(path, error)}") from None

@@ -1,0 +1,294 @@
+"""`cnnkit doctor`: what is wrong with a dataset before it is trained on.
+
+One pass over the data gives everything the checks read: the cached pretrained features of
+every image (``cnnkit.features``, keyed by content hash: a dataset that was already extracted
+or advised costs no forward pass), each file's content hash, and a 64 x 64 grey thumbnail with
+the stored size. Then:
+
+- **exact duplicates** (same bytes), within a split and across splits;
+- **leaks**: a training image that is a copy (exact or near: re-encoded, resized, shifted,
+  cropped, brightened) of a validation or test image (``cnnkit.doctor.duplicates``);
+- **near-duplicates** within a split;
+- **likely label errors** by confident learning (``cnnkit.doctor.labels``);
+- **outliers**: images far from every other image in the feature space (the shared
+  nearest-neighbour index, ``cnnkit.neighbours``);
+- **image properties** and unreadable files (``cnnkit.doctor.properties``);
+- class balance.
+
+Each finding has a kind, a score (higher: surer or worse), the file, the other file of a
+pair, and an action: ``exclude`` (``--exclude issues.csv`` leaves it out of training) or
+``review`` (worth a look, not wrong in itself).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit.backbones.registry import DEFAULT_BACKBONE
+from cnnkit.doctor.duplicates import CopyThresholds
+from cnnkit.doctor.properties import PropertyThresholds
+from cnnkit.errors import CnnkitError
+from cnnkit.options import Engine, Precision
+
+# The kinds, most serious first; the action a finding of each kind gets.
+KINDS = {
+    "unreadable": "exclude", "leak": "exclude", "exact-duplicate": "exclude", "label-error": "exclude",
+    "outlier": "exclude", "blank": "exclude", "near-duplicate": "exclude", "dark": "review", "light": "review",
+    "blurry": "review", "tiny": "review", "odd-aspect": "review", "grey-as-colour": "review",
+}
+CSV_COLUMNS = ("path", "kind", "score", "action", "other", "given", "suggested", "split", "detail")
+# Splits that train, and the held-out ones a copy of must not be trained on.
+HELD_OUT = ("test", "val")
+
+
+@dataclass
+class DoctorOptions:
+    """What features the checks read and when they flag.
+
+    The default features are those of ``auto``'s little-data plan on a different domain
+    (conv4 over 3 x 3 regions and the top layer, mirror-averaged): the best label-error
+    precision of the feature sets measured (docs/doctor.md), and a dataset ``auto`` has seen
+    is then read from the cache.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    layers: str = "conv4,top"
+    grid: int = 3
+    flip: bool = True
+    image_size: int | None = None
+    weights: str = "imagenet"
+    engine: Engine = Engine.auto
+    precision: Precision = Precision.float32
+    batch_size: int = 32
+    folds: int = 5
+    seed: int = 0
+    neighbours: int = 10
+    outlier_z: float = 6.0
+    copies: CopyThresholds = field(default_factory=CopyThresholds)
+    properties: PropertyThresholds = field(default_factory=PropertyThresholds)
+    use_cache: bool = True
+
+
+@dataclass
+class Finding:
+    """One thing wrong (or worth a look) with one file."""
+
+    path: str
+    kind: str
+    score: float
+    split: str = ""
+    other: str = ""
+    given: str = ""
+    suggested: str = ""
+    detail: str = ""
+
+    @property
+    def action(self) -> str:
+        return KINDS[self.kind]
+
+    def row(self) -> dict:
+        return {**asdict(self), "score": round(self.score, 4), "action": self.action}
+
+
+@dataclass
+class Diagnosis:
+    """Everything `doctor` found, and what it looked at."""
+
+    source: str
+    class_names: list[str]
+    counts: dict[str, dict[str, int]]
+    images: int
+    findings: list[Finding]
+    notes: list[str] = field(default_factory=list)
+    computed: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def of_kind(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    @property
+    def kind_counts(self) -> dict[str, int]:
+        return {kind: n for kind in KINDS if (n := len(self.of_kind(kind)))}
+
+    @property
+    def imbalance(self) -> float:
+        train = [n for n in self.counts.get("train", {}).values()]
+        return max(train) / min(train) if train and min(train) else float("inf")
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "images": self.images, "classes": self.class_names, "counts": self.counts,
+                "imbalance": self.imbalance if np.isfinite(self.imbalance) else None,
+                "kinds": self.kind_counts, "notes": self.notes, "computed": self.computed,
+                "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+                "findings": [f.row() for f in self.findings]}
+
+    def write_csv(self, path: Path) -> None:
+        """``issues.csv``: one row per finding (``CSV_COLUMNS``), the form ``--exclude`` reads."""
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(f.row() for f in self.findings)
+
+
+def inspect_all(paths: list[Path]) -> tuple[list, list]:
+    """``inspect_image`` of every file (threads: Pillow decodes without the GIL): (facts or None, reasons)."""
+    from cnnkit.data.images import UnreadableImageError, inspect_image
+
+    def one(path: Path):
+        try:
+            return inspect_image(path), None
+        except UnreadableImageError as error:
+            return None, str(error).split(": ", 1)[-1]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(one, paths, chunksize=64))
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+def diagnose(data: str | Path, options: DoctorOptions | None = None,
+             progress: Callable[[int, int], None] | None = None,
+             say: Callable[[str], None] | None = None) -> Diagnosis:
+    """Check a dataset (a folder of class folders, train/val/test trees, or a CSV) for the faults above."""
+    from cnnkit.backbones import get_backbone
+    from cnnkit.data import load_dataset
+    from cnnkit.doctor.duplicates import find_copies
+    from cnnkit.doctor.labels import find_label_issues
+    from cnnkit.doctor.properties import property_flags, robust_z
+    from cnnkit.features import FeatureConfig, compute_features, parse_layers
+    from cnnkit.neighbours import NeighbourIndex
+
+    options = options or DoctorOptions()
+    say = say or (lambda message: None)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    dataset = load_dataset(data)
+    spec = get_backbone(options.backbone)
+    layers = parse_layers(spec, options.layers)
+    top = spec.stage_key("top")
+    samples = [(name, s) for name, split in dataset.splits.items() for s in split]
+    findings = [Finding(str(s.path), "unreadable", 1.0, detail=s.reason) for s in dataset.skipped]
+
+    say(f"features of {len(samples)} images ({options.backbone} {options.layers})")
+    config = FeatureConfig(options.backbone, options.weights, options.image_size, flip=options.flip,
+                           grid=options.grid, precision=options.precision)
+    table = compute_features([s.path for _, s in samples], config, options.batch_size, options.use_cache,
+                             progress=progress, engine=options.engine,
+                             stages=sorted({top, *(spec.stage_key(layer) for layer in layers)}))
+    seconds["features"] = time.perf_counter() - started
+    failed = {f.path for f in table.failures}
+    split_of = {str(s.path): name for name, s in samples}
+    findings += [Finding(str(f.path), "unreadable", 1.0, split_of.get(str(f.path), ""), detail=f.reason)
+                 for f in table.failures]
+    kept = [samples[i] for i in table.kept]
+    if not kept:
+        raise CnnkitError(f"{data}: no readable images to check")
+
+    started = time.perf_counter()
+    say("reading pixels")
+    facts, reasons = inspect_all([s.path for _, s in kept])
+    readable = np.array([f is not None for f in facts])
+    findings += [Finding(str(kept[i][1].path), "unreadable", 1.0, kept[i][0], detail=reasons[i])
+                 for i in np.flatnonzero(~readable) if kept[i][1].path not in failed]
+    rows = np.flatnonzero(readable)
+    kept = [kept[i] for i in rows]
+    facts = [facts[i] for i in rows]
+    hashes = [table.hashes[i] for i in rows] if table.hashes else [str(i) for i in range(len(rows))]
+    features = {stage: table.features[stage][rows] for stage in table.features}
+    paths = [str(s.path) for _, s in kept]
+    splits = np.array([name for name, _ in kept])
+    labels = np.array([s.label for _, s in kept], np.int64)
+    names = dataset.class_names
+    thumbnails = np.stack([f.thumbnail for f in facts])
+    seconds["pixels"] = time.perf_counter() - started
+
+    # Exact duplicates: the first file of each content is the original, in split then path order.
+    started = time.perf_counter()
+    rank = {name: i for i, name in enumerate(("train", "val", "test"))}
+    first_of: dict[str, int] = {}
+    exact_twin = np.full(len(kept), -1, np.int64)
+    for row in sorted(range(len(kept)), key=lambda r: (-rank.get(splits[r], 0), paths[r])):
+        original = first_of.setdefault(hashes[row], row)
+        if original != row:
+            exact_twin[row] = original
+    for row in np.flatnonzero(exact_twin >= 0):
+        original = exact_twin[row]
+        conflict = labels[row] != labels[original]
+        kind = "leak" if splits[row] != splits[original] and splits[row] not in HELD_OUT else "exact-duplicate"
+        findings.append(Finding(paths[row], kind, 1.0, splits[row], paths[original], names[labels[row]],
+                                names[labels[original]] if conflict else "",
+                                "exact copy" + (f" labelled {names[labels[original]]} there" if conflict else "")))
+
+    say("nearest neighbours")
+    index = NeighbourIndex.build(features[top], seed=options.seed)
+    neighbours, similarity = index.graph(options.neighbours)
+    same_content = np.array([[hashes[j] == hashes[i] for j in neighbours[i]] for i in range(len(kept))],
+                            bool).reshape(neighbours.shape)
+
+    # Leaks: each held-out image against its nearest training images.
+    held = np.flatnonzero(np.isin(splits, HELD_OUT))
+    if len(held):
+        training = ~np.isin(splits[neighbours[held]], HELD_OUT) & ~same_content[held]
+        candidates = np.where(training, neighbours[held], -1)
+        for match in find_copies(thumbnails, held, candidates, options.copies):
+            train_row = match.original
+            findings.append(Finding(paths[train_row], "leak", match.score, splits[train_row], paths[match.copy],
+                                    names[labels[train_row]],
+                                    detail=f"near copy of a {splits[match.copy]} image (detail correlation "
+                                           f"{match.score:.3f}, {match.gap:.2f} above the next candidate)"))
+    # Near-duplicates within a split: the three nearest, when the features already nearly agree.
+    close = ((splits[neighbours] == splits[:, None]) & ~same_content & (similarity >= 0.85))[:, :3]
+    queries = np.flatnonzero(close.any(axis=1))
+    reported: set[frozenset] = set()
+    for match in find_copies(thumbnails, queries, np.where(close[queries], neighbours[queries, :3], -1),
+                             options.copies):
+        pair = frozenset((match.copy, match.original))
+        if pair in reported:
+            continue
+        reported.add(pair)
+        later, earlier = max(pair, key=lambda r: paths[r]), min(pair, key=lambda r: paths[r])
+        findings.append(Finding(paths[later], "near-duplicate", match.score, splits[later], paths[earlier],
+                                names[labels[later]], detail=f"detail correlation {match.score:.3f}"))
+    seconds["duplicates"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    say("label errors (out-of-fold probabilities)")
+    selected = np.concatenate([features[spec.stage_key(layer)] for layer in layers], axis=1)
+    issues = find_label_issues(selected, labels, options.folds, options.seed)
+    for row, suggested, margin in zip(issues.rows, issues.suggested, issues.margins):
+        probabilities = issues.probabilities[row]
+        findings.append(Finding(paths[row], "label-error", float(margin), splits[row], given=names[labels[row]],
+                                suggested=names[suggested],
+                                detail=f"looks like {names[suggested]} ({probabilities[suggested]:.2f}), "
+                                       f"not {names[labels[row]]} ({probabilities[labels[row]]:.2f})"))
+    seconds["labels"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    distance = 1.0 - similarity[:, :5].mean(axis=1) if similarity.shape[1] else np.zeros(len(kept))
+    outlying = robust_z(distance)
+    for row in np.flatnonzero(outlying >= options.outlier_z):
+        findings.append(Finding(paths[row], "outlier", float(outlying[row]), splits[row], given=names[labels[row]],
+                                detail=f"unlike the rest: mean similarity to its 5 nearest images "
+                                       f"{1 - distance[row]:.2f} (robust z {outlying[row]:.1f})"))
+    sizes = np.array([[f.width, f.height] for f in facts])
+    flags, note = property_flags(thumbnails, sizes, np.array([f.grey_as_colour for f in facts]), options.properties)
+    findings += [Finding(paths[f.row], f.kind, f.score, splits[f.row], given=names[labels[f.row]], detail=f.detail)
+                 for f in flags]
+    seconds["properties"] = time.perf_counter() - started
+
+    order = {kind: i for i, kind in enumerate(KINDS)}
+    findings.sort(key=lambda f: (order[f.kind], -f.score, f.path))
+    counts = {name: dataset.summary(name).counts for name in dataset.splits}
+    notes = [note] if note else []
+    train_counts = list(counts.get("train", {}).values())
+    if train_counts and min(train_counts) and max(train_counts) / min(train_counts) >= 3:
+        notes.append(f"classes are unbalanced: {max(train_counts)} training images in the largest class, "
+                     f"{min(train_counts)} in the smallest (heads weight classes; consider more of the small ones)")
+    return Diagnosis(str(dataset.source), names, counts, len(samples) + len(dataset.skipped), findings, notes,
+                     table.computed, seconds)

@@ -1,0 +1,101 @@
+"""Likely label errors: confident learning (Northcutt, Jiang and Chuang, JAIR 2021) on out-of-fold probabilities.
+
+1. Out-of-fold probabilities of every labelled image: a logistic head on its standardised
+   features, fitted on the other folds (``folds``-fold stratified CV).
+2. A second round refits each fold without the images the first round doubted (normalised
+   margin above ``DOUBT``), so wrong labels teach the head less; the two rounds are averaged.
+3. Per class ``j`` the threshold ``t_j`` is the mean probability of ``j`` over the images
+   labelled ``j``. An image labelled ``i`` is confidently another class when some ``j != i``
+   has ``p_j >= t_j`` (the off-diagonal of the *confident joint*); their count estimates how
+   many labels are wrong.
+4. That many images are flagged, ranked by the normalised margin ``max_{j != i} p_j - p_i``
+   (cleanlab's ``prune_by_noise_rate`` ranking), each with the class of that max as the suggestion.
+
+cleanlab implements the same method but is AGPL-3.0, which cnnkit's users would inherit;
+``bench/doctor.py`` compares the two on the same probabilities (docs/doctor.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# A first-round normalised margin above this keeps an image out of the second round's fits.
+DOUBT = 0.3
+# The logistic head's C: strong regularisation keeps it from fitting the wrong labels (docs/doctor.md).
+C = 0.01
+# Past this many images, the head is fitted on this many principal components (it stays under a minute).
+LARGE = 10_000
+LARGE_DIMS = 256
+
+
+@dataclass
+class LabelIssues:
+    """Flagged rows, each with its suggested class and normalised margin, worst first."""
+
+    rows: np.ndarray
+    suggested: np.ndarray
+    margins: np.ndarray
+    probabilities: np.ndarray
+
+
+def out_of_fold(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0,
+                leave_out: np.ndarray | None = None) -> np.ndarray:
+    """(n, classes) probabilities of each image from a head fitted on the other folds.
+
+    ``leave_out`` (a boolean mask) keeps images out of every fit (they are still predicted).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classes = int(labels.max()) + 1
+    probabilities = np.zeros((len(labels), classes), np.float32)
+    smallest = int(np.bincount(labels).min())
+    splitter = StratifiedKFold(min(folds, max(smallest, 2)), shuffle=True, random_state=seed)
+    for train, test in splitter.split(features, labels):
+        if leave_out is not None:
+            train = train[~leave_out[train]]
+        head = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000))
+        head.fit(features[train], labels[train])
+        probabilities[np.ix_(test, head.classes_)] = head.predict_proba(features[test])
+    return probabilities
+
+
+def normalised_margin(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``max_{j != label} p_j - p_label``, that ``j``) per image."""
+    others = probabilities.copy()
+    others[np.arange(len(labels)), labels] = -np.inf
+    suggested = others.argmax(axis=1)
+    return others.max(axis=1) - probabilities[np.arange(len(labels)), labels], suggested
+
+
+def find_label_issues(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0) -> LabelIssues:
+    """Confident learning's label issues (module docstring) for ``features`` labelled ``labels``."""
+    features = np.asarray(features, np.float32)
+    labels = np.asarray(labels, np.int64)
+    empty = LabelIssues(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
+                        np.zeros((len(labels), 0), np.float32))
+    if len(np.unique(labels)) < 2 or np.bincount(labels)[np.unique(labels)].min() < 2:
+        return empty
+    if len(features) > LARGE and features.shape[1] > LARGE_DIMS:
+        from sklearn.decomposition import PCA
+
+        scaled = (features - features.mean(axis=0)) / (features.std(axis=0) + 1e-6)
+        features = PCA(LARGE_DIMS, svd_solver="covariance_eigh", random_state=seed).fit_transform(scaled)
+    first = out_of_fold(features, labels, folds, seed)
+    doubted = normalised_margin(first, labels)[0] > DOUBT
+    second = out_of_fold(features, labels, folds, seed, leave_out=doubted) if doubted.any() else first
+    probabilities = (first + second) / 2
+    classes = probabilities.shape[1]
+    thresholds = np.array([probabilities[labels == j, j].mean() if np.any(labels == j) else 1.0
+                           for j in range(classes)])
+    confident = probabilities >= thresholds
+    confident[np.arange(len(labels)), labels] = False
+    estimated = int(confident.any(axis=1).sum())
+    margins, suggested = normalised_margin(probabilities, labels)
+    order = np.argsort(-margins, kind="stable")
+    rows = np.array([r for r in order[:estimated] if margins[r] > 0], np.int64)
+    return LabelIssues(rows, suggested[rows], margins[rows].astype(np.float32), probabilities)
