@@ -41,6 +41,7 @@ def captured(monkeypatch):
     result = SimpleNamespace(run_path=Path("RUN"), metrics=metrics, tried=[], layers=["top"], head="logreg", feature_dims=1,
                              fitted=SimpleNamespace(best_params={}), counts={}, computed=0,
                              seconds={"features": 0.0, "head": 0.0}, skipped=[], interrupted=False,
+                             dataset=SimpleNamespace(excluded=[]),
                              diagnosis=[], sanity=None, weights_digest="")
 
     def fake_extract(data, options, out=None, force=False, **kwargs):
@@ -106,12 +107,14 @@ def test_advise_json_auto_and_the_printed_command_agree(strategy, tmp_path, monk
 
 @pytest.mark.parametrize("command, options", [
     ("extract", ExtractOptions(layers="conv3,conv4", head="svm", head_param=3.0, pca=64, whiten=True, l2_normalize=True,
-                               pool="max", flip=True, use_cache=False, cv=3, val_split=0.0, image_size=96)),
+                               pool="max", flip=True, use_cache=False, cv=3, val_split=0.0, image_size=96,
+                               exclude="issues.csv")),
     ("finetune", preset("finetune", freeze="conv2", optimizer="adamw", schedule="cosine", warmup=1, augment="strong",
                         finetune_lr_scale=0.3, momentum=0.8, plateau_patience=0, deterministic=True, device="cpu",
                         batchnorm="frozen", time_limit=12.5)),
     ("train", preset("train", backbone="tiny_cnn", weights="imagenet", epochs=3, image_size=28, dropout=0.0,
-                     erase=0.25, label_smoothing=0.05, sanity=True, strict=True, time_limit=0.5)),
+                     erase=0.25, label_smoothing=0.05, sanity=True, strict=True, time_limit=0.5,
+                     exclude="left out.txt")),
 ])
 def test_any_options_survive_a_round_trip_through_their_command_line(command, options, captured, tmp_path):
     line = command_line(command, tmp_path / "data", options)

@@ -37,7 +37,7 @@ def _csv_rows(text: str, file: Path) -> list[tuple[int, str]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     header = [cell.strip().lower() for cell in next(reader, [])]
     if "path" not in header:
-        raise CnnkitError(f"{file}:1: a CSV without a 'path' column; {_WHAT}")
+        raise CnnkitError(f"--exclude {file}:1: a CSV without a 'path' column; {_WHAT}")
     path_at, action_at = header.index("path"), header.index("action") if "action" in header else None
     rows = []
     start = 2
@@ -49,10 +49,10 @@ def _csv_rows(text: str, file: Path) -> list[tuple[int, str]]:
             if action_at is not None and (len(row) <= action_at or row[action_at].strip().lower() != "exclude"):
                 continue
             if len(row) <= path_at or not row[path_at].strip():
-                raise CnnkitError(f"{file}:{line}: empty path; give every row to exclude its file's path")
+                raise CnnkitError(f"--exclude {file}:{line}: empty path; give every row to exclude its file's path")
             rows.append((line, row[path_at].strip()))
     except csv.Error as error:
-        raise CnnkitError(f"{file}:{start}: {error}; {_WHAT}") from None
+        raise CnnkitError(f"--exclude {file}:{start}: {error}; {_WHAT}") from None
     return rows
 
 
@@ -85,7 +85,7 @@ def read_exclusions(path: str | Path) -> set[Path]:
     first = next((line for line in text.splitlines() if line.strip()), "")
     is_csv = "," in first and "path" in [cell.strip().lower() for cell in next(csv.reader([first]))]
     if file.suffix.lower() == ".csv" and not is_csv:
-        raise CnnkitError(f"{file}:1: a CSV without a 'path' column; {_WHAT}")
+        raise CnnkitError(f"--exclude {file}:1: a CSV without a 'path' column; {_WHAT}")
     rows = _csv_rows(text, file) if is_csv else _list_rows(text)
     if not rows:
         what = "no rows to exclude (action 'exclude')" if is_csv else "no paths (only blank lines or # comments)"
@@ -96,7 +96,8 @@ def read_exclusions(path: str | Path) -> set[Path]:
         try:
             paths.add(_resolve(text, folder))
         except (OSError, ValueError, RuntimeError) as error:  # a NUL byte, a name too long, a link loop
-            raise CnnkitError(f"{file}:{line}: not a usable path ({getattr(error, 'strerror', None) or error})") from None
+            reason = getattr(error, "strerror", None) or error
+            raise CnnkitError(f"--exclude {file}:{line}: not a usable path ({reason})") from None
     return paths
 
 
