@@ -65,8 +65,8 @@ def _list_rows(text: str) -> list[tuple[int, str]]:
 def read_exclusions(path: str | Path) -> set[Path]:
     """The resolved absolute paths that ``path`` (an issues.csv or a list of paths) says to leave out.
 
-    A file whose first line has a ``path`` column among commas is read as a CSV, anything else
-    as a list. Safe on any file: the text is only parsed (nothing in it is evaluated), FILE is
+    A ``.csv`` file, or one whose first line has a ``path`` column among commas, is read as a
+    CSV; anything else as a list. Safe on any file: the text is only parsed (nothing in it is evaluated), FILE is
     never written, and a path in it is only compared with the dataset's paths, never opened.
 
     Raises:
@@ -83,9 +83,8 @@ def read_exclusions(path: str | Path) -> set[Path]:
     except OSError as error:
         raise CnnkitError(f"--exclude {file}: cannot read it ({error.strerror or error})") from None
     first = next((line for line in text.splitlines() if line.strip()), "")
-    is_csv = "," in first and "path" in [cell.strip().lower() for cell in next(csv.reader([first]))]
-    if file.suffix.lower() == ".csv" and not is_csv:
-        raise CnnkitError(f"--exclude {file}:1: a CSV without a 'path' column; {_WHAT}")
+    is_csv = file.suffix.lower() == ".csv" or (
+        "," in first and "path" in [cell.strip().lower() for cell in next(csv.reader([first]))])
     rows = _csv_rows(text, file) if is_csv else _list_rows(text)
     if not rows:
         what = "no rows to exclude (action 'exclude')" if is_csv else "no paths (only blank lines or # comments)"
