@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
 from cnnkit.advise import Advice, Thresholds, advise
 from cnnkit.backbones.registry import DEFAULT_BACKBONE
-from cnnkit.data import load_dataset
+from cnnkit.data import left_out_line, load_excluding
 from cnnkit.kinds import TriedRow
-from cnnkit.plan import tried_in
+from cnnkit.plan import Plan, tried_in
 
 
 @dataclass
@@ -45,12 +45,14 @@ class AutoResult:
 def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE,
              budget_minutes: float = 10.0, thresholds: Thresholds | None = None, seed: int = 0,
              force: bool = False, say: Callable[[str], None] | None = None,
-             report: Callable[[dict], None] | None = None) -> AutoResult:
+             report: Callable[[dict], None] | None = None, exclude: str | Path | None = None) -> AutoResult:
     """Measure, plan, run, evaluate and report.
 
     Args:
         budget_minutes: the time to aim for: probes are sampled, and the plan's
             training epochs are sized from the measured speed to fit it.
+        exclude: a file listing images to leave out (``cnnkit.data.exclude``): advice and plan see
+            the dataset without them, and the plan's options carry it so its command line reproduces it.
     """
     from cnnkit.runs import check_destination
 
@@ -58,9 +60,13 @@ def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE
     started = time.perf_counter()
     out = Path(out)
     check_destination(out, force)
-    dataset = load_dataset(data)
+    dataset = load_excluding(data, exclude)
+    if exclude:
+        say(left_out_line(dataset, exclude))
     say("measuring the data")
     advice = advise(data, backbone, thresholds=thresholds, seed=seed, dataset=dataset, budget_minutes=budget_minutes)
+    if exclude:
+        advice.plan = _with_exclude(advice.plan, str(exclude))
     say(f"cell: {advice.cell['data']} data, {advice.cell['domain']} domain -> {advice.strategy}")
     say(f"running: {advice.plan.command_line}")
 
@@ -75,6 +81,14 @@ def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE
     result = advice.plan.run(out, force, dataset=dataset, attach=[attach_report], report=report, say=say)
     return AutoResult(advice, result.run_path, list(result.tried), result.metrics,
                       time.perf_counter() - started)
+
+
+def _with_exclude(plan: Plan, exclude: str) -> Plan:
+    """``plan`` whose options (its members', for an ensemble) record ``--exclude``: the dataset it is given
+    already leaves the files out; the option makes the recorded command lines do the same."""
+    if plan.options is not None:
+        return replace(plan, options=replace(plan.options, exclude=exclude))
+    return replace(plan, members=[_with_exclude(member, exclude) for member in plan.members])
 
 
 def render_report(result: AutoResult) -> str:

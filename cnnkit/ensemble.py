@@ -43,7 +43,8 @@ def parse_weights(text: str | None, count: int) -> list[float]:
 def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Sequence[float] | None = None,
                   force: bool = False, attach: Sequence = (), data: str | Path | None = None,
                   progress: Callable[[int, int], None] | None = None, table_strategy: str | None = None,
-                  command_line: str | None = None, split: str | None = None) -> Path:
+                  command_line: str | None = None, split: str | None = None,
+                  exclude: str | Path | None = None) -> Path:
     """Write a run at ``out`` averaging the probabilities of the runs ``members``.
 
     Args:
@@ -58,6 +59,7 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
         split: score ``data``'s split of this name instead, recorded as ``<split>_accuracy``
             (`auto`'s plans: the test split of the data the members learned from).
         progress: ``(done, total)`` callback over those images.
+        exclude: a file listing images of ``data`` to leave out of the score (``--exclude``; `auto`'s plans).
         table_strategy: the strategy-table cell this run carries out (`auto`), to record.
         command_line: the commands that made it, to record, when not this one call (`auto`'s plan).
 
@@ -104,7 +106,7 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path, weights: Seque
         from cnnkit.reporting.evidence import write_evidence
 
         run = open_unsealed(folder, manifest)
-        evaluation = evaluate_run(run, data, split=split, progress=progress)
+        evaluation = evaluate_run(run, data, split=split, progress=progress, exclude=exclude)
         write_evidence(evaluation, folder / "heldout" / (split or "data"), run)
         manifest.metrics[f"{split or 'data'}_accuracy"] = evaluation.accuracy
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data import SkippedFile, load_dataset
+from cnnkit.data import SkippedFile, load_excluding
 from cnnkit.errors import CnnkitError
 
 
@@ -67,7 +67,7 @@ class Evaluation:
 
 def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = None, batch_size: int = 32,
                  progress: Callable[[int, int], None] | None = None, engine: str = "auto",
-                 tta=None, precision: str = "float32") -> Evaluation:
+                 tta=None, precision: str = "float32", exclude: str | Path | None = None) -> Evaluation:
     """Classify every labelled image of ``data`` with the run and score it.
 
     Args:
@@ -78,11 +78,12 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
             whose images are all in the feature cache runs none.
         tta: a ``cnnkit.tta.TTA`` to average each image's views (the scores
             without it come from the same pass), or ``None``.
+        exclude: a file listing images of ``data`` to leave out (``cnnkit.data.exclude``).
     """
     from cnnkit.runs import Run, load_run
 
     run = run_path if isinstance(run_path, Run) else load_run(run_path)
-    dataset = load_dataset(data)
+    dataset = load_excluding(data, exclude)
     if split is None:
         samples = dataset.splits.get("test") or dataset.samples
     elif split in dataset.splits:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cnnkit.data import Dataset, SkippedFile, load_dataset, split_dataset
+from cnnkit.data import Dataset, SkippedFile, load_excluding, split_dataset
 from cnnkit.errors import CnnkitError
 from cnnkit.features import FeatureConfig, compute_features, parse_layers, take_rows
 from cnnkit.heads import FittedHead, fit_head, save_head
@@ -127,7 +127,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
         out: the run folder to write; ``None`` to only measure.
         force: replace an existing run at ``out``.
         progress: ``(done, total)`` callback over images needing a forward pass.
-        dataset: an already loaded dataset (``data`` is then only recorded).
+        dataset: an already loaded dataset (``data`` is then only recorded; ``options.exclude`` was applied).
         attach: hooks adding reports to the run (see ``cnnkit.runs.Attachment``).
         table_strategy: the strategy-table cell this run carries out, to record.
         report: called with each (layers, head) candidate as the search scores it.
@@ -154,7 +154,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    dataset = dataset or load_dataset(data, strict=options.strict)
+    dataset = dataset or load_excluding(data, options.exclude, strict=options.strict)
     splits = split_dataset(dataset, options.val_split, options.seed)
     samples = [s for split in splits.values() for s in split]
     needed = sorted({spec.stage_key(layer) for layers in layer_sets for layer in layers})
@@ -230,7 +230,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
                                     cross_validated_probabilities(fitted, x_train, y_train, options.seed),
                                     train_paths)
 
-        hooks = run_attachments(evaluation, held_out, dataset.skipped + table.failures, attach)
+        hooks = run_attachments(evaluation, held_out, dataset.skipped + table.failures, attach, dataset.excluded)
         run_path = write_run(out, manifest, write_files, force, attach=hooks)
 
     return ExtractResult(run_path, dataset, layers, str(head), int(x_all.shape[1]), fitted, metrics, counts,

@@ -142,6 +142,8 @@ class ExtractOptions:
     strict: bool = False
     engine: Engine = Engine.auto
     precision: Precision = Precision.float32
+    # --exclude: a file listing images to leave out (cnnkit.data.exclude); recorded so the command line reproduces it.
+    exclude: str | None = None
 
     def __post_init__(self):
         self.pool = Pool.parse(self.pool, "--pool")
@@ -248,6 +250,8 @@ class TrainOptions:
     strict: bool = False
     # Minutes training may take (from the start of the command); the epochs are cut to what fits.
     time_limit: float | None = None
+    # --exclude: a file listing images to leave out (cnnkit.data.exclude); recorded so the command line reproduces it.
+    exclude: str | None = None
 
     def __post_init__(self):
         self.mode = Mode.parse(self.mode, "mode")

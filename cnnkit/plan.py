@@ -92,7 +92,8 @@ class Plan:
             scored = "test" if not shared and dataset is not None and dataset.splits.get("test") else None
             path = make_ensemble([result.run_path for result in results], out, weights=weights, force=force,
                                  attach=[*shared, *attach], table_strategy=str(self.strategy),
-                                 command_line=self.command_line, data=self.data if scored else None, split=scored)
+                                 command_line=self.command_line, data=self.data if scored else None, split=scored,
+                                 exclude=self.members[0].options.exclude)
         run = load_run(path)
         return EnsembleResult(path, run.manifest.metrics, tried_in(run))
 

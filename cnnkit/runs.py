@@ -26,6 +26,7 @@ RUN/
                     split test, val, data (ensemble --data) or cv (an extract run that trained on
                     every image: its cross-validated predictions)
   skipped.json      the files the run could not read, and why
+  excluded.txt      the files --exclude left out, one path a line
   checkpoints/      an interrupted network run: what --resume continues from
 ```
 
@@ -80,6 +81,8 @@ class DataSummary(Section):
     splits: dict[str, int]
     classes: dict[str, int]
     skipped: int = 0
+    # Files --exclude left out (listed in excluded.txt); 0 in runs from before the option.
+    excluded: int = 0
 
 
 def model_sections():
@@ -168,7 +171,8 @@ def data_summary(dataset, splits: dict[str, list], skipped: int = 0) -> DataSumm
     fingerprint = hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
     return DataSummary(source=str(Path(dataset.source).resolve()), fingerprint=fingerprint,
                        splits={name: len(samples) for name, samples in splits.items()},
-                       classes=dataset.summary().counts, skipped=skipped)
+                       classes=dataset.summary().counts, skipped=skipped,
+                       excluded=len(dataset.excluded))
 
 
 def check_destination(out: Path, force: bool) -> None:

@@ -41,6 +41,7 @@ def captured(monkeypatch):
     result = SimpleNamespace(run_path=Path("RUN"), metrics=metrics, tried=[], layers=["top"], head="logreg", feature_dims=1,
                              fitted=SimpleNamespace(best_params={}), counts={}, computed=0,
                              seconds={"features": 0.0, "head": 0.0}, skipped=[], interrupted=False,
+                             dataset=SimpleNamespace(source=Path("data"), excluded=[], unmatched=0),
                              diagnosis=[], sanity=None, weights_digest="")
 
     def fake_extract(data, options, out=None, force=False, **kwargs):
@@ -106,12 +107,14 @@ def test_advise_json_auto_and_the_printed_command_agree(strategy, tmp_path, monk
 
 @pytest.mark.parametrize("command, options", [
     ("extract", ExtractOptions(layers="conv3,conv4", head="svm", head_param=3.0, pca=64, whiten=True, l2_normalize=True,
-                               pool="max", flip=True, use_cache=False, cv=3, val_split=0.0, image_size=96)),
+                               pool="max", flip=True, use_cache=False, cv=3, val_split=0.0, image_size=96,
+                               exclude="issues.csv")),
     ("finetune", preset("finetune", freeze="conv2", optimizer="adamw", schedule="cosine", warmup=1, augment="strong",
                         finetune_lr_scale=0.3, momentum=0.8, plateau_patience=0, deterministic=True, device="cpu",
                         batchnorm="frozen", time_limit=12.5)),
     ("train", preset("train", backbone="tiny_cnn", weights="imagenet", epochs=3, image_size=28, dropout=0.0,
-                     erase=0.25, label_smoothing=0.05, sanity=True, strict=True, time_limit=0.5)),
+                     erase=0.25, label_smoothing=0.05, sanity=True, strict=True, time_limit=0.5,
+                     exclude="left out.txt")),
 ])
 def test_any_options_survive_a_round_trip_through_their_command_line(command, options, captured, tmp_path):
     line = command_line(command, tmp_path / "data", options)
@@ -178,3 +181,31 @@ def test_train_options_fields_all_have_a_flag_on_finetune():
 
     params = {p.name for p in typer.main.get_command(app).commands["finetune"].params}
     assert {f.name for f in fields(TrainOptions)} - {"mode"} <= params
+
+
+@pytest.mark.parametrize("strategy", [Strategy.linear_top, Strategy.train_scratch])
+def test_auto_exclude_leaves_the_files_out_and_its_plan_records_the_flag(strategy, tmp_path, monkeypatch):
+    import cnnkit.advise
+    import cnnkit.plan
+
+    data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=40)
+    monkeypatch.setattr(cnnkit.advise, "similarity_signals",
+                        lambda spec, images: ({"mean": 0.5}, {"top1": 0.5, "entropy": 0.5}))
+    monkeypatch.setattr(cnnkit.advise, "decide", lambda *args: (CELLS[strategy], strategy, ["forced"]))
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{data / 'x' / '000.png'}\n")
+    ran_plans = []
+
+    def run(plan, out, force=False, dataset=None, **kwargs):
+        ran_plans.append((plan, dataset))
+        return SimpleNamespace(run_path=Path("RUN"), metrics={}, tried=[])
+
+    monkeypatch.setattr(cnnkit.plan.Plan, "run", run)
+    ran = runner.invoke(app, ["auto", str(data), "--out", str(tmp_path / "run"), "--exclude", str(listed)])
+    assert ran.exit_code == 0, ran.output
+    assert "left out 1 file(s) listed in list.txt" in ran.output
+    (plan, dataset), = ran_plans
+    assert dataset.excluded == [data / "x" / "000.png"] and len(dataset.samples) == 11
+    steps = plan.members or [plan]
+    assert all(step.options.exclude == str(listed) for step in steps)
+    assert plan.command_line.count(f"--exclude {listed}") == len(steps)

@@ -44,6 +44,10 @@ PrecisionOption = Annotated[Precision, typer.Option(
     "--precision", help="Arithmetic of the network: float32 (the same answers on every engine and export), or "
                         "bfloat16 (OpenVINO on CPUs with AMX or AVX-512-BF16: about 2x faster, changes some "
                         "predictions).")]
+ExcludeOption = Annotated[str | None, typer.Option(
+    "--exclude", metavar="FILE", show_default=False,
+    help="Leave out the files listed in FILE: an issues.csv of `cnnkit doctor` (its rows marked exclude) or one "
+         "path per line. The folder is not touched; the run records what was left out.")]
 TTAOption = Annotated[bool, typer.Option(
     "--tta", help="Test-time augmentation: average the probabilities of 12 views per image (whole image + "
     "centre and four corner crops at 87.5%, each also mirrored, unless the run averages the mirror "

@@ -10,8 +10,8 @@ from rich.markup import escape
 
 from cnnkit.options import Engine
 
-from cnnkit.cli._common import (DEFAULT, BackboneOption, EngineOption, JsonOption, QuietOption, console, err_console,
-                                print_json, progress_line, quiet_output, user_errors)
+from cnnkit.cli._common import (DEFAULT, BackboneOption, EngineOption, ExcludeOption, JsonOption, QuietOption,
+                                console, err_console, print_json, progress_line, quiet_output, user_errors)
 
 Data = Annotated[Path, typer.Argument(help="Folder of class subfolders (optionally train/ val/ test/), or a CSV of path,label.", show_default=False)]
 LittleData = Annotated[int | None, typer.Option(help="Override: images per class below which data is 'little'.")]
@@ -92,6 +92,7 @@ def auto(
     confidence: Confidence = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling, splits and training.")] = 0,
     force: Annotated[bool, typer.Option(help="Replace --out if it is an existing run.")] = False,
+    exclude: ExcludeOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -109,7 +110,7 @@ def auto(
 
     with user_errors():
         result = run_auto(data, out, str(backbone), budget, _thresholds(little_data, shift, confidence), seed,
-                          force, say, report)
+                          force, say, report, exclude=exclude)
     if json_output:
         print_json({"run": str(result.run_path), "report": str(result.report_path),
                     "strategy": str(result.advice.strategy), "cell": result.advice.cell,

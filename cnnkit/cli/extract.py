@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, EngineOption, JsonOption, PrecisionOption,
-                                QuietOption, console,
+from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, EngineOption, ExcludeOption, JsonOption,
+                                PrecisionOption, QuietOption, console,
                                 print_json, progress_bar, progress_callback, progress_line, quiet_output,
                                 report_skipped, user_errors)
 from cnnkit.options import MAX_GRID, MAX_IMAGE_SIZE, ExtractOptions, Head, Pool
@@ -39,6 +39,7 @@ def extract(
     seed: Annotated[int, typer.Option(help="Seed for the split and cross-validation.")] = _D.seed,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = not _D.use_cache,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image (exit 2).")] = _D.strict,
+    exclude: ExcludeOption = _D.exclude,
     engine: EngineOption = _D.engine,
     precision: PrecisionOption = _D.precision,
     force: Annotated[bool, typer.Option(help="Replace --out if it is an existing run.")] = False,
@@ -57,10 +58,14 @@ def extract(
                              report=None if quiet or json_output else lambda row: progress.console.print(
                                  progress_line(row), soft_wrap=True))
     report_skipped(result.skipped, quiet)
+    if exclude and not (quiet or json_output):
+        from cnnkit.data import left_out_line
+
+        console.print(escape(left_out_line(result.dataset, exclude)), soft_wrap=True)
     summary = {
         "run": str(result.run_path), "backbone": str(backbone), "layers": result.layers,
         "feature_dims": result.feature_dims, "head": result.head, "best_params": result.fitted.best_params,
-        "images": result.counts, "computed": result.computed, "seconds": result.seconds, **result.metrics,
+        "images": result.counts, "excluded": len(result.dataset.excluded), "computed": result.computed, "seconds": result.seconds, **result.metrics,
         "tried": [t.model_dump(exclude_none=True) for t in result.tried],
     }
     if json_output:

@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cnnkit.cli._common import (Backbone, BackboneOption, JsonOption, QuietOption, console, err_console,
-                                print_json, progress_line, quiet_output, report_skipped, user_errors)
+from cnnkit.cli._common import (Backbone, BackboneOption, ExcludeOption, JsonOption, QuietOption, console,
+                                err_console, print_json, progress_line, quiet_output, report_skipped, user_errors)
 from cnnkit.options import (FINETUNE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TRAIN, Augment, BatchNorm, Device, Freeze,
                             Optimizer, Schedule, TrainOptions, preset)
 
@@ -134,6 +134,7 @@ def finetune(
     resume: Resume = None,
     force: Force = False,
     strict: Strict = FINETUNE.strict,
+    exclude: ExcludeOption = FINETUNE.exclude,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -172,6 +173,7 @@ def train(
     resume: Resume = None,
     force: Force = False,
     strict: Strict = TRAIN.strict,
+    exclude: ExcludeOption = TRAIN.exclude,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:

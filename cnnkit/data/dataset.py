@@ -73,12 +73,17 @@ class Dataset:
         splits: the samples of each split, keyed "train", "val", "test". A
             plain folder-per-class tree has only "train".
         skipped: files found but not usable (not images, empty, corrupt).
+        excluded: files found but left out because ``exclude`` listed them
+            (``--exclude FILE``); the folder itself is not touched.
+        unmatched: how many of the paths to exclude were not in the source.
     """
 
     source: Path
     class_names: list[str]
     splits: dict[str, list[Sample]]
     skipped: list[SkippedFile] = field(default_factory=list)
+    excluded: list[Path] = field(default_factory=list)
+    unmatched: int = 0
 
     @property
     def samples(self) -> list[Sample]:
@@ -195,7 +200,23 @@ def _check_headers(paths: list[Path]) -> dict[Path, str]:
         return {path: reason for path, reason in pool.map(check, paths) if reason}
 
 
-def load_dataset(source: str | Path, strict: bool = False, check_headers: bool = True) -> Dataset:
+def _leave_out(trees: dict[str, dict[str, list[Path]]], exclude: set[Path]) -> list[Path]:
+    """Remove the files whose resolved path is in ``exclude`` from ``trees``; return them.
+
+    By path, not by content: excluding one copy of a duplicate keeps the other.
+    """
+    left_out = []
+    for tree in trees.values():
+        for name, paths in tree.items():
+            kept = []
+            for path in paths:
+                (left_out if path.resolve() in exclude else kept).append(path)
+            tree[name] = kept
+    return left_out
+
+
+def load_dataset(source: str | Path, strict: bool = False, check_headers: bool = True,
+                 exclude: set[Path] | None = None, exclude_file: str | Path | None = None) -> Dataset:
     """Find the labelled images under ``source``.
 
     ``source`` is a folder with one subfolder per class, a folder holding
@@ -208,9 +229,14 @@ def load_dataset(source: str | Path, strict: bool = False, check_headers: bool =
     caller that reads a sample and names the unreadable files it meets, such
     as `advise` on 60,000 images, where opening every file costs seconds.
 
+    ``exclude`` holds resolved paths to leave out (``cnnkit.data.exclude.read_exclusions``
+    of ``exclude_file``, which only names it in errors): they are listed in
+    ``Dataset.excluded``, never opened, and ``Dataset.unmatched`` counts those not in ``source``.
+
     Raises:
-        CnnkitError: the source does not exist or holds no images, or with
-            ``strict`` when any file is unreadable.
+        CnnkitError: the source does not exist or holds no images, with
+            ``strict`` when any file is unreadable, or when ``exclude`` names
+            none of the source's files (surely the wrong file or DATA).
     """
     source = Path(source)
     if not source.exists():
@@ -244,6 +270,13 @@ def load_dataset(source: str | Path, strict: bool = False, check_headers: bool =
                 "every class needs training images"
             )
 
+    excluded: list[Path] = []
+    if exclude:
+        excluded = _leave_out(trees, exclude)
+        if not excluded:
+            flag = f"--exclude {exclude_file}" if exclude_file else "--exclude"
+            raise CnnkitError(f"{flag}: none of its {len(exclude)} paths is in {source}; "
+                              "check that it lists files of this DATA (paths are compared after resolving)")
     all_paths = [p for tree in trees.values() for paths in tree.values() for p in paths]
     bad = _check_headers(all_paths) if check_headers else {}
     skipped = [SkippedFile(path, reason) for path, reason in bad.items()]
@@ -266,7 +299,8 @@ def load_dataset(source: str | Path, strict: bool = False, check_headers: bool =
     }
     if not splits["train"]:
         raise CnnkitError(f"{source}: no readable images found")
-    return Dataset(source=source, class_names=class_names, splits=splits, skipped=skipped)
+    return Dataset(source=source, class_names=class_names, splits=splits, skipped=skipped, excluded=excluded,
+                   unmatched=len(exclude or ()) - len({p.resolve() for p in excluded}))
 
 
 def per_class_order(labels, seed: int = 0) -> dict[int, "np.ndarray"]:

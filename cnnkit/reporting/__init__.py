@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from cnnkit.reporting.evidence import write_evidence, write_skipped
+from cnnkit.reporting.evidence import write_evidence, write_excluded, write_skipped
 from cnnkit.reporting.html import REPORT, render, write_report
 
 
 def run_attachments(evaluation=None, split: str | None = None, skipped: Sequence = (),
-                    attach: Sequence = ()) -> list:
+                    attach: Sequence = (), excluded: Sequence = ()) -> list:
     """Hooks for ``write_run``: the evidence, then the producer's own ``attach`` hooks, then report.html last.
 
     Args:
@@ -25,6 +25,7 @@ def run_attachments(evaluation=None, split: str | None = None, skipped: Sequence
             (not ``eval/``, where `evaluate` writes by default).
         skipped: the files the run could not read.
         attach: the producer's caller's hooks (auto's report.md), run before report.html so it can show them.
+        excluded: the files ``--exclude`` left out, listed in excluded.txt.
     """
 
     def evidence(folder: Path, manifest) -> None:
@@ -32,6 +33,8 @@ def run_attachments(evaluation=None, split: str | None = None, skipped: Sequence
 
         if skipped:
             write_skipped(folder, skipped)
+        if excluded:
+            write_excluded(folder, excluded)
         if evaluation is not None:
             write_evidence(evaluation, folder / "heldout" / (split or "data"), open_unsealed(folder, manifest))
 

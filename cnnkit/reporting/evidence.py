@@ -143,6 +143,11 @@ def write_evidence(evaluation, folder: Path, run=None, scores: bool = True) -> N
         write_overlays(evaluation, run, folder)
 
 
+def write_excluded(folder: Path, excluded: Sequence[Path]) -> None:
+    """excluded.txt: the files ``--exclude`` left out of the run's data, one path a line."""
+    (folder / "excluded.txt").write_text("".join(f"{path}\n" for path in excluded), encoding="utf-8")
+
+
 def write_skipped(folder: Path, skipped: Sequence[SkippedFile]) -> None:
     """skipped.json: the files a run could not read, with why."""
     (folder / "skipped.json").write_text(json.dumps(

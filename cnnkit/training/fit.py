@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data import Dataset, load_dataset, load_image, split_dataset
+from cnnkit.data import Dataset, left_out_line, load_excluding, load_image, split_dataset
 from cnnkit.errors import CnnkitError
 from cnnkit.options import Mode, TrainOptions
 
@@ -116,6 +116,7 @@ def run_training(data: str | Path, options: TrainOptions, out: str | Path, force
         resume: continue the interrupted run at ``out`` from its last epoch.
         report: called with each finished epoch's numbers.
         say: called with short status lines (phase changes, sanity check).
+        dataset: an already loaded dataset (``options.exclude`` was applied to it).
         attach: hooks adding reports to the run (see ``cnnkit.runs.Attachment``).
         table_strategy: the strategy-table cell this run carries out, to record (not a ``tf.distribute``
             strategy: that is ``device.strategy``).
@@ -191,7 +192,10 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
     weights = None if options.weights == "none" else options.weights
     image_size = options.image_size or spec.input_size
 
-    dataset = dataset or load_dataset(data, strict=options.strict)
+    if dataset is None:
+        dataset = load_excluding(data, options.exclude, strict=options.strict)
+        if options.exclude:
+            say(left_out_line(dataset, options.exclude))
     if "val" not in dataset.splits and options.val_split <= 0:
         raise CnnkitError("training needs validation images: give DATA a val/ folder or --val-split > 0")
     splits = split_dataset(dataset, options.val_split, options.seed)

@@ -93,7 +93,7 @@ def save_training_run(out: Path, outcome: TrainingOutcome, spec, options, datase
     held_out = "test" if splits.get("test") and not outcome.interrupted else "val"
     evaluation = held_out_evaluation(probabilities_of(outcome.predictor), splits.get(held_out) or [],
                                      dataset.class_names, image_size, options.batch_size)
-    hooks = run_attachments(evaluation, held_out, skipped_files, attach)
+    hooks = run_attachments(evaluation, held_out, skipped_files, attach, dataset.excluded)
     return write_run(out, manifest, write_files, force=replace, attach=hooks)
 
 
