@@ -41,7 +41,7 @@ from cnnkit.options import Engine, Precision
 KINDS = {
     "unreadable": "exclude", "leak": "exclude", "exact-duplicate": "exclude", "label-error": "exclude",
     "outlier": "exclude", "blank": "exclude", "near-duplicate": "exclude", "dark": "review", "light": "review",
-    "blurry": "review", "tiny": "review", "odd-aspect": "review", "grey-as-colour": "review",
+    "held-out-label": "review", "blurry": "review", "tiny": "review", "odd-aspect": "review", "grey-as-colour": "review",
 }
 CSV_COLUMNS = ("path", "kind", "score", "action", "other", "given", "suggested", "split", "detail")
 # Splits that train, and the held-out ones a copy of must not be trained on.
@@ -159,7 +159,7 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
     from cnnkit.backbones import get_backbone
     from cnnkit.data import load_dataset
     from cnnkit.doctor.duplicates import find_copies
-    from cnnkit.doctor.labels import find_label_issues
+    from cnnkit.doctor.labels import confident_issues, find_label_issues
     from cnnkit.doctor.properties import property_flags, robust_z
     from cnnkit.features import FeatureConfig, compute_features, parse_layers
     from cnnkit.neighbours import NeighbourIndex
@@ -260,13 +260,18 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
     started = time.perf_counter()
     say("label errors (out-of-fold probabilities)")
     selected = np.concatenate([features[spec.stage_key(layer)] for layer in layers], axis=1)
-    issues = find_label_issues(selected, labels, options.folds, options.seed)
-    for row, suggested, margin in zip(issues.rows, issues.suggested, issues.margins):
-        probabilities = issues.probabilities[row]
-        findings.append(Finding(paths[row], "label-error", float(margin), splits[row], given=names[labels[row]],
-                                suggested=names[suggested],
-                                detail=f"looks like {names[suggested]} ({probabilities[suggested]:.2f}), "
-                                       f"not {names[labels[row]]} ({probabilities[labels[row]]:.2f})"))
+    held_out = np.isin(splits, HELD_OUT)
+    issues = find_label_issues(selected, labels, options.folds, options.seed, judged=~held_out)
+    suspects = [("label-error", issues)]
+    if held_out.any() and issues.probabilities.size:
+        suspects.append(("held-out-label", confident_issues(issues.probabilities, labels, held_out)))
+    for kind, found in suspects:
+        for row, suggested, margin in zip(found.rows, found.suggested, found.margins):
+            probabilities = found.probabilities[row]
+            findings.append(Finding(paths[row], kind, float(margin), splits[row], given=names[labels[row]],
+                                    suggested=names[suggested],
+                                    detail=f"looks like {names[suggested]} ({probabilities[suggested]:.2f}), "
+                                           f"not {names[labels[row]]} ({probabilities[labels[row]]:.2f})"))
     seconds["labels"] = time.perf_counter() - started
 
     started = time.perf_counter()
