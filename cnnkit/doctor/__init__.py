@@ -40,7 +40,7 @@ from cnnkit.options import Engine, Precision
 # The kinds, most serious first; the action a finding of each kind gets.
 KINDS = {
     "unreadable": "exclude", "leak": "exclude", "exact-duplicate": "exclude", "label-error": "exclude",
-    "outlier": "exclude", "blank": "exclude", "near-duplicate": "exclude", "dark": "review", "light": "review",
+    "blank": "exclude", "near-duplicate": "exclude", "outlier": "review", "dark": "review", "light": "review",
     "held-out-label": "review", "blurry": "review", "tiny": "review", "odd-aspect": "review", "grey-as-colour": "review",
 }
 CSV_COLUMNS = ("path", "kind", "score", "action", "other", "given", "suggested", "split", "detail")
@@ -70,7 +70,7 @@ class DoctorOptions:
     folds: int = 5
     seed: int = 0
     neighbours: int = 10
-    outlier_z: float = 6.0
+    outlier_z: float = 3.0
     copies: CopyThresholds = field(default_factory=CopyThresholds)
     properties: PropertyThresholds = field(default_factory=PropertyThresholds)
     use_cache: bool = True
@@ -275,11 +275,13 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
     seconds["labels"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    distance = 1.0 - similarity[:, :5].mean(axis=1) if similarity.shape[1] else np.zeros(len(kept))
+    # Far from its ten nearest images in the whole dataset. Ten, not fewer: junk comes in small
+    # crowds (ten photos dropped into Fashion-MNIST are each other's nearest neighbours).
+    distance = 1.0 - similarity[:, :10].mean(axis=1) if similarity.shape[1] else np.zeros(len(kept))
     outlying = robust_z(distance)
     for row in np.flatnonzero(outlying >= options.outlier_z):
         findings.append(Finding(paths[row], "outlier", float(outlying[row]), splits[row], given=names[labels[row]],
-                                detail=f"unlike the rest: mean similarity to its 5 nearest images "
+                                detail=f"unlike the rest: mean similarity to its 10 nearest images "
                                        f"{1 - distance[row]:.2f} (robust z {outlying[row]:.1f})"))
     sizes = np.array([[f.width, f.height] for f in facts])
     flags, note = property_flags(thumbnails, sizes, np.array([f.grey_as_colour for f in facts]), options.properties)
