@@ -109,6 +109,12 @@ class Diagnosis:
     notes: list[str] = field(default_factory=list)
     computed: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # The images the feature checks read, in order, with their split, given label and
+    # out-of-fold class probabilities (for scripts and bench/doctor.py; not in to_dict).
+    checked: list[str] = field(default_factory=list, repr=False)
+    checked_splits: list[str] = field(default_factory=list, repr=False)
+    checked_labels: np.ndarray | None = field(default=None, repr=False)
+    probabilities: np.ndarray | None = field(default=None, repr=False)
 
     def of_kind(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.kind == kind]
@@ -298,4 +304,4 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
         notes.append(f"classes are unbalanced: {max(train_counts)} training images in the largest class, "
                      f"{min(train_counts)} in the smallest (heads weight classes; consider more of the small ones)")
     return Diagnosis(str(dataset.source), names, counts, len(samples) + len(dataset.skipped), findings, notes,
-                     table.computed, seconds)
+                     table.computed, seconds, paths, list(splits), labels, issues.probabilities)
