@@ -8,8 +8,8 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from cnnkit.cli import (advise, backbones, ensemble, evaluate, explain, export, extract, finetune, info, label_next,
-                        predict, similar)
+from cnnkit.cli import (advise, backbones, doctor, ensemble, evaluate, explain, export, extract, finetune, info,
+                        label_next, predict, similar)
 from cnnkit.cli._common import err_console
 
 
@@ -46,7 +46,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 for module in (advise, info, backbones, predict, explain, extract, finetune, evaluate, similar, ensemble, export,
-               label_next):
+               label_next, doctor):
     module.register(app)
 
 

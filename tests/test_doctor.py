@@ -1,0 +1,157 @@
+"""`cnnkit doctor DATA`: planted faults are found, the CLI's outputs are usable, bad input is one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cnnkit.cli import app
+from conftest import write_bad_files
+
+runner = CliRunner()
+# Random weights: no download, and the planted copies are still each other's nearest images.
+CHEAP = ["--weights", "none"]
+
+
+def texture(seed: int, tint: int) -> Image.Image:
+    """A 32 x 32 smooth random texture (8 x 8 noise, upscaled), one channel raised per class."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    small[..., tint] = 255 - small[..., tint] // 3
+    return Image.fromarray(small).resize((32, 32), Image.Resampling.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    """train/ (10 per class) and test/ (4 per class) of two classes, with one of each fault planted in train."""
+    root = tmp_path_factory.mktemp("doctor") / "data"
+    for s, (split, n) in enumerate((("train", 10), ("test", 4))):
+        for c, name in enumerate(("cat", "dog")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                texture(s * 1000 + c * 100 + i, c).save(folder / f"{i:03d}.png")
+    shutil.copyfile(root / "train/cat/000.png", root / "train/cat/copy.png")  # exact duplicate
+    Image.open(root / "test/dog/001.png").convert("RGB").save(root / "train/dog/leaked.jpg", quality=95)  # leak
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(root / "train/cat/blank.png")
+    (root / "train/dog/broken.png").write_bytes(b"\x89PNG garbage, not an image at all")
+    return root
+
+
+@pytest.fixture(scope="module")
+def diagnosis(planted, tmp_path_factory):
+    from cnnkit.doctor import DoctorOptions, diagnose
+
+    with pytest.MonkeyPatch.context() as patch:  # the session's cache (conftest), here for a module fixture
+        patch.setenv("CNNKIT_HOME", str(tmp_path_factory.getbasetemp() / "cnnkit_home"))
+        patch.setenv("CNNKIT_ENGINE", "tf")
+        return diagnose(planted, DoctorOptions(weights="none"))
+
+
+def test_planted_faults_are_found(planted, diagnosis):
+    def names(kind):
+        return {(Path(f.path).relative_to(planted).as_posix(),
+                 Path(f.other).relative_to(planted).as_posix() if f.other else "") for f in diagnosis.of_kind(kind)}
+
+    assert ("train/cat/copy.png", "train/cat/000.png") in names("exact-duplicate")
+    assert ("train/dog/leaked.jpg", "test/dog/001.png") in names("leak")
+    assert ("train/cat/blank.png", "") in names("blank")
+    assert ("train/dog/broken.png", "") in names("unreadable")
+    assert diagnosis.images == 2 * 10 + 2 * 4 + 4 and diagnosis.class_names == ["cat", "dog"]
+    assert diagnosis.counts["test"] == {"cat": 4, "dog": 4}
+    # The report of it: every kind found has a section, every image is inlined, paths are escaped.
+    from cnnkit.reporting.doctor_report import render_report
+
+    page = render_report(diagnosis)
+    assert all(f'id="{kind}"' in page for kind in diagnosis.kind_counts)
+    assert "broken.png" in page and "leaked.jpg" in page
+
+
+def test_cli_json_prints_the_diagnosis_only(planted, diagnosis):
+    result = runner.invoke(app, ["doctor", str(planted), *CHEAP, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["kinds"] == diagnosis.kind_counts and data["images"] == diagnosis.images
+    assert {row["kind"] for row in data["findings"]} >= {"leak", "exact-duplicate", "blank", "unreadable"}
+
+
+def test_cli_out_writes_issues_for_exclude_and_a_self_contained_report(planted, diagnosis, tmp_path):
+    from cnnkit.data.exclude import read_exclusions
+
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["doctor", str(planted), *CHEAP, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "leak" in result.output and "exclude" in result.output
+    assert f"cnnkit auto {planted} --exclude {out / 'issues.csv'}" in " ".join(result.output.split())
+    with (out / "issues.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(diagnosis.findings)
+    excluded = read_exclusions(out / "issues.csv")
+    assert {Path(r["path"]).resolve() for r in rows if r["action"] == "exclude"} == excluded
+    assert (planted / "train/dog/leaked.jpg").resolve() in excluded
+    page = (out / "report.html").read_text("utf-8")
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert page.count("<img") == len(sources) > 0
+    assert all(src.startswith("data:image/png;base64,") for src in sources)
+    assert "http" not in page.split("</style>")[1]
+    # An earlier doctor output is replaced; a folder with anyone else's file is refused, untouched.
+    assert runner.invoke(app, ["doctor", str(planted), *CHEAP, "--out", str(out), "-q"]).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["doctor", str(planted), *CHEAP, "--out", str(out)])
+    assert result.exit_code == 2 and "notes.txt" in result.output and "Traceback" not in result.output
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "unreadable"])
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path):
+    data = tmp_path / "data"
+    if case == "empty":
+        data.mkdir()
+    elif case == "unreadable":
+        write_bad_files(data / "cat")
+        write_bad_files(data / "dog")
+    result = runner.invoke(app, ["doctor", str(data), *CHEAP])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(data.name) in lines[0], result.output
+
+
+def test_the_clis_defaults_are_the_librarys():
+    from dataclasses import asdict
+
+    from cnnkit.cli.doctor import DEFAULTS
+    from cnnkit.doctor import DoctorOptions
+
+    library = asdict(DoctorOptions())
+    assert {key: library[key] for key in DEFAULTS} == DEFAULTS
+
+
+def test_any_kind_gets_a_section_and_a_line_of_advice():
+    from cnnkit.doctor import Diagnosis, Finding
+    from cnnkit.reporting.doctor_report import GALLERY_CAP, advice, render_report
+
+    findings = [Finding(f"/nowhere/<b>{i}.png", "blurry", 1.0 - i / 100) for i in range(GALLERY_CAP + 5)]
+    page = render_report(Diagnosis("/nowhere", ["a"], {"train": {"a": 70}}, 70, findings))
+    assert "and 5 more in <code>issues.csv</code>" in page and "<b>0.png" not in page and "&lt;b&gt;0.png" in page
+    assert advice("some-new-kind", "exclude") and advice("some-new-kind", "review")
+
+
+@pytest.mark.parametrize("args, code", [(["doctor", "--help"], 0), (["doctor", "data", "--folds", "1"], 2),
+                                        (["doctor", "nowhere"], 2)])
+def test_help_usage_errors_and_a_missing_folder_do_not_import_tensorflow(args, code):
+    import subprocess
+    import sys
+
+    check = ("import sys\nfrom cnnkit.cli import app\ntry:\n    app(sys.argv[1:], standalone_mode=True)\n"
+             "except SystemExit as exit:\n    code = exit.code\n"
+             "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED', code, file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", check, *args], capture_output=True, text=True, timeout=60)
+    assert f"TF_NOT_LOADED {code}" in result.stderr, result.stderr
