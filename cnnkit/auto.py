@@ -16,6 +16,7 @@ from pathlib import Path
 from cnnkit.advise import Advice, Thresholds, advise
 from cnnkit.backbones.registry import DEFAULT_BACKBONE
 from cnnkit.data import left_out_line, load_excluding
+from cnnkit.doctor.quick import QuickCheck, quick_checks
 from cnnkit.kinds import TriedRow
 from cnnkit.plan import Plan, tried_in
 
@@ -27,6 +28,7 @@ class AutoResult:
     tried: list[TriedRow] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
+    checks: dict = field(default_factory=dict)
 
     @property
     def plan(self):
@@ -39,13 +41,14 @@ class AutoResult:
     def to_dict(self) -> dict:
         """``auto.json``: the advice, what was tried, the metrics and the seconds taken."""
         return {"advice": self.advice.to_dict(), "tried": [t.model_dump(exclude_none=True) for t in self.tried],
-                "metrics": self.metrics, "seconds": self.seconds}
+                "metrics": self.metrics, "seconds": self.seconds, "checks": self.checks}
 
 
 def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE,
              budget_minutes: float = 10.0, thresholds: Thresholds | None = None, seed: int = 0,
              force: bool = False, say: Callable[[str], None] | None = None,
-             report: Callable[[dict], None] | None = None, exclude: str | Path | None = None) -> AutoResult:
+             report: Callable[[dict], None] | None = None, exclude: str | Path | None = None,
+             warn: Callable[[str], None] | None = None) -> AutoResult:
     """Measure, plan, run, evaluate and report.
 
     Args:
@@ -53,6 +56,7 @@ def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE
             training epochs are sized from the measured speed to fit it.
         exclude: a file listing images to leave out (``cnnkit.data.exclude``): advice and plan see
             the dataset without them, and the plan's options carry it so its command line reproduces it.
+        warn: where the data checks' one-line warnings go (default: ``say``).
     """
     from cnnkit.runs import check_destination
 
@@ -63,6 +67,10 @@ def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE
     dataset = load_excluding(data, exclude)
     if exclude:
         say(left_out_line(dataset, exclude))
+    say("checking the data (unreadable files, duplicates, test images copied into train)")
+    checks = quick_checks(dataset)
+    for line in checks.warnings():
+        (warn or say)(line)
     say("measuring the data")
     advice = advise(data, backbone, thresholds=thresholds, seed=seed, dataset=dataset, budget_minutes=budget_minutes)
     if exclude:
@@ -74,13 +82,13 @@ def run_auto(data: str | Path, out: str | Path, backbone: str = DEFAULT_BACKBONE
         from cnnkit.runs import open_unsealed
 
         tried = tried_in(open_unsealed(folder, manifest))
-        result = AutoResult(advice, out, tried, manifest.metrics, time.perf_counter() - started)
+        result = AutoResult(advice, out, tried, manifest.metrics, time.perf_counter() - started, checks.to_dict())
         (folder / "report.md").write_text(render_report(result), encoding="utf-8")
         (folder / "auto.json").write_text(json.dumps(result.to_dict(), indent=2, default=str), encoding="utf-8")
 
     result = advice.plan.run(out, force, dataset=dataset, attach=[attach_report], report=report, say=say)
     return AutoResult(advice, result.run_path, list(result.tried), result.metrics,
-                      time.perf_counter() - started)
+                      time.perf_counter() - started, checks.to_dict())
 
 
 def _with_exclude(plan: Plan, exclude: str) -> Plan:
@@ -112,6 +120,13 @@ def render_report(result: AutoResult) -> str:
         lines.append(f"| ImageNet classifier mean top-1 | {confidence['top1']:.3f} |")
     for stage, accuracy in advice.probes.items():
         lines.append(f"| linear probe {stage} (CV accuracy) | {accuracy:.3f} |")
+    checks = QuickCheck(**{k: [tuple(x) for x in v] for k, v in result.checks.items()}) if result.checks else None
+    lines += ["", "## Data checks", ""]
+    if checks is None or checks.clean:
+        lines.append("No unreadable files, exact duplicates or test images copied into train.")
+    else:
+        lines += [f"- **{line}**" for line in checks.warnings()]
+        lines += [f"  - leak: `{a}` = `{b}`" for a, b in checks.leaks[:20]]
     lines += ["", "## Chosen", "",
               f"Cell: **{advice.cell['data']} data, {advice.cell['domain']} domain** -> "
               f"strategy **{advice.strategy}**.", ""]

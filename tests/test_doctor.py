@@ -155,3 +155,33 @@ def test_help_usage_errors_and_a_missing_folder_do_not_import_tensorflow(args, c
              "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED', code, file=sys.stderr)\n")
     result = subprocess.run([sys.executable, "-c", check, *args], capture_output=True, text=True, timeout=60)
     assert f"TF_NOT_LOADED {code}" in result.stderr, result.stderr
+
+
+def test_auto_cheap_checks_find_the_leak_the_duplicate_and_the_unreadable_file(planted):
+    """`auto`'s checks: no forward pass, and what they find is one warning line each and in report.md."""
+    from cnnkit.data import load_dataset
+    from cnnkit.doctor.quick import quick_checks
+
+    check = quick_checks(load_dataset(planted))
+    assert [(Path(a).name, Path(b).name) for a, b in check.leaks] == [("leaked.jpg", "001.png")]
+    assert [(Path(a).name, Path(b).name) for a, b in check.duplicates] == [("copy.png", "000.png")]
+    assert [Path(p).name for p, _ in check.unreadable] == ["broken.png"]
+    lines = check.warnings()
+    assert len(lines) == 3 and "copies of test/validation images" in lines[0] and "\n" not in "".join(lines)
+    assert "--exclude" in lines[0]
+
+
+def test_auto_report_names_the_leaks(planted):
+    from types import SimpleNamespace
+
+    from cnnkit.auto import AutoResult, render_report
+    from cnnkit.data import load_dataset
+    from cnnkit.doctor.quick import quick_checks
+
+    checks = quick_checks(load_dataset(planted)).to_dict()
+    plan = SimpleNamespace(command_line="cnnkit extract DATA")
+    advice = SimpleNamespace(images_per_class={"min": 10, "median": 10, "classes": 2, "total": 20}, image_side=32,
+                             similarity={}, probes={}, cell={"data": "little", "domain": "different"},
+                             strategy="extract", reasons=[], plan=plan)
+    text = render_report(AutoResult(advice, Path("run"), checks=checks))
+    assert "## Data checks" in text and "leaked.jpg" in text and "copies of test/validation images" in text

@@ -104,18 +104,22 @@ def auto(
         if not (quiet or json_output):
             err_console.print(f"[cyan]{escape(message)}[/cyan]", soft_wrap=True)
 
+    def warn(message):
+        if not json_output:
+            err_console.print(f"[yellow]warning: {escape(message)}[/yellow]", soft_wrap=True)
+
     def report(row):
         if not (quiet or json_output):
             err_console.print(progress_line(row), soft_wrap=True)
 
     with user_errors():
         result = run_auto(data, out, str(backbone), budget, _thresholds(little_data, shift, confidence), seed,
-                          force, say, report, exclude=exclude)
+                          force, say, report, exclude=exclude, warn=warn)
     if json_output:
         print_json({"run": str(result.run_path), "report": str(result.report_path),
                     "strategy": str(result.advice.strategy), "cell": result.advice.cell,
                     "plan": result.plan.to_dict(), "tried": [t.model_dump(exclude_none=True) for t in result.tried], "metrics": result.metrics,
-                    "seconds": result.seconds})
+                    "seconds": result.seconds, "checks": result.checks})
         return
     if quiet:
         return

@@ -35,6 +35,8 @@ import numpy as np
 SIDE = 32
 SHIFT = 3
 ZOOMS = (1.0, 1.1, 1.2, 1.3)
+# Candidates per query that get the full (zoomed) test.
+SHORTLIST = 3
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,9 @@ def best_shift_correlation(first: np.ndarray, second: np.ndarray, shift: int = S
     return best
 
 
-def copy_scores(thumbnails: np.ndarray, pairs: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Detail correlation of each (i, j) row of ``pairs``, over shifts and zooms of either image.
+def copy_scores(thumbnails: np.ndarray, pairs: np.ndarray, chunk: int = 4096,
+                zooms: tuple[float, ...] = ZOOMS) -> np.ndarray:
+    """Detail correlation of each (i, j) row of ``pairs``, over shifts and ``zooms`` of either image.
 
     Args:
         thumbnails: (n, s, s) grey ``uint8`` thumbnails (s >= SIDE) of every image.
@@ -92,14 +95,14 @@ def copy_scores(thumbnails: np.ndarray, pairs: np.ndarray, chunk: int = 4096) ->
     involved = np.unique(pairs)
     where = {int(image): row for row, image in enumerate(involved)}
     views = {zoom: detail(np.stack([zoomed(thumbnails[i], zoom) for i in involved])) if len(involved)
-             else np.zeros((0, SIDE, SIDE), np.float32) for zoom in ZOOMS}
+             else np.zeros((0, SIDE, SIDE), np.float32) for zoom in {1.0, *zooms}}
     first = np.array([where[int(i)] for i in pairs[:, 0]], np.int64)
     second = np.array([where[int(j)] for j in pairs[:, 1]], np.int64)
     scores = np.full(len(pairs), -1.0, np.float32)
     for start in range(0, len(pairs), chunk):
         a, b = first[start:start + chunk], second[start:start + chunk]
         best = scores[start:start + chunk]
-        for zoom in ZOOMS:
+        for zoom in zooms:
             np.maximum(best, best_shift_correlation(views[zoom][a], views[1.0][b]), out=best)
             if zoom != 1.0:
                 np.maximum(best, best_shift_correlation(views[1.0][a], views[zoom][b]), out=best)
@@ -162,7 +165,18 @@ def find_copies(thumbnails: np.ndarray, queries: np.ndarray, candidates: np.ndar
         candidates: (q, k) row indices of each query's candidates (-1: none), nearest first.
     """
     queries = np.asarray(queries, np.int64)
+    if not len(queries):
+        return []
     candidates = np.asarray(candidates, np.int64).reshape(len(queries), -1)
+    if candidates.shape[1] > SHORTLIST:
+        # Shortlist: unzoomed detail correlation (a seventh of the cost) keeps each query's best few.
+        valid = candidates >= 0
+        pairs = np.stack([np.repeat(queries, candidates.shape[1]), candidates.ravel()], axis=1)[valid.ravel()]
+        quick = np.full(candidates.shape, -2.0, np.float32)
+        if len(pairs):
+            quick[valid] = copy_scores(thumbnails, pairs, zooms=(1.0,))
+        keep = np.argsort(-quick, axis=1, kind="stable")[:, :SHORTLIST]
+        candidates = np.where(np.take_along_axis(quick, keep, 1) > -2.0, np.take_along_axis(candidates, keep, 1), -1)
     valid = candidates >= 0
     pairs = np.stack([np.repeat(queries, candidates.shape[1]), candidates.ravel()], axis=1)[valid.ravel()]
     scores = np.full(candidates.shape, -1.0, np.float32)
