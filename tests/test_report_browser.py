@@ -58,6 +58,10 @@ def reports(tmp_path_factory):
     result = CliRunner().invoke(app, ["evaluate", str(runs["train"]), str(data), "--out", str(root / "eval")])
     assert result.exit_code == 0, result.output
     found["evaluate"] = root / "eval" / "report.html"
+    shutil.copyfile(next((little / "x").iterdir()), little / "x" / "copy.png")  # a duplicate for the gallery
+    result = CliRunner().invoke(app, ["doctor", str(little), "--weights", "none", "--out", str(root / "doctor")])
+    assert result.exit_code == 0, result.output
+    found["doctor"] = root / "doctor" / "report.html"
     return found
 
 
@@ -70,7 +74,8 @@ def requests_made(driver) -> list[str]:
     return urls
 
 
-@pytest.mark.parametrize("kind", ["extract", "knn", "finetune", "train", "ensemble", "auto", "evaluate"])
+@pytest.mark.parametrize("kind", ["extract", "knn", "finetune", "train", "ensemble", "auto", "evaluate",
+                                  "doctor"])
 def test_the_report_opens_with_every_image_and_fetches_nothing(browser, reports, kind):
     page = Path(reports[kind]).resolve()
     browser.get_log("performance")  # drop what earlier pages logged
