@@ -25,6 +25,7 @@ class Evaluation:
     # With test-time augmentation: the views averaged, and the plain view's probabilities.
     tta_views: int = 0
     plain_probabilities: np.ndarray | None = None
+    tta_line: str = ""
 
     @property
     def predictions(self) -> np.ndarray:
@@ -62,6 +63,8 @@ class Evaluation:
         if self.plain_probabilities is not None:
             data["tta_views"] = self.tta_views
             data["accuracy_without_tta"] = float(np.mean(self.plain_probabilities.argmax(axis=1) == self.labels))
+            if self.tta_line:
+                data["tta"] = self.tta_line
         return data
 
 
@@ -76,8 +79,9 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
             data has one, else every image.
         engine: what runs the network (``cnnkit.engines``), in ``precision``; a feature-head run
             whose images are all in the feature cache runs none.
-        tta: a ``cnnkit.tta.TTA`` to average each image's views (the scores
-            without it come from the same pass), or ``None``.
+        tta: ``True`` for the views the run chose on its held-out images when it was made
+            (``Run.tta_classifier``), a ``cnnkit.tta.TTA`` for those views, or ``None``; the scores
+            without it come from the same pass.
         exclude: a file listing images of ``data`` to leave out (``cnnkit.data.exclude``).
     """
     from cnnkit.runs import Run, load_run
@@ -95,18 +99,31 @@ def evaluate_run(run_path: str | Path, data: str | Path, split: str | None = Non
         raise CnnkitError(f"{data}: classes {', '.join(unknown)} are not among the run's classes "
                           f"({', '.join(run.class_names)})")
     to_run_label = {i: run.class_names.index(name) for i, name in enumerate(dataset.class_names)}
-    classifier = run.classifier(engine, precision)
-    if tta is not None:
-        from cnnkit.tta import TTAClassifier
-
-        tta = tta.for_run(run)
-        classifier = TTAClassifier(classifier, tta)
+    classifier, line = tta_classifier(run, tta, engine, precision)
     found = classifier.predict_files([s.path for s in samples], batch_size, progress)
     if not len(found.kept):
         raise CnnkitError(f"{data}: no readable images to evaluate")
     labels = np.array([to_run_label[samples[i].label] for i in found.kept])
     return Evaluation(run.class_names, labels, found.probabilities, [samples[i].path for i in found.kept],
-                      dataset.skipped + found.failures, tta.views if tta is not None else 0, found.plain)
+                      dataset.skipped + found.failures, getattr(classifier, "views", 0) if tta is not None else 0,
+                      found.plain, line)
+
+
+def tta_classifier(run, tta, engine: str = "auto", precision: str = "float32"):
+    """(classifier, the line saying what TTA does) for ``tta`` as ``evaluate_run`` takes it; the line is
+    also a ``note`` (the CLI prints it once)."""
+    if tta is True:
+        from cnnkit.engines import note
+
+        note(run.tta_line)
+        return run.tta_classifier(engine, precision), run.tta_line
+    classifier = run.classifier(engine, precision)
+    if tta is None or tta is False:
+        return classifier, ""
+    from cnnkit.tta import TTAClassifier
+
+    views = tta.for_run(run)
+    return TTAClassifier(classifier, views), f"TTA: {views.views} views as given"
 
 
 def write_evaluation(evaluation: Evaluation, out: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
@@ -184,3 +201,63 @@ def _draw_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> N
         label.set_rotation(45)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def evidence_sample(samples: list, limit: int, seed: int = 0) -> list:
+    """At most ``limit`` of ``samples``, the same share of every class (all of them when few)."""
+    if len(samples) <= limit:
+        return list(samples)
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(samples), limit, replace=False)  # uniform: each class in proportion, on average
+    return [samples[i] for i in sorted(picked)]
+
+
+def tta_evidence_hook(samples: list, engine: str = "auto", seed: int = 0):
+    """An attach hook (``cnnkit.runs.Attachment``) that measures which views help the run being written.
+
+    On up to ``cnnkit.tta.EVIDENCE_IMAGES`` of the held-out ``samples`` (the validation images: never
+    the test split), the run's own classifier scores the plain image and each candidate view set
+    (``cnnkit.tta.choose``); ``tta.json`` records the scores and the choice, sealed with the run, and
+    ``--tta`` reads it. Unreadable images are left out; with none readable, nothing is recorded.
+    """
+    from cnnkit.tta import EVIDENCE_IMAGES, all_boxes, candidates_for, choose, map_views
+
+    picked = evidence_sample(samples, EVIDENCE_IMAGES, seed)
+
+    def hook(folder: Path, manifest) -> None:
+        from cnnkit.runs import open_unsealed
+
+        run = open_unsealed(folder, manifest)
+        images, labels, _ = decode_samples(picked, run.image_size, run.crop_pct)
+        if not len(labels):
+            return
+        candidates = candidates_for(run.mirror_symmetric or bool(getattr(run.model, "flip", False)))
+        boxes = all_boxes(candidates)
+        classifier = run.classifier(engine)
+        found = map_views(lambda view: np.asarray(classifier(view), np.float64), images, boxes)
+        write_choice(folder, choose(found, labels, candidates, "validation"))
+
+    return hook
+
+
+def decode_samples(samples: list, size: int, crop_pct: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(raw ``uint8`` images, labels, their indices in ``samples``) of the readable ``samples``, decoded
+    as a run decodes them."""
+    from cnnkit.data.images import UnreadableImageError, load_image
+
+    images, kept = [], []
+    for i, sample in enumerate(samples):
+        try:
+            images.append(load_image(sample.path, size, crop_pct))
+        except UnreadableImageError:
+            continue
+        kept.append(i)
+    labels = np.array([samples[i].label for i in kept], np.int64)
+    return (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)), labels, np.array(kept, int)
+
+
+def write_choice(folder: Path, choice) -> None:
+    """``tta.json`` (a ``cnnkit.tta.TTAChoice``) into a run being written."""
+    from cnnkit.tta import CHOICE_FILE
+
+    (Path(folder) / CHOICE_FILE).write_text(choice.model_dump_json(indent=2), encoding="utf-8")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cnnkit.data import Dataset, SkippedFile, load_excluding, split_dataset
+from cnnkit.data import Dataset, Sample, SkippedFile, load_excluding, split_dataset
 from cnnkit.errors import CnnkitError
 from cnnkit.features import FeatureConfig, compute_features, parse_layers, take_rows
 from cnnkit.heads import FittedHead, fit_head, save_head
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 # that beat single stages on our benchmarks (docs/benchmarks.md).
 STAGE_CANDIDATES = ("conv3", "conv4", "top", "conv4,top", "conv3,conv4,top")
 AUTO = "auto"
+# Fewer validation images than this: the views are measured out of fold on the (more) training images.
+VALIDATION_EVIDENCE = 100
 
 
 @dataclass
@@ -213,7 +215,7 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
                                    best_params=fitted.best_params, cv_folds=fitted.cv_folds,
                                    feature_dims=int(x_all.shape[1]), tried=tried),
         )
-        from cnnkit.evaluation import Evaluation
+        from cnnkit.evaluation import Evaluation, write_choice
         from cnnkit.heads import cross_validated_probabilities
         from cnnkit.reporting import run_attachments
 
@@ -230,8 +232,76 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
                                     cross_validated_probabilities(fitted, x_train, y_train, options.seed),
                                     train_paths)
 
-        hooks = run_attachments(evaluation, held_out, dataset.skipped + table.failures, attach, dataset.excluded)
+        choice = choose_views(fitted, config, layers, options.engine, x_train, y_train, train_paths,
+                              [samples[i] for i in table.kept[rows["val"]]] if "val" in rows else [],
+                              options.seed, options.batch_size)
+        hooks = run_attachments(evaluation, held_out, dataset.skipped + table.failures,
+                                [*([lambda folder, _: write_choice(folder, choice)] if choice else []), *attach],
+                                dataset.excluded)
         run_path = write_run(out, manifest, write_files, force, attach=hooks)
 
     return ExtractResult(run_path, dataset, layers, str(head), int(x_all.shape[1]), fitted, metrics, counts,
                          dataset.skipped + table.failures, table.computed, timings, tried, evaluation, held_out)
+
+
+def choose_views(fitted: FittedHead, config: FeatureConfig, layers: list[str], engine, x_train: np.ndarray,
+                 y_train: np.ndarray, train_paths: list[Path], val: list, seed: int = 0, batch_size: int = 32):
+    """Which test-time views help this feature head (``cnnkit.tta.choose``), or ``None`` with too few images.
+
+    On validation images when the data has at least ``VALIDATION_EVIDENCE`` of them (the fitted head
+    scores their views); otherwise out of fold on up to ``EVIDENCE_IMAGES`` training images: the head's pipeline is refitted without each
+    fold's images (on the cached features of every other training image) and scores the fold's views.
+    Every view's features, the plain image's too, come from one extractor here (a view is not a file
+    the cache knows). A head fitted on mirror-averaged features is scored on zoomed views only.
+    """
+    from sklearn.base import clone
+    from threadpoolctl import threadpool_limits
+
+    from cnnkit.backbones import get_backbone
+    from cnnkit.evaluation import decode_samples, evidence_sample
+    from cnnkit.features import FeatureExtractor
+    from cnnkit.heads import cv_folds
+    from cnnkit.tta import EVIDENCE_IMAGES, all_boxes, candidates_for, choose, map_views
+
+    spec = get_backbone(config.backbone)
+    symmetric = config.flip
+    candidates = candidates_for(symmetric)
+    boxes = all_boxes(candidates)
+    if len(val) < VALIDATION_EVIDENCE and len(train_paths) > len(val):
+        val = []
+    if val:
+        picked, evidence = evidence_sample(val, EVIDENCE_IMAGES, seed), "validation"
+    else:
+        rows = evidence_sample(list(range(len(train_paths))), EVIDENCE_IMAGES, seed)
+        picked = [Sample(train_paths[i], int(y_train[i])) for i in rows]
+        evidence = "out-of-fold"
+    images, labels, kept = decode_samples(picked, config.image_size)
+    counts = np.bincount(labels)
+    folds = min(fitted.cv_folds, int(counts[counts > 0].min())) if len(labels) else 0
+    if not len(labels) or (not val and folds < 2):
+        return None
+    extractor = FeatureExtractor(config, engine)
+    keys = [spec.stage_key(layer) for layer in layers]
+
+    def features_of(view) -> np.ndarray:  # as FeatureHeadClassifier.features: the stages in the run's order
+        found = extractor(view)
+        return np.concatenate([found[k] for k in keys], axis=1)
+
+    features = map_views(features_of, images, boxes, batch_size)
+    if val:
+        probabilities = {box: np.asarray(fitted.pipeline.predict_proba(f), np.float64) for box, f in features.items()}
+    else:
+        rows = np.asarray(rows)[kept]
+        classes = fitted.pipeline.classes_
+        probabilities = {box: np.zeros((len(rows), len(classes))) for box in boxes}
+        with threadpool_limits(1, user_api="blas"):  # small matrices: see fit_head
+            for _, held in cv_folds(folds, seed).split(rows, labels):
+                keep = np.setdiff1d(np.arange(len(train_paths)), rows[held])
+                head = clone(fitted.pipeline).fit(take_rows(x_train, keep), y_train[keep])
+                columns = np.searchsorted(classes, head.classes_)
+                for box in boxes:
+                    probabilities[box][np.ix_(held, columns)] = head.predict_proba(features[box][held])
+    classes = fitted.pipeline.classes_
+    if not np.isin(labels, classes).all():  # a class the head never saw: no column to score it by
+        return None
+    return choose(probabilities, np.searchsorted(classes, labels), candidates, evidence)

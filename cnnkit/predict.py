@@ -97,10 +97,12 @@ def predict_run(inputs: Sequence[str | Path], run_path: str | Path, k: int = 5, 
     Args:
         engine: what runs the network (``cnnkit.engines``), in ``precision``; a feature-head run
             whose images are all in the feature cache runs none.
-        tta: a ``cnnkit.tta.TTA`` to average each image's views, or ``None``.
+        tta: ``True`` for the views the run chose on its held-out images (``Run.tta_classifier``),
+            a ``cnnkit.tta.TTA`` for those views, or ``None``.
     """
+    from cnnkit.evaluation import tta_classifier
     from cnnkit.runs import load_run
 
     run = load_run(run_path)
-    return run_classifier(run.classifier(engine, precision), inputs, run.class_names, k, batch_size, progress,
-                          tta.for_run(run) if tta is not None else None)
+    classifier, _ = tta_classifier(run, tta, engine, precision)
+    return run_classifier(classifier, inputs, run.class_names, k, batch_size, progress)

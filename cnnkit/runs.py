@@ -281,6 +281,29 @@ class Run:
         probabilities, its network run by ``engine`` in ``precision`` (see ``cnnkit.engines``)."""
         return get_kind(self.kind, self.path).classifier(self, engine, precision)
 
+    def tta_classifier(self, engine="auto", precision="float32"):
+        """The classifier ``--tta`` uses: the views the run's held-out evidence chose (``Kind.tta_classifier``)."""
+        return get_kind(self.kind, self.path).tta_classifier(self, engine, precision)
+
+    @property
+    def tta_line(self) -> str:
+        """What --tta does for this run, and why, in one line."""
+        return get_kind(self.kind, self.path).tta_line(self)
+
+    @property
+    def tta_choice(self):
+        """The view sets measured on the run's held-out images when it was made (``tta.json``), or ``None``."""
+        from cnnkit.tta import CHOICE_FILE, TTAChoice
+
+        if not self.has(CHOICE_FILE):
+            return None
+        try:  # a sealed JSON file read into a strict schema of names and bounded numbers
+            return TTAChoice.model_validate_json(self.file(CHOICE_FILE).read_text("utf-8"))
+        except ValueError as error:  # pydantic's ValidationError (bad JSON too) or undecodable bytes
+            why = error.errors()[0]["msg"] if isinstance(error, ValidationError) else "not UTF-8"
+            raise CnnkitError(f"{self.path / CHOICE_FILE}: not a view choice cnnkit wrote ({why}); "
+                              "re-create the run") from None
+
     @property
     def mirror_symmetric(self) -> bool:
         """Whether the run predicts the same for an image and its mirror image (``Kind.mirror_symmetric``)."""

@@ -72,28 +72,42 @@ def test_evaluate_with_tta_reports_both_accuracies(runs, kind):
     np.testing.assert_allclose(augmented.plain_probabilities, plain.probabilities, atol=1e-5)
     assert not np.allclose(augmented.probabilities, plain.probabilities, atol=1e-4)
 
+    # The CLI's --tta averages the views the run chose on its held-out images (tta.json); the tiny
+    # runs had too few of them to choose any, so it predicts as without, and says why.
     result = runner.invoke(app, ["evaluate", str(paths[kind]), str(data), "--tta", "--json",
                                  "--out", str(data.parent / f"eval-{kind}")])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
-    assert printed["tta_views"] == views and printed["accuracy"] == pytest.approx(augmented.accuracy)
+    assert printed["tta_views"] == 1 and printed["accuracy"] == pytest.approx(plain.accuracy)
+    assert printed["accuracy_without_tta"] == pytest.approx(plain.accuracy)
+    assert "to measure views on" in printed["tta"] and "predicts as without it" in printed["tta"]
+    assert "note: TTA:" in result.stderr
     html = (data.parent / f"eval-{kind}" / "report.html").read_text()
     assert "accuracy with TTA" in html and "accuracy without TTA" in html
 
 
 def test_predict_with_tta(runs):
+    from cnnkit.predict import predict_run
+
     data, paths = runs
     folder = str(data / "test")
     plain = json.loads(runner.invoke(app, ["predict", folder, "-m", str(paths["network"]), "--json"]).stdout)
-    result = runner.invoke(app, ["predict", folder, "-m", str(paths["network"]), "--json", "--tta"])
-    assert result.exit_code == 0, result.output
-    augmented = json.loads(result.stdout)
+    augmented = [p.to_dict() for p in predict_run([folder], paths["network"], 3, tta=TTA()).predictions]
     assert [p["path"] for p in augmented] == [p["path"] for p in plain]
     assert all(len(p["top"]) == 3 for p in augmented)
     # Some images of a tiny network's test set give the same output for every view (all its units
     # dead on them); the views must change the others.
     assert any(a["top"] != p["top"] for a, p in zip(augmented, plain))
     assert all(sum(t["score"] for t in p["top"]) == pytest.approx(1.0, abs=1e-4) for p in augmented)
+    # The CLI's --tta: the run's own choice (none, on its six validation images), said in a note
+    # (once per process: forget the evaluate test's).
+    import cnnkit.engines
+
+    cnnkit.engines._noted.clear()
+    result = runner.invoke(app, ["predict", folder, "-m", str(paths["network"]), "--json", "--tta"])
+    assert result.exit_code == 0, result.output
+    assert [p["top"] for p in json.loads(result.stdout)] == [p["top"] for p in plain]
+    assert result.stderr.count("note: TTA: this run had only 6 validation images") == 1
 
 
 def test_a_run_that_averages_each_image_with_its_mirror_gets_no_mirrored_views(runs, tmp_path):
@@ -138,3 +152,116 @@ def test_a_feature_head_is_mirror_symmetric_only_when_every_stage_is_pooled_over
     for run, symmetric in ((whole, True), (regions, False)):
         classify = run.classifier()
         assert np.allclose(classify(images), classify(np.ascontiguousarray(images[:, :, ::-1])), atol=1e-5) == symmetric
+
+
+def _scores(probabilities_by_name, labels):
+    from cnnkit.tta import CANDIDATES, NONE, choose
+
+    boxes = {}
+    for name, tta in [("none", NONE), *CANDIDATES.items()]:
+        for box in tta.boxes():  # every box of a set gets the set's probabilities: its mean is them
+            boxes.setdefault(box, probabilities_by_name.get(name, probabilities_by_name["none"]))
+    return choose(boxes, labels, {"zoom": CANDIDATES["zoom"]}, "validation")
+
+
+def test_views_are_chosen_only_when_they_are_more_accurate_and_better_calibrated():
+    from cnnkit.tta import MIN_EVIDENCE
+
+    labels = np.arange(100) % 2
+    right = np.eye(2)[labels]
+    plain = np.where(np.arange(100)[:, None] < 90, 0.6 * right + 0.2, 0.6 * (1 - right) + 0.2)  # 90 % right
+    # The zoomed views' mean: five more images right. The plain image's views are in that mean too,
+    # so build the zoom set's own probabilities from what its six views average to.
+    better = plain.copy()
+    better[90:95] = 0.8 * right[90:95] + 0.1
+    zoom_views = (6 * better - plain) / 5  # the five crops, so that with the plain view they average to better
+    chosen = _scores({"none": plain, "zoom": zoom_views}, labels)
+    assert chosen.chosen == "zoom" and chosen.score("zoom").accuracy == pytest.approx(0.95)
+    assert "zoom (6 views)" in chosen.line() and "0.950 vs 0.900" in chosen.line()
+    # One image more but every other one less sure: the log loss rises, the plain image stays.
+    worse = 0.5 + 0.05 * (right - 0.5)
+    worse[90] = 0.7 * right[90] + 0.15
+    noisy = _scores({"none": plain, "zoom": (6 * worse - plain) / 5}, labels)
+    assert noisy.score("zoom").accuracy > noisy.score("none").accuracy and noisy.chosen == "none"
+    assert "no view set beat the plain image" in noisy.line()
+    # Too few held-out images choose nothing, whatever they show.
+    few = _scores({"none": plain[: MIN_EVIDENCE - 1], "zoom": zoom_views[: MIN_EVIDENCE - 1]},
+                  labels[: MIN_EVIDENCE - 1])
+    assert few.chosen == "none" and "needed to choose" in few.line()
+
+
+@pytest.fixture(scope="module")
+def chosen_runs(tmp_path_factory, monkeypatch_module):
+    """Tiny runs that choose their views on their (few) held-out images: MIN_EVIDENCE lowered to 5, and
+    extract's validation images (6) enough to choose on."""
+    import cnnkit.extraction
+    import cnnkit.tta
+    from tiny_runs import extract_run, make_data, train_run
+
+    monkeypatch_module.setattr(cnnkit.tta, "MIN_EVIDENCE", 5)
+    monkeypatch_module.setattr(cnnkit.extraction, "VALIDATION_EVIDENCE", 5)
+    root = tmp_path_factory.mktemp("chosen")
+    data = make_data(root / "data")
+    return data, {"oof": extract_run(data, root / "oof", val_split=0.0), "val": extract_run(data, root / "val"),
+                  "network": train_run(data, root / "net", flip=False)}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_every_run_records_the_views_its_held_out_images_chose(chosen_runs, tmp_path):
+    from cnnkit.data import load_image
+    from cnnkit.ensemble import make_ensemble
+    from cnnkit.runs import load_run
+
+    data, paths = chosen_runs
+    every = {"none", "mirror", "zoom", "zoom+mirror"}  # none of these runs averages the mirror itself
+    expected = {"oof": ("out-of-fold", 24, every), "val": ("validation", 6, every),
+                "network": ("validation", 6, every)}
+    for name, (evidence, images, names) in expected.items():
+        run = load_run(paths[name])
+        choice = run.tta_choice
+        assert (choice.evidence, choice.images, {s.name for s in choice.scores}) == (evidence, images, names), name
+        assert "tta.json" in run.manifest.files  # sealed with the run
+        # --tta averages exactly the chosen views, and reports the plain view from the same pass.
+        evaluation = evaluate_run(run, data, tta=True)
+        assert evaluation.tta_views == choice.tta.views and evaluation.tta_line == run.tta_line
+        images_ = np.stack([load_image(p, run.image_size) for p in evaluation.paths])
+        np.testing.assert_allclose(evaluation.probabilities, TTAClassifier(run.classifier(), choice.tta)(images_),
+                                   atol=1e-5)
+        np.testing.assert_allclose(evaluation.plain_probabilities, run.classifier()(images_), atol=1e-5)
+    # An ensemble's members each average their own chosen views.
+    members = [load_run(paths[n]) for n in ("oof", "network")]
+    ensemble = load_run(make_ensemble([m.path for m in members], tmp_path / "ens", data=data))
+    evaluation = evaluate_run(ensemble, data, tta=True)
+    images_ = np.stack([load_image(p, ensemble.image_size) for p in evaluation.paths])
+    expected = np.mean([TTAClassifier(m.classifier(), m.tta_choice.tta)(images_) for m in members], axis=0)
+    np.testing.assert_allclose(evaluation.probabilities, expected, atol=1e-5)
+    assert all(f"member {i} {m.tta_choice.chosen}" in ensemble.tta_line for i, m in enumerate(members))
+
+
+@pytest.mark.parametrize("text", ['{"format": 1, "evidence": "validation", "images": 5, "scores": [], '
+                                  '"chosen": "none"}',
+                                  '{"format": 1, "evidence": "validation", "images": 5, "chosen": "../../etc", '
+                                  '"scores": [{"name": "none", "views": 1, "accuracy": 0.5, "log_loss": 1.0}]}',
+                                  '{"__class__": "os.system", "format": 1}', "[1, 2", "\xff\xfe"])
+def test_a_crafted_choice_file_is_refused_in_one_line(chosen_runs, tmp_path, text):
+    import shutil
+
+    from cnnkit.errors import CnnkitError
+    from cnnkit.runs import load_run
+    from conftest import reseal
+
+    data, paths = chosen_runs
+    forged = tmp_path / "forged"
+    shutil.copytree(paths["oof"], forged)
+    (forged / "tta.json").write_bytes(text.encode("latin-1"))
+    reseal(forged)
+    with pytest.raises(CnnkitError, match=r"tta.json: not a view choice cnnkit wrote .*re-create the run"):
+        evaluate_run(forged, data, tta=True)
+    result = runner.invoke(app, ["evaluate", str(forged), str(data), "--tta", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "tta.json: not a view choice" in result.output
+    assert "Traceback" not in result.output

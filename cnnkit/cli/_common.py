@@ -49,9 +49,10 @@ ExcludeOption = Annotated[str | None, typer.Option(
     help="Leave out the files listed in FILE: an issues.csv of `cnnkit doctor` (its rows marked exclude) or one "
          "path per line. The folder is not touched; the run records what was left out.")]
 TTAOption = Annotated[bool, typer.Option(
-    "--tta", help="Test-time augmentation: average the probabilities of 12 views per image (whole image + "
-    "centre and four corner crops at 87.5%, each also mirrored, unless the run averages the mirror "
-    "itself: 6 views); up to 12x slower.")]
+    "--tta", help="Test-time augmentation. With --model or a RUN: average the views the run chose on its own "
+    "held-out images when it was made (mirror, zoom: whole image + centre and corner crops at 90%, or both), or "
+    "none where none helped; a note says which. Without --model: 12 views (87.5% crops, mirrored). Up to 12x "
+    "slower.")]
 
 
 def quiet_output() -> None:

@@ -39,12 +39,11 @@ def evaluate(
     from cnnkit.evaluation import evaluate_run
     from cnnkit.reporting import write_evaluation_report
     from cnnkit.runs import load_run
-    from cnnkit.tta import TTA
 
     with user_errors(), progress_bar(quiet or json_output) as progress:
         loaded = load_run(run)
         evaluation = evaluate_run(loaded, data, split and str(split), batch_size,
-                                  progress_callback(progress, "evaluating"), engine, tta=TTA() if tta else None,
+                                  progress_callback(progress, "evaluating"), engine, tta=True if tta else None,
                                   precision=precision)
         written = write_evaluation_report(evaluation, out or run / "eval" / (data.stem or "data"), loaded)
     report_skipped(evaluation.skipped, quiet)

@@ -38,7 +38,7 @@ def predict(
 
         views = TTA() if tta else None
         if model is not None:
-            report = predict_run(images, model, top_k, batch_size, progress=update, engine=engine, tta=views,
+            report = predict_run(images, model, top_k, batch_size, progress=update, engine=engine, tta=tta or None,
                                  precision=precision)
         else:
             report = predict_imagenet(images, str(backbone), top_k, batch_size, weights, progress=update,

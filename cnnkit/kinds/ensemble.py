@@ -93,20 +93,30 @@ def resize_view(images, size: int):
 class EnsembleClassifier(Classifier):
     """The weighted mean of the members' probabilities, each on its own view of the images."""
 
-    def __init__(self, run, engine="auto", precision="float32"):
+    def __init__(self, run, engine="auto", precision="float32", tta: bool = False):
         self.run = run
         self.image_size, self.crop_pct, self.classes = run.image_size, run.crop_pct, len(run.class_names)
+        self.tta = tta
         self.members = []
         for member, weight in members(run):
             order = [member.class_names.index(name) for name in run.class_names]
-            self.members.append((member, member.classifier(engine, precision), weight, order))
+            classifier = member.tta_classifier(engine, precision) if tta else member.classifier(engine, precision)
+            self.members.append((member, classifier, weight, order))
+        self.views = max(getattr(c, "views", 1) for _, c, _, _ in self.members)
 
-    def __call__(self, images) -> np.ndarray:
-        total = 0.0
+    def batch(self, images) -> tuple[np.ndarray, np.ndarray | None]:
+        """With ``tta``, each member averages its own chosen views; the plain views' mean comes too."""
+        total, plain = 0.0, 0.0
         for member, classifier, weight, order in self.members:
             seen = member_input(images, self.run.crop_pct, member.crop_pct, member.image_size)
-            total = total + weight * np.asarray(classifier(seen), np.float64)[:, order]
-        return np.asarray(total, np.float32)
+            probabilities, member_plain = classifier.batch(seen)
+            total = total + weight * np.asarray(probabilities, np.float64)[:, order]
+            if self.tta:
+                plain = plain + weight * np.asarray(member_plain, np.float64)[:, order]
+        return np.asarray(total, np.float32), (np.asarray(plain, np.float32) if self.tta else None)
+
+    def __call__(self, images) -> np.ndarray:
+        return self.batch(images)[0]
 
     def embed(self, images) -> np.ndarray:
         raise CnnkitError(f"{self.run.path}: an ensemble has no retrieval index; use `similar` with one of its "
@@ -149,6 +159,17 @@ class EnsembleKind(Kind):
 
     def classifier(self, run, engine="auto", precision="float32"):
         return EnsembleClassifier(run, engine, precision)
+
+    def tta_classifier(self, run, engine="auto", precision="float32"):
+        """Each member with the views its own evidence chose (a member's views suit its own training)."""
+        return EnsembleClassifier(run, engine, precision, tta=True)
+
+    def tta_line(self, run) -> str:
+        chosen = []
+        for i, (member, _) in enumerate(members(run)):
+            choice = member.tta_choice
+            chosen.append(f"member {i} {choice.chosen if choice else 'none (no evidence recorded)'}")
+        return "TTA: each member averages the views chosen on its own held-out images: " + ", ".join(chosen)
 
     def forward(self, run, images, stage=None, tag=""):
         """Each member's graph on the same input, probabilities averaged with the members' weights."""

@@ -83,6 +83,22 @@ class Kind:
         """The run's ``cnnkit.classifier.Classifier``, its network run by ``engine`` in ``precision``."""
         raise NotImplementedError
 
+    def tta_classifier(self, run, engine="auto", precision="float32"):
+        """The run's classifier averaging the views its held-out evidence chose (``Run.tta_choice``): the
+        plain image alone where none helped or none were measured. ``batch`` also gives the plain view."""
+        from cnnkit.tta import NONE, TTAClassifier
+
+        choice = run.tta_choice
+        return TTAClassifier(self.classifier(run, engine, precision), choice.tta if choice else NONE)
+
+    def tta_line(self, run) -> str:
+        """One line saying what --tta does for the run, and why."""
+        choice = run.tta_choice
+        if choice is None:
+            return ("TTA: this run records no view evidence (made before cnnkit chose views per run), so --tta "
+                    "predicts as without it; re-create the run to let it choose")
+        return choice.line()
+
     def forward(self, run, images, stage: str | None = None, tag: str = "") -> Forward:
         """The forward pass as Keras ops on the symbolic raw pixels ``images``.
 

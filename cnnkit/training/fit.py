@@ -187,6 +187,7 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
     from cnnkit.training.resume import work_folder
     from cnnkit.training.sanity import sanity_check
     from cnnkit.training.save import TrainingOutcome, save_training_run
+    from cnnkit.evaluation import tta_evidence_hook
 
     augmentation = Augmentation.preset(options.augment, options.erase)
     weights = None if options.weights == "none" else options.weights
@@ -276,9 +277,12 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
                               best_epoch)
     skipped = dataset.skipped + train_stream.failures + val_stream.failures
 
+    # Which test-time views help this network, measured on its validation images (tta.json; --tta reads it).
+    hooks = [tta_evidence_hook(val, "tf", options.seed), *attach]
+
     def save(destination: Path, replace: bool) -> Path:
         return save_training_run(destination, outcome, spec, options, dataset, splits, image_size, work,
-                                 replace=replace, skipped=skipped, attach=attach,
+                                 replace=replace, skipped=skipped, attach=hooks,
                                  table_strategy=table_strategy)
 
     if device.chief:
