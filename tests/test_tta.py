@@ -1,6 +1,7 @@
 """Test-time augmentation: the views, their average, and --tta on predict and evaluate."""
 
 import json
+from html import escape
 
 import numpy as np
 import pytest
@@ -226,6 +227,8 @@ def test_every_run_records_the_views_its_held_out_images_chose(chosen_runs, tmp_
         choice = run.tta_choice
         assert (choice.evidence, choice.images, {s.name for s in choice.scores}) == (evidence, images, names), name
         assert "tta.json" in run.manifest.files  # sealed with the run
+        html = (run.path / "report.html").read_text()
+        assert "<h2>Test-time augmentation</h2>" in html and escape(run.tta_line) in html
         # --tta averages exactly the chosen views, and reports the plain view from the same pass.
         evaluation = evaluate_run(run, data, tta=True)
         assert evaluation.tta_views == choice.tta.views and evaluation.tta_line == run.tta_line

@@ -116,6 +116,8 @@ def evaluation_section(folder: Path, title: str) -> str:
             "accuracy_without_tta"), "TTA views": metrics.get("tta_views"), **{k: v for k, v in cards.items()
                                                                                 if k != "accuracy"}}
     parts.append(metric_cards(cards))
+    if isinstance(metrics.get("tta"), str):
+        parts.append(f"<p>{esc(metrics['tta'])}</p>")
     per_class = metrics.get("per_class") or {}
     parts.append('<div class="grid">')
     parts.append(figure(folder / "confusion.png", "Confusion matrix: true classes down, predictions across.",
@@ -152,6 +154,21 @@ def evaluation_section(folder: Path, title: str) -> str:
     return "".join(parts)
 
 
+def views_section(folder: Path) -> str:
+    """The test-time views measured on the run's held-out images (``tta.json``) and what --tta uses."""
+    from cnnkit.tta import CHOICE_FILE, TTAChoice
+
+    try:  # the file this run is writing, read through the same strict schema as Run.tta_choice
+        choice = TTAChoice.model_validate_json((folder / CHOICE_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return ""
+    rows = [(s.name, s.views, number(s.accuracy), number(s.log_loss)) for s in choice.scores]
+    best = next(i for i, s in enumerate(choice.scores) if s.name == choice.chosen)
+    return ("<h2>Test-time augmentation</h2><p>Each view set's score on the run's held-out images "
+            f"(highlighted: what <code>--tta</code> averages). {esc(choice.line())}.</p>"
+            + table(["views", "forward passes", "accuracy", "log loss"], rows, [False, True, True, True], best))
+
+
 def evidence_folders(folder: Path) -> list[tuple[str, Path]]:
     """The run's own evidence folders, test before validation."""
     found = []
@@ -173,7 +190,7 @@ def render(folder: Path, manifest, extra: Sequence[tuple[str, Path]] = (), name:
     for title, evidence in extra:
         body.append(evaluation_section(evidence, title))
     body += [why_section(folder), model_section(manifest), data_section(manifest, folder),
-             *get_kind(manifest.model.kind).report_sections(manifest, folder)]
+             *get_kind(manifest.model.kind).report_sections(manifest, folder), views_section(folder)]
     for title, evidence in evidence_folders(folder):
         body.append(evaluation_section(evidence, title))
     body.append("<footer>Written by cnnkit. This page is self-contained: every image is inside it, and it "
