@@ -232,8 +232,9 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
                                     cross_validated_probabilities(fitted, x_train, y_train, options.seed),
                                     train_paths)
 
+        val_rows = rows.get("val", np.zeros(0, int))
         choice = choose_views(fitted, config, layers, options.engine, x_train, y_train, train_paths,
-                              [samples[i] for i in table.kept[rows["val"]]] if "val" in rows else [],
+                              [samples[i] for i in table.kept[val_rows]], take_rows(x_all, val_rows),
                               options.seed, options.batch_size)
         hooks = run_attachments(evaluation, held_out, dataset.skipped + table.failures,
                                 [*([lambda folder, _: write_choice(folder, choice)] if choice else []), *attach],
@@ -245,14 +246,16 @@ def run_extract(data: str | Path, options: ExtractOptions, out: str | Path | Non
 
 
 def choose_views(fitted: FittedHead, config: FeatureConfig, layers: list[str], engine, x_train: np.ndarray,
-                 y_train: np.ndarray, train_paths: list[Path], val: list, seed: int = 0, batch_size: int = 32):
+                 y_train: np.ndarray, train_paths: list[Path], val: list, x_val: np.ndarray, seed: int = 0,
+                 batch_size: int = 32):
     """Which test-time views help this feature head (``cnnkit.tta.choose``), or ``None`` with too few images.
 
     On validation images when the data has at least ``VALIDATION_EVIDENCE`` of them (the fitted head
     scores their views); otherwise out of fold on up to ``EVIDENCE_IMAGES`` training images: the head's pipeline is refitted without each
     fold's images (on the cached features of every other training image) and scores the fold's views.
-    Every view's features, the plain image's too, come from one extractor here (a view is not a file
-    the cache knows). A head fitted on mirror-averaged features is scored on zoomed views only.
+    The views' features are computed here (a view is not a file the cache knows); the plain image's are
+    the cached ones (``x_train``, ``x_val``). A head fitted on mirror-averaged features is scored on
+    zoomed views only.
     """
     from sklearn.base import clone
     from threadpoolctl import threadpool_limits
@@ -270,12 +273,13 @@ def choose_views(fitted: FittedHead, config: FeatureConfig, layers: list[str], e
     if len(val) < VALIDATION_EVIDENCE and len(train_paths) > len(val):
         val = []
     if val:
-        picked, evidence = evidence_sample(val, EVIDENCE_IMAGES, seed), "validation"
+        rows = evidence_sample(list(range(len(val))), EVIDENCE_IMAGES, seed)
+        picked, plain, evidence = [val[i] for i in rows], x_val, "validation"
     else:
         rows = evidence_sample(list(range(len(train_paths))), EVIDENCE_IMAGES, seed)
-        picked = [Sample(train_paths[i], int(y_train[i])) for i in rows]
-        evidence = "out-of-fold"
+        picked, plain, evidence = [Sample(train_paths[i], int(y_train[i])) for i in rows], x_train, "out-of-fold"
     images, labels, kept = decode_samples(picked, config.image_size)
+    rows = np.asarray(rows, int)[kept]
     counts = np.bincount(labels)
     folds = min(fitted.cv_folds, int(counts[counts > 0].min())) if len(labels) else 0
     if not len(labels) or (not val and folds < 2):
@@ -287,11 +291,11 @@ def choose_views(fitted: FittedHead, config: FeatureConfig, layers: list[str], e
         found = extractor(view)
         return np.concatenate([found[k] for k in keys], axis=1)
 
-    features = map_views(features_of, images, boxes, batch_size)
+    features = map_views(features_of, images, boxes[1:], batch_size)  # boxes[0]: the plain image
+    features[boxes[0]] = take_rows(plain, rows)
     if val:
         probabilities = {box: np.asarray(fitted.pipeline.predict_proba(f), np.float64) for box, f in features.items()}
     else:
-        rows = np.asarray(rows)[kept]
         classes = fitted.pipeline.classes_
         probabilities = {box: np.zeros((len(rows), len(classes))) for box in boxes}
         with threadpool_limits(1, user_api="blas"):  # small matrices: see fit_head
