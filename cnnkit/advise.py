@@ -373,6 +373,15 @@ def scratch_partner_seconds(train_images: int, test_images: int, forward_images_
     return (train_images + 2 * test_images) / rate + SCRATCH_PARTNER_FIT_SECONDS * train_images
 
 
+def _extract_passes(train_images: int, flip: bool) -> int:
+    """Forward passes of an extract run: its images, then the views it measures for --tta
+    (``cnnkit.extraction.choose_views``: every view but the plain one of up to ``EVIDENCE_IMAGES``)."""
+    from cnnkit.tta import EVIDENCE_IMAGES, all_boxes, candidates_for
+
+    views = len(all_boxes(candidates_for(flip))) - 1
+    return (train_images + min(train_images, EVIDENCE_IMAGES) * views) * (2 if flip else 1)
+
+
 def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: int | None, train_images: int,
               seconds_left: float, forward_images_per_s: float | None, seed: int = 0, test_images: int = 0) -> Plan:
     """The command and options that carry out ``strategy``, with epochs sized to ``seconds_left``.
@@ -405,9 +414,9 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
         options = ExtractOptions(backbone=backbone, layers=LINEAR_LAYERS[strategy], head="logreg", pca=None,
                                  flip=LINEAR_FLIP[strategy], grid=LINEAR_GRID[strategy], val_split=0.0,
                                  image_size=image_size, seed=seed)
-        passes, partners = train_images * (2 if options.flip else 1), []
+        passes, partners = _extract_passes(train_images, options.flip), []
         for partner in PARTNER_BACKBONES.get(backbone, {}).get(strategy, ()):
-            passes += train_images * PARTNER_COST_IN_FORWARD_PASSES[partner]
+            passes += _extract_passes(train_images, False) * PARTNER_COST_IN_FORWARD_PASSES[partner]
             if passes / (forward_images_per_s or 30.0) > training_seconds:
                 break
             partners.append(partner)
