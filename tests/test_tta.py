@@ -165,29 +165,36 @@ def _scores(probabilities_by_name, labels):
     return choose(boxes, labels, {"zoom": CANDIDATES["zoom"]}, "validation")
 
 
-def test_views_are_chosen_only_when_they_are_more_accurate_and_better_calibrated():
+def test_views_are_chosen_only_when_they_fix_clearly_more_than_they_break():
     from cnnkit.tta import MIN_EVIDENCE
 
-    labels = np.arange(100) % 2
+    labels = np.arange(200) % 2
     right = np.eye(2)[labels]
-    plain = np.where(np.arange(100)[:, None] < 90, 0.6 * right + 0.2, 0.6 * (1 - right) + 0.2)  # 90 % right
-    # The zoomed views' mean: five more images right. The plain image's views are in that mean too,
-    # so build the zoom set's own probabilities from what its six views average to.
-    better = plain.copy()
-    better[90:95] = 0.8 * right[90:95] + 0.1
-    zoom_views = (6 * better - plain) / 5  # the five crops, so that with the plain view they average to better
-    chosen = _scores({"none": plain, "zoom": zoom_views}, labels)
-    assert chosen.chosen == "zoom" and chosen.score("zoom").accuracy == pytest.approx(0.95)
-    assert "zoom (6 views)" in chosen.line() and "0.950 vs 0.900" in chosen.line()
-    # One image more but every other one less sure: the log loss rises, the plain image stays.
-    worse = 0.5 + 0.05 * (right - 0.5)
-    worse[90] = 0.7 * right[90] + 0.15
-    noisy = _scores({"none": plain, "zoom": (6 * worse - plain) / 5}, labels)
-    assert noisy.score("zoom").accuracy > noisy.score("none").accuracy and noisy.chosen == "none"
-    assert "no view set beat the plain image" in noisy.line()
+    # The plain image: right on the first 170 of 200 images, 0.8 sure either way.
+    plain = np.where(np.arange(200)[:, None] < 170, 0.6 * right + 0.2, 0.6 * (1 - right) + 0.2)
+
+    def with_views(fixed, broken, sure=0.8):
+        """The zoom set's mean: ``fixed`` of the plain image's mistakes right, ``broken`` of its right ones wrong."""
+        mean = np.where(np.arange(200)[:, None] < 170, (2 * sure - 1) * right + 1 - sure,
+                        (2 * sure - 1) * (1 - right) + 1 - sure)
+        mean[170:170 + fixed] = 0.8 * right[170:170 + fixed] + 0.1
+        mean[:broken] = 0.6 * (1 - right[:broken]) + 0.2
+        return (6 * mean - plain) / 5  # the five crops, so that with the plain view they average to mean
+
+    chosen = _scores({"none": plain, "zoom": with_views(12, 1)}, labels)  # 11 on balance >= 2 sqrt(13)
+    assert chosen.chosen == "zoom" and (chosen.score("zoom").fixed, chosen.score("zoom").broken) == (12, 1)
+    assert "zoom (6 views)" in chosen.line() and "0.905 vs 0.850 without (fixing 12, breaking 1)" in chosen.line()
+    # Six more right on balance, but 14 broken for 20 fixed: within what chance gives, the plain image stays.
+    lucky = _scores({"none": plain, "zoom": with_views(20, 14)}, labels)
+    assert lucky.score("zoom").accuracy > lucky.score("none").accuracy and lucky.chosen == "none"
+    assert "no view set clearly beat the plain image" in lucky.line() and "fixing 20 and breaking 14" in lucky.line()
+    # Clearly more right, but every other image less sure: the log loss rises, the plain image stays.
+    unsure = _scores({"none": plain, "zoom": with_views(12, 1, sure=0.55)}, labels)
+    assert unsure.score("zoom").log_loss > unsure.score("none").log_loss and unsure.chosen == "none"
     # Too few held-out images choose nothing, whatever they show.
-    few = _scores({"none": plain[: MIN_EVIDENCE - 1], "zoom": zoom_views[: MIN_EVIDENCE - 1]},
-                  labels[: MIN_EVIDENCE - 1])
+    few = _scores({"none": plain[170 - MIN_EVIDENCE // 2:170 + MIN_EVIDENCE // 2 - 1],
+                   "zoom": with_views(12, 1)[170 - MIN_EVIDENCE // 2:170 + MIN_EVIDENCE // 2 - 1]},
+                  labels[170 - MIN_EVIDENCE // 2:170 + MIN_EVIDENCE // 2 - 1])
     assert few.chosen == "none" and "needed to choose" in few.line()
 
 
@@ -249,7 +256,8 @@ def test_every_run_records_the_views_its_held_out_images_chose(chosen_runs, tmp_
 @pytest.mark.parametrize("text", ['{"format": 1, "evidence": "validation", "images": 5, "scores": [], '
                                   '"chosen": "none"}',
                                   '{"format": 1, "evidence": "validation", "images": 5, "chosen": "../../etc", '
-                                  '"scores": [{"name": "none", "views": 1, "accuracy": 0.5, "log_loss": 1.0}]}',
+                                  '"scores": [{"name": "none", "views": 1, "accuracy": 0.5, "log_loss": 1.0, '
+                                  '"fixed": 0, "broken": 0}]}',
                                   '{"__class__": "os.system", "format": 1}', "[1, 2", "\xff\xfe"])
 def test_a_crafted_choice_file_is_refused_in_one_line(chosen_runs, tmp_path, text):
     import shutil

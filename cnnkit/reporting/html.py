@@ -162,11 +162,13 @@ def views_section(folder: Path) -> str:
         choice = TTAChoice.model_validate_json((folder / CHOICE_FILE).read_text("utf-8"))
     except (OSError, ValueError):
         return ""
-    rows = [(s.name, s.views, number(s.accuracy), number(s.log_loss)) for s in choice.scores]
+    rows = [(s.name, s.views, number(s.accuracy), number(s.log_loss), s.fixed, s.broken) for s in choice.scores]
     best = next(i for i, s in enumerate(choice.scores) if s.name == choice.chosen)
-    return ("<h2>Test-time augmentation</h2><p>Each view set's score on the run's held-out images "
-            f"(highlighted: what <code>--tta</code> averages). {esc(choice.line())}.</p>"
-            + table(["views", "forward passes", "accuracy", "log loss"], rows, [False, True, True, True], best))
+    return ("<h2>Test-time augmentation</h2><p>Each view set's score on the run's held-out images, and how "
+            "many of the plain image's wrong answers it fixed and right ones it broke (highlighted: what "
+            f"<code>--tta</code> averages). {esc(choice.line())}.</p>"
+            + table(["views", "forward passes", "accuracy", "log loss", "fixed", "broken"], rows,
+                    [False, True, True, True, True, True], best))
 
 
 def evidence_folders(folder: Path) -> list[tuple[str, Path]]:
