@@ -21,6 +21,8 @@ RUN/
   report.json       network: the diagnosis, update ratios and sanity check
   report.md         auto: what was measured, tried and chosen; auto.json the same as data
   report.html       every run: one self-contained page about it (cnnkit.reporting)
+  tta.json          every run with held-out images: the test-time views measured on them and the
+                    one --tta averages (cnnkit.tta.TTAChoice)
   heldout/<split>/  what report.html shows of the held-out images: scores, confusion matrix,
                     the most confident mistakes, Grad-CAM overlays (cnnkit.reporting.evidence);
                     split test, val, data (ensemble --data) or cv (an extract run that trained on
