@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cnnkit.classifier import Classifier
 
@@ -173,6 +173,14 @@ class TTAChoice(BaseModel):
     images: int = Field(ge=1)
     scores: list[ViewScore] = Field(min_length=1, max_length=8)
     chosen: Literal["none", "mirror", "zoom", "zoom+mirror"]
+
+    @model_validator(mode="after")
+    def _scores_name_the_plain_image_and_the_choice(self) -> TTAChoice:
+        # line() and the report look both up: a file without them is refused here, not a StopIteration there.
+        names = [s.name for s in self.scores]
+        if len(set(names)) != len(names) or "none" not in names or self.chosen not in names:
+            raise ValueError("scores must name each view set once, the plain image ('none') and the chosen one")
+        return self
 
     @property
     def tta(self) -> TTA:

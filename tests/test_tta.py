@@ -258,6 +258,9 @@ def test_every_run_records_the_views_its_held_out_images_chose(chosen_runs, tmp_
                                   '{"format": 1, "evidence": "validation", "images": 5, "chosen": "../../etc", '
                                   '"scores": [{"name": "none", "views": 1, "accuracy": 0.5, "log_loss": 1.0, '
                                   '"fixed": 0, "broken": 0}]}',
+                                  '{"format": 1, "evidence": "validation", "images": 5, "chosen": "zoom", '
+                                  '"scores": [{"name": "mirror", "views": 2, "accuracy": 0.5, "log_loss": 1.0, '
+                                  '"fixed": 0, "broken": 0}]}',
                                   '{"__class__": "os.system", "format": 1}', "[1, 2", "\xff\xfe"])
 def test_a_crafted_choice_file_is_refused_in_one_line(chosen_runs, tmp_path, text):
     import shutil
