@@ -253,18 +253,17 @@ def choose_views(fitted: FittedHead, config: FeatureConfig, layers: list[str], e
     On validation images when the data has at least ``VALIDATION_EVIDENCE`` of them (the fitted head
     scores their views); otherwise out of fold on up to ``EVIDENCE_IMAGES`` training images: the head's pipeline is refitted without each
     fold's images (on the cached features of every other training image) and scores the fold's views.
-    The views' features are computed here (a view is not a file the cache knows); the plain image's are
-    the cached ones (``x_train``, ``x_val``). A head fitted on mirror-averaged features is scored on
+    The views' features come from ``view_features`` (computed once per image and view); the plain
+    image's are the cached ones (``x_train``, ``x_val``). A head fitted on mirror-averaged features is scored on
     zoomed views only.
     """
     from sklearn.base import clone
     from threadpoolctl import threadpool_limits
 
     from cnnkit.backbones import get_backbone
-    from cnnkit.evaluation import decode_samples, evidence_sample
-    from cnnkit.features import FeatureExtractor
+    from cnnkit.evaluation import evidence_sample
     from cnnkit.heads import cv_folds
-    from cnnkit.tta import EVIDENCE_IMAGES, all_boxes, candidates_for, choose, map_views
+    from cnnkit.tta import EVIDENCE_IMAGES, MIN_EVIDENCE, all_boxes, candidates_for, choose
 
     spec = get_backbone(config.backbone)
     symmetric = config.flip
@@ -278,20 +277,17 @@ def choose_views(fitted: FittedHead, config: FeatureConfig, layers: list[str], e
     else:
         rows = evidence_sample(list(range(len(train_paths))), EVIDENCE_IMAGES, seed)
         picked, plain, evidence = [Sample(train_paths[i], int(y_train[i])) for i in rows], x_train, "out-of-fold"
-    images, labels, kept = decode_samples(picked, config.image_size)
-    rows = np.asarray(rows, int)[kept]
-    counts = np.bincount(labels)
+    labels = np.array([s.label for s in picked], np.int64)
+    counts = np.bincount(labels) if len(labels) else np.zeros(0, int)
     folds = min(fitted.cv_folds, int(counts[counts > 0].min())) if len(labels) else 0
     if not len(labels) or (not val and folds < 2):
         return None
-    extractor = FeatureExtractor(config, engine)
+    rows = np.asarray(rows, int)
+    if len(labels) < MIN_EVIDENCE:  # too few to choose by (``choose``): the views need not be computed
+        candidates, boxes = {}, boxes[:1]
     keys = [spec.stage_key(layer) for layer in layers]
-
-    def features_of(view) -> np.ndarray:  # as FeatureHeadClassifier.features: the stages in the run's order
-        found = extractor(view)
-        return np.concatenate([found[k] for k in keys], axis=1)
-
-    features = map_views(features_of, images, boxes[1:], batch_size)  # boxes[0]: the plain image
+    found = view_features([s.path for s in picked], boxes[1:], config, engine, batch_size)
+    features = {box: np.concatenate([found[box][k] for k in keys], axis=1) for box in boxes[1:]}
     features[boxes[0]] = take_rows(plain, rows)
     if val:
         probabilities = {box: np.asarray(fitted.pipeline.predict_proba(f), np.float64) for box, f in features.items()}
@@ -309,3 +305,52 @@ def choose_views(fitted: FittedHead, config: FeatureConfig, layers: list[str], e
     if not np.isin(labels, classes).all():  # a class the head never saw: no column to score it by
         return None
     return choose(probabilities, np.searchsorted(classes, labels), candidates, evidence)
+
+
+def view_features(paths: list[Path], boxes: list[tuple], config: FeatureConfig, engine,
+                  batch_size: int = 32) -> dict[tuple, dict[str, np.ndarray]]:
+    """Stage features of each view (``boxes`` as ``cnnkit.tta.TTA.boxes`` gives them) of each image file:
+    box -> {stage: one row per file}, from a cache of views beside the feature cache.
+
+    A view is a function of the file's bytes, the input size and its box, so its rows are keyed by
+    the SHA-1 of the file's hash and the box, in a ``FeatureCache`` of the same configuration under
+    ``views/``: a second run on the same images (another head, layer or seed) computes none and
+    imports no TensorFlow. The files must be readable (rows the run already has features of).
+    """
+    import hashlib
+
+    from cnnkit.evaluation import decode_samples
+    from cnnkit.features import FeatureCache, FeatureExtractor, file_hash
+    from cnnkit.paths import cache_dir
+    from cnnkit.tta import map_views
+
+    if not boxes:
+        return {}
+    cache = FeatureCache(config, cache_dir() / "views")
+    hashes = [file_hash(Path(p)) for p in paths]
+    key = {(i, box): hashlib.sha1(f"{hashes[i]} {box}".encode()).hexdigest()
+           for i in range(len(paths)) for box in boxes}
+    cached_hashes, cached = cache.load()
+    row_of = {h: r for r, h in enumerate(cached_hashes)}
+    todo = [i for i in range(len(paths)) if any(key[i, box] not in row_of for box in boxes)]
+    if todo:
+        images, _, kept = decode_samples([Sample(Path(paths[i]), 0) for i in todo], config.image_size)
+        if len(kept) < len(todo):
+            raise CnnkitError(f"{paths[todo[0]]}: cannot be read any more; was it changed during the run?")
+        extractor = FeatureExtractor(config, engine)
+        widths: dict[str, int] = {}
+
+        def side_by_side(view) -> np.ndarray:  # map_views gathers arrays: the stages side by side
+            found = extractor(view)
+            widths.update({s: a.shape[1] for s, a in found.items()})
+            return np.concatenate(list(found.values()), axis=1)
+
+        computed = map_views(side_by_side, images, boxes, batch_size)
+        ends = np.cumsum(list(widths.values()))
+        new_keys = [key[i, box] for box in boxes for i in todo]
+        stacked = np.concatenate([computed[box] for box in boxes])
+        arrays = {s: np.ascontiguousarray(stacked[:, end - w:end]) for (s, w), end in zip(widths.items(), ends)}
+        cached_hashes, cached = cache.add(new_keys, arrays, (cached_hashes, cached))
+        row_of = {h: r for r, h in enumerate(cached_hashes)}
+    return {box: {s: a[[row_of[key[i, box]] for i in range(len(paths))]] for s, a in cached.items()}
+            for box in boxes}

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from cnnkit.cli import app
 from cnnkit.evaluation import evaluate_run
 from cnnkit.tta import TTA, TTAClassifier, views
-from tiny_runs import shared_runs
+from tiny_runs import TINY, shared_runs
 
 runner = CliRunner()
 
@@ -279,3 +279,27 @@ def test_a_crafted_choice_file_is_refused_in_one_line(chosen_runs, tmp_path, tex
     result = runner.invoke(app, ["evaluate", str(forged), str(data), "--tta", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "tta.json: not a view choice" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_views_features_are_computed_once_per_image_and_view(chosen_runs, monkeypatch):
+    """A second run on the same images (another head or layer) reads its views' features from the cache."""
+    import cnnkit.features
+    from cnnkit.extraction import view_features
+    from cnnkit.features import FeatureConfig
+    from cnnkit.tta import CANDIDATES, all_boxes
+
+    data, _ = chosen_runs
+    paths = sorted((data / "train").rglob("*.png"))[:7]
+    config = FeatureConfig(TINY["backbone"], weights="none", image_size=32)
+    boxes = all_boxes(CANDIDATES)[1:]
+    first = view_features(paths, boxes, config, "tf")
+    assert set(first) == set(boxes) and all(len(rows) == 7 for f in first.values() for rows in f.values())
+
+    def no_forward_pass(*args, **kwargs):
+        raise AssertionError("a cached view was computed again")
+
+    monkeypatch.setattr(cnnkit.features, "FeatureExtractor", no_forward_pass)
+    again = view_features(paths[::-1], boxes, config, "tf")
+    for box in boxes:
+        for stage, rows in first[box].items():
+            np.testing.assert_array_equal(again[box][stage], rows[::-1])
