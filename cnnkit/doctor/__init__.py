@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -145,17 +144,9 @@ class Diagnosis:
 
 def inspect_all(paths: list[Path]) -> tuple[list, list]:
     """``inspect_image`` of every file (threads: Pillow decodes without the GIL): (facts or None, reasons)."""
-    from cnnkit.data.images import UnreadableImageError, inspect_image
+    from cnnkit.doctor.pixels import inspect_all as inspect
 
-    def one(path: Path):
-        try:
-            return inspect_image(path), None
-        except UnreadableImageError as error:
-            return None, str(error).split(": ", 1)[-1]
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(one, paths, chunksize=64))
-    return [r[0] for r in results], [r[1] for r in results]
+    return inspect(paths)
 
 
 def diagnose(data: str | Path, options: DoctorOptions | None = None,
@@ -198,20 +189,25 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
 
     started = time.perf_counter()
     say("reading pixels")
-    facts, reasons = inspect_all([s.path for _, s in kept])
-    readable = np.array([f is not None for f in facts])
+    from cnnkit.doctor.pixels import read_pixels
+
+    pixels, reasons = read_pixels([s.path for _, s in kept], table.hashes or None, options.use_cache)
+    readable = np.array([reason is None for reason in reasons], bool)
     findings += [Finding(str(kept[i][1].path), "unreadable", 1.0, kept[i][0], detail=reasons[i])
                  for i in np.flatnonzero(~readable) if kept[i][1].path not in failed]
     rows = np.flatnonzero(readable)
     kept = [kept[i] for i in rows]
-    facts = [facts[i] for i in rows]
     hashes = [table.hashes[i] for i in rows] if table.hashes else [str(i) for i in range(len(rows))]
     features = {stage: table.features[stage][rows] for stage in table.features}
     paths = [str(s.path) for _, s in kept]
     splits = np.array([name for name, _ in kept])
     labels = np.array([s.label for _, s in kept], np.int64)
     names = dataset.class_names
-    thumbnails = np.stack([f.thumbnail for f in facts])
+    if len(rows) == len(readable):
+        thumbnails, zoomed, sizes, grey = pixels.thumbnails, pixels.zoomed, pixels.sizes, pixels.grey
+    else:
+        thumbnails, zoomed, sizes, grey = pixels.thumbnails[rows], pixels.zoomed[rows], pixels.sizes[rows], pixels.grey[rows]
+    del pixels
     seconds["pixels"] = time.perf_counter() - started
 
     # Exact duplicates: the first file of each content is the original, in split then path order.
@@ -234,15 +230,17 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
     say("nearest neighbours")
     index = NeighbourIndex.build(features[top], seed=options.seed)
     neighbours, similarity = index.graph(options.neighbours)
-    same_content = np.array([[hashes[j] == hashes[i] for j in neighbours[i]] for i in range(len(kept))],
-                            bool).reshape(neighbours.shape)
+    seconds["neighbours"] = time.perf_counter() - started
+    started = time.perf_counter()
+    content = np.unique(np.array(hashes), return_inverse=True)[1].reshape(-1)
+    same_content = content[neighbours] == content[:, None]
 
     # Leaks: each held-out image against its nearest training images.
     held = np.flatnonzero(np.isin(splits, HELD_OUT))
     if len(held):
         training = ~np.isin(splits[neighbours[held]], HELD_OUT) & ~same_content[held]
         candidates = np.where(training, neighbours[held], -1)
-        for match in find_copies(thumbnails, held, candidates, options.copies):
+        for match in find_copies(thumbnails, held, candidates, options.copies, zoomed=zoomed):
             train_row = match.original
             findings.append(Finding(paths[train_row], "leak", match.score, splits[train_row], paths[match.copy],
                                     names[labels[train_row]],
@@ -253,7 +251,7 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
     queries = np.flatnonzero(close.any(axis=1))
     reported: set[frozenset] = set()
     for match in find_copies(thumbnails, queries, np.where(close[queries], neighbours[queries, :3], -1),
-                             options.copies):
+                             options.copies, zoomed=zoomed):
         pair = frozenset((match.copy, match.original))
         if pair in reported:
             continue
@@ -289,8 +287,7 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
         findings.append(Finding(paths[row], "outlier", float(outlying[row]), splits[row], given=names[labels[row]],
                                 detail=f"unlike the rest: mean similarity to its 10 nearest images "
                                        f"{1 - distance[row]:.2f} (robust z {outlying[row]:.1f})"))
-    sizes = np.array([[f.width, f.height] for f in facts])
-    flags, note = property_flags(thumbnails, sizes, np.array([f.grey_as_colour for f in facts]), options.properties)
+    flags, note = property_flags(thumbnails, sizes, grey, options.properties)
     findings += [Finding(paths[f.row], f.kind, f.score, splits[f.row], given=names[labels[f.row]], detail=f.detail)
                  for f in flags]
     seconds["properties"] = time.perf_counter() - started
