@@ -185,3 +185,38 @@ def test_auto_report_names_the_leaks(planted):
                              strategy="extract", reasons=[], plan=plan)
     text = render_report(AutoResult(advice, Path("run"), checks=checks))
     assert "## Data checks" in text and "leaked.jpg" in text and "copies of test/validation images" in text
+
+
+def _crafted_pixel_caches(good: dict) -> dict:
+    """Crafted ``pixels.npz`` members: a pickled object, a wrong shape, a foreign meta, a row-count lie."""
+    return {"pickled": {**good, "thumbnails": np.array([{"__reduce__": "os.system"}], dtype=object)},
+            "shape": {**good, "zoomed": good["zoomed"][:, :1]},
+            "meta": {**good, "meta": np.array(json.dumps({"format": 99}))},
+            "rows": {**good, "hashes": good["hashes"][:1]},
+            "hash": {**good, "hashes": np.array(["../../etc/passwd"] * len(good["hashes"]), dtype="U40")}}
+
+
+def test_a_crafted_pixel_cache_is_read_as_no_cache_and_replaced(planted, tmp_path, monkeypatch):
+    """The thumbnail cache is read with allow_pickle=False and every array checked: anything unexpected
+    means the images are decoded again (same pixels), never a crash or a guessed row."""
+    from cnnkit.doctor import pixels as cache
+    from cnnkit.features import file_hash
+
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path / "home"))
+    paths = sorted((planted / "train" / "cat").glob("*.png"))
+    hashes = [file_hash(p) for p in paths]
+    fresh, reasons = cache.read_pixels(paths, hashes)
+    assert sum(r is not None for r in reasons) == 0 and len(cache.load(cache.cache_path())[0]) == len(set(hashes))
+    with np.load(cache.cache_path(), allow_pickle=False) as npz:
+        good = {name: npz[name] for name in npz.files}
+    for name, members in [*_crafted_pixel_caches(good).items(), ("garbage", None)]:
+        if members is None:
+            cache.cache_path().write_bytes(b"PK\x03\x04 not a zip at all")
+        else:
+            with open(cache.cache_path(), "wb") as handle:
+                np.savez(handle, **members)
+        assert cache.load(cache.cache_path())[0] == [], name
+        again, _ = cache.read_pixels(paths, hashes)
+        for field in ("thumbnails", "zoomed", "sizes", "grey"):
+            np.testing.assert_array_equal(getattr(again, field), getattr(fresh, field), err_msg=name)
+        assert len(cache.load(cache.cache_path())[0]) == len(set(hashes)), name  # rewritten whole
