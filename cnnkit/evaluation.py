@@ -212,13 +212,14 @@ def evidence_sample(samples: list, limit: int, seed: int = 0) -> list:
     return [samples[i] for i in sorted(picked)]
 
 
-def tta_evidence_hook(samples: list, engine: str = "auto", seed: int = 0):
+def tta_evidence_hook(samples: list, engine: str = "auto", seed: int = 0, seen: list[str] | None = None):
     """An attach hook (``cnnkit.runs.Attachment``) that measures which views help the run being written.
 
     On up to ``cnnkit.tta.EVIDENCE_IMAGES`` of the held-out ``samples`` (the validation images: never
     the test split), the run's own classifier scores the plain image and each candidate view set
     (``cnnkit.tta.choose``); ``tta.json`` records the scores and the choice, sealed with the run, and
     ``--tta`` reads it. Unreadable images are left out; with none readable, nothing is recorded.
+    ``seen``: the view sets the network's augmentation showed it (``cnnkit.tta.seen_candidates``).
     """
     from cnnkit.tta import EVIDENCE_IMAGES, all_boxes, candidates_for, choose, map_views
 
@@ -235,7 +236,7 @@ def tta_evidence_hook(samples: list, engine: str = "auto", seed: int = 0):
         boxes = all_boxes(candidates)
         classifier = run.classifier(engine)
         found = map_views(lambda view: np.asarray(classifier(view), np.float64), images, boxes)
-        write_choice(folder, choose(found, labels, candidates, "validation"))
+        write_choice(folder, choose(found, labels, candidates, "validation", seen or ()))
 
     return hook
 

@@ -155,14 +155,14 @@ def test_a_feature_head_is_mirror_symmetric_only_when_every_stage_is_pooled_over
         assert np.allclose(classify(images), classify(np.ascontiguousarray(images[:, :, ::-1])), atol=1e-5) == symmetric
 
 
-def _scores(probabilities_by_name, labels):
+def _scores(probabilities_by_name, labels, seen=()):
     from cnnkit.tta import CANDIDATES, NONE, choose
 
     boxes = {}
     for name, tta in [("none", NONE), *CANDIDATES.items()]:
         for box in tta.boxes():  # every box of a set gets the set's probabilities: its mean is them
             boxes.setdefault(box, probabilities_by_name.get(name, probabilities_by_name["none"]))
-    return choose(boxes, labels, {"zoom": CANDIDATES["zoom"]}, "validation")
+    return choose(boxes, labels, {"zoom": CANDIDATES["zoom"]}, "validation", seen)
 
 
 def test_views_are_chosen_only_when_they_fix_clearly_more_than_they_break():
@@ -196,6 +196,24 @@ def test_views_are_chosen_only_when_they_fix_clearly_more_than_they_break():
                    "zoom": with_views(12, 1)[170 - MIN_EVIDENCE // 2:170 + MIN_EVIDENCE // 2 - 1]},
                   labels[170 - MIN_EVIDENCE // 2:170 + MIN_EVIDENCE // 2 - 1])
     assert few.chosen == "none" and "needed to choose" in few.line()
+    # Views the network was trained on need only fix as many as they break and lower the log loss.
+    trained = _scores({"none": plain, "zoom": with_views(6, 2)}, labels, seen=["zoom", "mirror"])
+    assert trained.chosen == "zoom" and trained.seen == ["zoom"] and "views it was trained on" in trained.line()
+    assert _scores({"none": plain, "zoom": with_views(6, 2)}, labels).chosen == "none"
+    assert _scores({"none": plain, "zoom": with_views(2, 3)}, labels, seen=["zoom"]).chosen == "none"
+    assert _scores({"none": plain, "zoom": with_views(6, 2, sure=0.55)}, labels, seen=["zoom"]).chosen == "none"
+
+
+def test_a_network_has_seen_the_views_its_augmentation_made():
+    from cnnkit.training.augment import Augmentation
+    from cnnkit.tta import seen_candidates
+
+    def seen(name):
+        augmentation = Augmentation.preset(name)
+        return seen_candidates(augmentation.flip, augmentation.crop)
+
+    assert seen("none") == [] and seen("light") == seen("strong") == ["mirror", "zoom", "zoom+mirror"]
+    assert seen_candidates(True, 0.05) == ["mirror"] and seen_candidates(False, 0.1) == ["zoom"]
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +279,9 @@ def test_every_run_records_the_views_its_held_out_images_chose(chosen_runs, tmp_
                                   '{"format": 1, "evidence": "validation", "images": 5, "chosen": "zoom", '
                                   '"scores": [{"name": "mirror", "views": 2, "accuracy": 0.5, "log_loss": 1.0, '
                                   '"fixed": 0, "broken": 0}]}',
+                                  '{"format": 1, "evidence": "validation", "images": 5, "chosen": "none", '
+                                  '"seen": ["zoom"], "scores": [{"name": "none", "views": 1, "accuracy": 0.5, '
+                                  '"log_loss": 1.0, "fixed": 0, "broken": 0}]}',
                                   '{"__class__": "os.system", "format": 1}', "[1, 2", "\xff\xfe"])
 def test_a_crafted_choice_file_is_refused_in_one_line(chosen_runs, tmp_path, text):
     import shutil

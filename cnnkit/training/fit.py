@@ -188,6 +188,7 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
     from cnnkit.training.sanity import sanity_check
     from cnnkit.training.save import TrainingOutcome, save_training_run
     from cnnkit.evaluation import tta_evidence_hook
+    from cnnkit.tta import seen_candidates
 
     augmentation = Augmentation.preset(options.augment, options.erase)
     weights = None if options.weights == "none" else options.weights
@@ -278,7 +279,8 @@ def _train(data, options: TrainOptions, out: Path, force: bool, point, report, s
     skipped = dataset.skipped + train_stream.failures + val_stream.failures
 
     # Which test-time views help this network, measured on its validation images (tta.json; --tta reads it).
-    hooks = [tta_evidence_hook(val, "tf", options.seed), *attach]
+    seen = seen_candidates(augmentation.flip, augmentation.crop)
+    hooks = [tta_evidence_hook(val, "tf", options.seed, seen), *attach]
 
     def save(destination: Path, replace: bool) -> Path:
         return save_training_run(destination, outcome, spec, options, dataset, splits, image_size, work,
