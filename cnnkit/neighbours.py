@@ -46,18 +46,36 @@ class NeighbourIndex:
     components: np.ndarray | None = None
 
     @classmethod
-    def build(cls, features: np.ndarray, dims: int = DIMS, seed: int = 0) -> NeighbourIndex:
-        """Index ``features`` (n, D): centre, project on the top ``dims`` principal axes, normalise."""
-        features = np.asarray(features, np.float32)
-        mean = features.mean(axis=0) if len(features) else np.zeros(features.shape[1], np.float32)
-        components = None
-        if features.shape[1] > dims and len(features) > dims:
-            from sklearn.decomposition import PCA
+    def build(cls, features: np.ndarray, dims: int = DIMS, seed: int = 0, centre: bool = True) -> NeighbourIndex:
+        """Index ``features`` (n, D): centre, project on the top ``dims`` principal axes, normalise.
 
-            solver = "covariance_eigh" if len(features) > features.shape[1] else "full"
-            pca = PCA(n_components=dims, svd_solver=solver, random_state=seed).fit(features)
-            components = pca.components_.astype(np.float32)
-            mean = pca.mean_.astype(np.float32)
+        ``centre=False`` keeps the origin: the projection is on the top axes of the uncentred rows (a
+        truncated SVD), so similarities approximate the cosine of the features as the network gives
+        them. That is the space for "unlike the rest" (``cnnkit.doctor`` outliers): centred, what every
+        image shares is removed and a crowd of foreign photos, far from the mean in a common
+        direction, became each other's close neighbours (7 of 10 flagged; uncentred 10 of 10,
+        docs/doctor.md). Neighbours of images of the data's own kind (copies, label-next) need the
+        centred space, where what tells its images apart is what is left.
+        """
+        features = np.asarray(features, np.float32)
+        if not centre:
+            mean = np.zeros(features.shape[1], np.float32)
+            components = None
+            if features.shape[1] > dims and len(features) > dims:
+                # The top eigenvectors of X'X are the truncated SVD's axes; D x D, cheap for D <= a few 1,000.
+                gram = features.T.astype(np.float64) @ features.astype(np.float64)
+                _, vectors = np.linalg.eigh(gram)
+                components = vectors[:, ::-1][:, :dims].T.astype(np.float32)
+        else:
+            mean = features.mean(axis=0) if len(features) else np.zeros(features.shape[1], np.float32)
+            components = None
+            if features.shape[1] > dims and len(features) > dims:
+                from sklearn.decomposition import PCA
+
+                solver = "covariance_eigh" if len(features) > features.shape[1] else "full"
+                pca = PCA(n_components=dims, svd_solver=solver, random_state=seed).fit(features)
+                components = pca.components_.astype(np.float32)
+                mean = pca.mean_.astype(np.float32)
         index = cls(np.zeros((0, 0), np.float32), mean.astype(np.float32), components)
         index.vectors = index.embed(features)
         return index

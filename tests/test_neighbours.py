@@ -51,3 +51,23 @@ def test_queries_use_the_same_projection_and_small_indexes_do_not_fail():
     assert list(rows[:, 0]) == [0, 1, 2, 3] and np.allclose(scores[:, 0], 1.0, atol=1e-5)
     one = NeighbourIndex.build(features[:1])
     assert one.graph(5)[0].shape == (1, 0)
+
+
+def test_an_uncentred_index_ranks_by_the_cosine_of_the_features_as_given():
+    """centre=False: without reduction the exact cosine graph of the rows themselves; reduced (a
+    truncated SVD), the same near neighbours, and a shared offset is not subtracted."""
+    rng = np.random.default_rng(2)
+    offset = np.abs(rng.standard_normal(300)).astype(np.float32) * 4  # what every image shares
+    centres = rng.standard_normal((20, 300)).astype(np.float32) * 3
+    features = offset + np.repeat(centres, 10, axis=0) + rng.standard_normal((200, 300)).astype(np.float32)
+    exact = NeighbourIndex.build(features, dims=400, centre=False)
+    assert exact.components is None and not exact.mean.any()
+    assert (exact.graph(5)[0] == _exact_top(features, 5)).mean() > 0.99
+    reduced = NeighbourIndex.build(features, dims=32, centre=False)
+    assert reduced.components.shape == (32, 300) and not reduced.mean.any()
+    neighbours = reduced.graph(9)[0]
+    assert np.mean(neighbours // 10 == np.arange(200)[:, None] // 10) > 0.95
+    # Two images of different clusters still share the offset: similar uncentred, unrelated centred.
+    assert float(reduced.vectors[0] @ reduced.vectors[150]) > 0.5
+    centred = NeighbourIndex.build(features, dims=32)
+    assert abs(float(centred.vectors[0] @ centred.vectors[150])) < 0.3

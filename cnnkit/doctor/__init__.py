@@ -279,9 +279,11 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
     seconds["labels"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    # Far from its ten nearest images in the whole dataset. Ten, not fewer: junk comes in small
-    # crowds (ten photos dropped into Fashion-MNIST are each other's nearest neighbours).
-    distance = 1.0 - similarity[:, :10].mean(axis=1) if similarity.shape[1] else np.zeros(len(kept))
+    # Far from its ten nearest images in the whole dataset, by the cosine of the features as the network
+    # gives them (uncentred: ``NeighbourIndex.build``). Ten, not fewer: junk comes in small crowds
+    # (ten photos dropped into Fashion-MNIST are each other's nearest neighbours).
+    typical = NeighbourIndex.build(features[top], seed=options.seed, centre=False).graph(10)[1]
+    distance = 1.0 - typical.mean(axis=1) if typical.shape[1] else np.zeros(len(kept))
     outlying = robust_z(distance)
     for row in np.flatnonzero(outlying >= options.outlier_z):
         findings.append(Finding(paths[row], "outlier", float(outlying[row]), splits[row], given=names[labels[row]],
