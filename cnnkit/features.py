@@ -416,7 +416,7 @@ class FeatureCache:
         """
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            with _exclusive_lock(self.folder / "lock", self.lock_timeout):
+            with exclusive_lock(self.folder / "lock", self.lock_timeout):
                 self._remove_leftovers()
                 merged = _merge(self.load(), hashes, arrays)
                 self._publish(*merged)
@@ -457,7 +457,7 @@ def _write_npz(handle, members: dict[str, np.ndarray]) -> None:
 
 
 @contextmanager
-def _exclusive_lock(path: Path, timeout: float):
+def exclusive_lock(path: Path, timeout: float):
     """Hold an exclusive flock on ``path``; TimeoutError (an OSError) after ``timeout`` s.
 
     The kernel drops the lock when its holder dies, even by SIGKILL.

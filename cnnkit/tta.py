@@ -208,7 +208,7 @@ class TTAChoice(BaseModel):
             return (f"TTA: no view set clearly beat the plain image on this run's {where}{tried}, "
                     "so --tta predicts as without it")
         chosen = self.score(self.chosen)
-        trained = " (views it was trained on)" if self.chosen in self.seen else ""
+        trained = ", of the kind it was trained on" if self.chosen in self.seen else ""
         return (f"TTA: {self.chosen} ({chosen.views} views{trained}), chosen on this run's {where}: "
                 f"{chosen.accuracy:.3f} vs {plain.accuracy:.3f} without (fixing {chosen.fixed}, "
                 f"breaking {chosen.broken})")

@@ -198,7 +198,8 @@ def test_views_are_chosen_only_when_they_fix_clearly_more_than_they_break():
     assert few.chosen == "none" and "needed to choose" in few.line()
     # Views the network was trained on need only fix as many as they break and lower the log loss.
     trained = _scores({"none": plain, "zoom": with_views(6, 2)}, labels, seen=["zoom", "mirror"])
-    assert trained.chosen == "zoom" and trained.seen == ["zoom"] and "views it was trained on" in trained.line()
+    assert trained.chosen == "zoom" and trained.seen == ["zoom"]
+    assert "zoom (6 views, of the kind it was trained on), chosen" in trained.line()
     assert _scores({"none": plain, "zoom": with_views(6, 2)}, labels).chosen == "none"
     assert _scores({"none": plain, "zoom": with_views(2, 3)}, labels, seen=["zoom"]).chosen == "none"
     assert _scores({"none": plain, "zoom": with_views(6, 2, sure=0.55)}, labels, seen=["zoom"]).chosen == "none"

@@ -109,11 +109,11 @@ def _publish(path: Path, hashes: list[str], pixels: Pixels) -> None:
 def add(path: Path, hashes: list[str], pixels: Pixels) -> None:
     """Merge new rows into the cache on disk (newest last, at most ``LIMIT``); silently skipped
     when it cannot be written (the images are then decoded again next time)."""
-    from cnnkit.features import _exclusive_lock
+    from cnnkit.features import exclusive_lock
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive_lock(path.parent / "lock", 120.0):
+        with exclusive_lock(path.parent / "lock", 120.0):
             for stray in path.parent.glob("pixels.*.tmp"):  # left by a killed writer
                 stray.unlink(missing_ok=True)
             old_hashes, old = load(path)
