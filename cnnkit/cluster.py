@@ -25,8 +25,10 @@ Ray and not Beam or Spark, with the measurements: ``docs/scale.md``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -71,20 +73,26 @@ def connect(address: str = "local", workers: int | None = None) -> Iterator[int]
     ray = import_ray()
     if workers is not None and workers < 1:
         raise CnnkitError(f"--workers {workers}: give at least 1")
-    started = False
-    if not ray.is_initialized():
-        quiet = dict(logging_level="ERROR", log_to_driver=False, include_dashboard=False)
-        try:
-            if address == "local":
-                ray.init(num_cpus=workers or os.cpu_count() or 1, _node_ip_address="127.0.0.1", **quiet)
-            else:
-                ray.init(address=address, **quiet)
-        except (ConnectionError, ValueError, RuntimeError, TimeoutError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CnnkitError(f"--cluster {address}: cannot connect ({reason}); start a head with "
-                              "`ray start --head` and pass its address, or use --cluster local") from None
-        started = True
-    try:
+    if not os.environ.get("CNNKIT_DEBUG"):
+        # Ray's C++ side logs to stderr (e.g. that Ray Data's actors have arguments in the object store);
+        # commands print only cnnkit's own lines. Read when ray.init starts the driver's core worker.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    # Ray prints the raylet's error messages (a worker died, and is restarted) on stdout: keep them off
+    # stdout, which holds --json output.
+    with contextlib.redirect_stdout(sys.stderr), contextlib.ExitStack() as stack:
+        if not ray.is_initialized():
+            quiet = dict(logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+            try:
+                if address == "local":
+                    ray.init(num_cpus=workers or os.cpu_count() or 1, _node_ip_address="127.0.0.1", **quiet)
+                else:
+                    check_reachable(address)
+                    ray.init(address=address, **quiet)
+            except (ConnectionError, ValueError, RuntimeError, TimeoutError) as error:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise CnnkitError(f"--cluster {address}: cannot connect ({reason}); start a head with "
+                                  "`ray start --head` and pass its address, or use --cluster local") from None
+            stack.callback(ray.shutdown)
         import logging
 
         context = ray.data.DataContext.get_current()
@@ -93,9 +101,22 @@ def connect(address: str = "local", workers: int | None = None) -> Iterator[int]
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         alive = [n for n in ray.nodes() if n.get("Alive")]
         yield workers or (os.cpu_count() or 1 if address == "local" else max(len(alive), 1))
-    finally:
-        if started:
-            ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """One line now for a ``HOST:PORT`` or ``ray://HOST:PORT`` nobody answers (``ray.init`` retries for minutes)."""
+    import socket
+
+    if address == "auto":
+        return  # ray.init finds the local node's cluster, or says at once that there is none
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise CnnkitError(f"--cluster {address}: give local, auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise CnnkitError(f"--cluster {address}: nothing answers there ({error.strerror or error}); start a head "
+                          "with `ray start --head` and pass the address it prints, or use --cluster local") from None
 
 
 def _path_blocks(paths: Sequence[Path | str], rows: int):
@@ -118,7 +139,16 @@ def _map(dataset, worker_class, workers: int, rows: int, **kwargs):
 
     return dataset.map_batches(worker_class, fn_constructor_kwargs=kwargs, batch_size=rows, batch_format="numpy",
                                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
-                               scheduling_strategy="SPREAD")
+                               ray_remote_args_fn=_spread)
+
+
+def _spread() -> dict:
+    return {"scheduling_strategy": "SPREAD"}  # one worker per node before two on one
+
+
+def block_rows(files: int, workers: int, batch_size: int) -> int:
+    """Files per block: ``BLOCK_BATCHES`` batches, fewer when that would leave workers idle (4 blocks each)."""
+    return max(1, min(BLOCK_BATCHES * batch_size, -(-files // (4 * workers))))
 
 
 def _maybe_die(calls: int) -> None:
@@ -164,6 +194,10 @@ class _Predictor:
     def __init__(self, run_files, k: int, batch_size: int, engine: str, precision: str):
         from cnnkit.runs import load_run
 
+        if not isinstance(run_files, dict):  # an ObjectRef: one copy in the object store for every worker
+            import ray
+
+            run_files = ray.get(run_files)
         self.folder = tempfile.TemporaryDirectory(prefix="cnnkit-run-")
         run = load_run(unpack_run(run_files, Path(self.folder.name)))
         self.classifier = run.classifier(engine, precision)
@@ -253,7 +287,7 @@ def predict_on_cluster(inputs: Sequence[str | Path], run_path: str | Path, out: 
     with connect(address, workers) as pool:
         import ray
 
-        rows = BLOCK_BATCHES * batch_size
+        rows = block_rows(len(paths), pool, batch_size)
         result = _map(_path_blocks(paths, rows), _Predictor, pool, rows, run_files=ray.put(pack_run(run.path)),
                       k=k, batch_size=batch_size, engine=str(engine), precision=str(precision))
         written, errors = _write_tables(result.iter_batches(batch_size=None, batch_format="pyarrow"), out,
@@ -343,7 +377,7 @@ class ClusterExtractor:
         """(features, kept, failures) as ``FeatureExtractor.extract_stages`` returns them."""
         if not paths:
             return {s: np.zeros((0, 0), np.float32) for s in stages}, np.zeros(0, np.int64), []
-        rows = BLOCK_BATCHES * batch_size
+        rows = block_rows(len(paths), self.workers, batch_size)
         result = _map(_path_blocks(paths, rows), _Featurizer, self.workers, rows, config=self.config,
                       engine=str(self.engine), stages=list(stages), batch_size=batch_size)
         parts: dict[str, list[np.ndarray]] = {s: [] for s in stages}
