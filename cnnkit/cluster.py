@@ -50,8 +50,15 @@ BLOCK_BATCHES = 4
 KILL_ONCE = "CNNKIT_CLUSTER_KILL_ONCE"
 
 
-def import_ray():
-    """``ray`` and ``ray.data``, or one line saying how to install them."""
+def import_ray(loopback: bool = False):
+    """``ray`` and ``ray.data``, or one line saying how to install them.
+
+    Args:
+        loopback: keep every Ray address on 127.0.0.1 (a cluster on this machine only: Ray would
+            otherwise advertise the address of the machine's network interface). Read at Ray's import.
+    """
+    if loopback and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's single-machine mode
     try:
         import ray
         import ray.data  # noqa: F401
@@ -70,7 +77,7 @@ def connect(address: str = "local", workers: int | None = None) -> Iterator[int]
             ``ray://HOST:10001`` (Ray Client). An already connected process keeps its connection.
         workers: actors in the pool; by default the local CPUs, or one per node of a cluster.
     """
-    ray = import_ray()
+    ray = import_ray(loopback=address == "local")
     if workers is not None and workers < 1:
         raise CnnkitError(f"--workers {workers}: give at least 1")
     if not os.environ.get("CNNKIT_DEBUG"):
@@ -130,7 +137,7 @@ def _path_blocks(paths: Sequence[Path | str], rows: int):
 
 
 def _map(dataset, worker_class, workers: int, rows: int, **kwargs):
-    """``map_batches`` on a pool of ``workers`` actors (one block per call, spread over the nodes).
+    """``map_batches`` on a pool of ``workers`` actors, one block per call (Ray Data spreads them over the nodes).
 
     Ray Data restarts a dead actor and retries its unfinished tasks without limit by default
     (``max_restarts=-1``, ``max_task_retries=-1``); a block's output is used only once its task returned.
@@ -138,12 +145,7 @@ def _map(dataset, worker_class, workers: int, rows: int, **kwargs):
     import ray.data
 
     return dataset.map_batches(worker_class, fn_constructor_kwargs=kwargs, batch_size=rows, batch_format="numpy",
-                               compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
-                               ray_remote_args_fn=_spread)
-
-
-def _spread() -> dict:
-    return {"scheduling_strategy": "SPREAD"}  # one worker per node before two on one
+                               compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
 
 
 def block_rows(files: int, workers: int, batch_size: int) -> int:
@@ -275,6 +277,7 @@ def predict_on_cluster(inputs: Sequence[str | Path], run_path: str | Path, out: 
     from cnnkit.data import find_images
     from cnnkit.runs import load_run
 
+    import_ray()
     run = load_run(run_path)  # one line here for a bad run, before any worker starts
     paths, problems = find_images(list(inputs)) if inputs else ([], [])
     if files is not None:
