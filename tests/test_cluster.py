@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from cnnkit.cli import app
 from conftest import make_class_tree, write_bad_files
 
+pytestmark = pytest.mark.cluster
 runner = CliRunner()
 TINY = ["--backbone", "tiny_cnn", "--weights", "none", "--image-size", "32"]
 
