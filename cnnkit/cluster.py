@@ -320,6 +320,10 @@ def _write_tables(batches, out: Path, total: int, progress) -> tuple[int, int]:
             errors += sum(1 for e in table.column("error").to_pylist() if e)
             if progress:
                 progress(written, total)
+    except BaseException:
+        for path in temporary.values():  # a failed job leaves no half-written table
+            path.unlink(missing_ok=True)
+        raise
     finally:
         for writer in (csv_writer, parquet_writer):
             if writer is not None:
