@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -495,6 +496,32 @@ def _merge(base: tuple[list[str], dict[str, np.ndarray]], hashes: list[str],
             {s: np.concatenate([old[s], arrays[s][new_rows]]) for s in arrays})
 
 
+# What makes the extractor of images missing from the cache: ``FeatureExtractor`` in this process, unless
+# ``extracting_with`` names another (``cnnkit.cluster``: the forward passes on a Ray cluster). The rows it
+# returns are merged into the cache by ``compute_features`` as any local run's.
+_EXTRACTOR_FACTORY: ContextVar[Callable | None] = ContextVar("cnnkit_extractor_factory", default=None)
+
+
+@contextmanager
+def extracting_with(factory: Callable):
+    """Within the block, ``compute_features`` computes missing rows with ``factory(config, engine)``.
+
+    The factory returns an object with ``FeatureExtractor``'s ``stages``, ``extract`` and
+    ``extract_stages``; hashing, the cache lookup and the merge stay in this process.
+    """
+    token = _EXTRACTOR_FACTORY.set(factory)
+    try:
+        yield
+    finally:
+        _EXTRACTOR_FACTORY.reset(token)
+
+
+def make_extractor(config: FeatureConfig, engine: Engine | str = Engine.auto):
+    """The extractor ``compute_features`` uses: ``extracting_with``'s, else a ``FeatureExtractor``."""
+    factory = _EXTRACTOR_FACTORY.get()
+    return factory(config, engine) if factory is not None else FeatureExtractor(config, engine)
+
+
 def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: int = 32,
                      use_cache: bool = True, extractor: FeatureExtractor | None = None,
                      progress: Callable[[int, int], None] | None = None,
@@ -512,7 +539,7 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
     """
     paths = [Path(p) for p in paths]
     if not use_cache:
-        extractor = extractor or FeatureExtractor(config, engine)
+        extractor = extractor or make_extractor(config, engine)
         features, kept, failures = extractor.extract_stages(paths, stages or extractor.stages, batch_size,
                                                             progress)
         return FeatureTable(features, kept, failures, computed=len(paths))
@@ -526,7 +553,7 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
     todo = list({hashes[i]: i for i in reversed(todo)}.values())[::-1]
     failures: list[SkippedFile] = []
     if todo:
-        own = extractor or FeatureExtractor(config, engine)
+        own = extractor or make_extractor(config, engine)
         new, kept, failures = own.extract([paths[i] for i in todo], batch_size, progress)
         own = None  # an engine we made is freed now (~150 MB), before the cache is merged and read
         new_hashes = [hashes[todo[k]] for k in kept]

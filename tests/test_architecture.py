@@ -103,7 +103,7 @@ LAYERS = [
     ("readers of runs", ["cnnkit.evaluation", "cnnkit.predict", "cnnkit.similarity", "cnnkit.explain",
                          "cnnkit.export", "cnnkit.reporting", "cnnkit.reporting.evidence", "cnnkit.reporting.html",
                          "cnnkit.labelling", "cnnkit.reporting.label_sheet", "cnnkit.doctor", "cnnkit.doctor.*",
-                         "cnnkit.reporting.doctor_report"]),
+                         "cnnkit.reporting.doctor_report", "cnnkit.cluster"]),
     ("strategies", ["cnnkit.extraction", "cnnkit.ensemble", "cnnkit.training", "cnnkit.training.*"]),
     ("plan", ["cnnkit.plan"]),
     ("advise and auto", ["cnnkit.advise", "cnnkit.auto"]),

@@ -54,6 +54,34 @@ TTAOption = Annotated[bool, typer.Option(
     "none where none helped; a note says which. Without --model: 12 views (87.5% crops, mirrored). Up to 12x "
     "slower.")]
 
+ClusterOption = Annotated[str | None, typer.Option(
+    "--cluster", metavar="ADDRESS", show_default=False,
+    help="Run the forward passes on a Ray cluster (pip install 'cnnkit[cluster]'): 'local' (Ray on this machine), "
+         "'auto' (the cluster this machine joined with `ray start`), HOST:PORT of a head, or ray://HOST:10001.")]
+WorkersOption = Annotated[int | None, typer.Option(
+    "--workers", min=1, show_default=False,
+    help="With --cluster: workers, each loading the model once (default: the CPUs of 'local', else one per node).")]
+
+
+@contextlib.contextmanager
+def features_on(cluster: str | None, workers: int | None):
+    """With ``--cluster``, every feature computed within the block runs on that cluster (``cnnkit.cluster``)."""
+    if cluster is None:
+        if workers is not None:
+            usage_error("--workers goes with --cluster ADDRESS")
+        yield
+        return
+    from cnnkit.cluster import on_cluster
+
+    with on_cluster(cluster, workers):
+        yield
+
+
+def usage_error(message: str) -> None:
+    """One red line on stderr and exit code 2, for flags that do not go together."""
+    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code=2)
+
 
 def quiet_output() -> None:
     """Keep the libraries' log lines and warnings off the terminal; cnnkit's own notes print as one line each.

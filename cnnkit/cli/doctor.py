@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, EngineOption, JsonOption, PrecisionOption,
+from cnnkit.cli._common import (ClusterOption, WorkersOption, features_on, Backbone, BackboneOption, BatchSizeOption, EngineOption, JsonOption, PrecisionOption,
                                 QuietOption, console, print_json, progress_bar, progress_callback,
                                 quiet_output, user_errors)
 from cnnkit.options import MAX_GRID, MAX_IMAGE_SIZE, Engine, Precision
@@ -52,6 +52,8 @@ def doctor(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
     engine: EngineOption = Engine.auto,
     precision: PrecisionOption = Precision.float32,
+    cluster: ClusterOption = None,
+    workers: WorkersOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -80,7 +82,7 @@ def doctor(
                      weights=weights, engine=engine, precision=precision, batch_size=batch_size, folds=folds,
                      seed=seed, neighbours=neighbours, outlier_z=outlier_z, use_cache=not no_cache)
         options = DoctorOptions(**{k: v for k, v in given.items() if v is not None or k == "image_size"})
-        with progress_bar(quiet or json_output) as progress:
+        with progress_bar(quiet or json_output) as progress, features_on(cluster, workers):
             progress.live.transient = True  # gone when done: an error stays the one line it is
             diagnosis = diagnose(data, options, progress_callback(progress, "features"), stage_names(progress))
         written = []

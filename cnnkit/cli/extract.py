@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, EngineOption, ExcludeOption, JsonOption,
-                                PrecisionOption, QuietOption, console,
+from cnnkit.cli._common import (Backbone, BackboneOption, BatchSizeOption, ClusterOption, EngineOption, ExcludeOption,
+                                JsonOption, PrecisionOption, QuietOption, WorkersOption, console, features_on,
                                 print_json, progress_bar, progress_callback, progress_line, quiet_output,
                                 report_skipped, user_errors)
 from cnnkit.options import MAX_GRID, MAX_IMAGE_SIZE, ExtractOptions, Head, Pool
@@ -43,6 +43,8 @@ def extract(
     engine: EngineOption = _D.engine,
     precision: PrecisionOption = _D.precision,
     force: Annotated[bool, typer.Option(help="Replace --out if it is an existing run.")] = False,
+    cluster: ClusterOption = None,
+    workers: WorkersOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -50,7 +52,7 @@ def extract(
     quiet_output()
     from cnnkit.extraction import run_extract
 
-    with user_errors(), progress_bar(quiet or json_output) as progress:
+    with user_errors(), progress_bar(quiet or json_output) as progress, features_on(cluster, workers):
         # The flags whose names are not the fields' (--layer, --l2, --no-cache); the rest by name.
         given = {**locals(), "backbone": str(backbone), "layers": layer, "l2_normalize": l2, "use_cache": not no_cache}
         options = ExtractOptions(**{f.name: given[f.name] for f in fields(ExtractOptions)})

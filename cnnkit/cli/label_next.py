@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from cnnkit.options import Engine
 
-from cnnkit.cli._common import (BackboneOption, DEFAULT, EngineOption, JsonOption, QuietOption, console, print_json,
+from cnnkit.cli._common import (ClusterOption, WorkersOption, features_on, BackboneOption, DEFAULT, EngineOption, JsonOption, QuietOption, console, print_json,
                                 progress_bar, progress_callback, quiet_output, report_skipped, user_errors)
 
 
@@ -37,6 +37,8 @@ def label_next(
     backbone: BackboneOption = DEFAULT,
     engine: EngineOption = Engine.auto,
     quiet: QuietOption = False,
+    cluster: ClusterOption = None,
+    workers: WorkersOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Pick the N images of POOL worth labelling next: typical, diverse ones to start, then the run's doubts.
@@ -51,7 +53,7 @@ def label_next(
         from cnnkit.labelling import check_destinations
 
         check_destinations(out, copy_to)
-        with progress_bar(quiet or json_output) as progress:
+        with progress_bar(quiet or json_output) as progress, features_on(cluster, workers):
             progress.live.transient = True  # gone when done: an error stays the one line it is
             found = pick(pool, n, model, labeled, rule, str(backbone), engine, seed,
                          progress_callback(progress, "features"))

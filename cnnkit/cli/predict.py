@@ -10,14 +10,14 @@ from rich.markup import escape
 
 from cnnkit.options import Engine, Precision
 
-from cnnkit.cli._common import (DEFAULT, BackboneOption, BatchSizeOption, EngineOption, JsonOption, PrecisionOption,
-                                QuietOption, console,
+from cnnkit.cli._common import (DEFAULT, BackboneOption, BatchSizeOption, ClusterOption, EngineOption, JsonOption,
+                                PrecisionOption, QuietOption, WorkersOption, console, usage_error,
                                 print_json, progress_bar, progress_callback, quiet_output,
                                 report_skipped, TTAOption, user_errors, warn)
 
 
 def predict(
-    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
+    images: Annotated[list[str] | None, typer.Argument(help="Image files, folders or glob patterns.", show_default=False)] = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="A trained run directory (from extract, finetune, train, ensemble).")] = None,
     backbone: BackboneOption = DEFAULT,
     weights: Annotated[str, typer.Option(help="'imagenet' or a weights file for --backbone.")] = "imagenet",
@@ -26,17 +26,32 @@ def predict(
     engine: EngineOption = Engine.auto,
     precision: PrecisionOption = Precision.float32,
     tta: TTAOption = False,
+    files: Annotated[Path | None, typer.Option("--files", metavar="LIST", show_default=False, help="A text file of image paths, one per line (millions are fine with --cluster).")] = None,
+    cluster: ClusterOption = None,
+    workers: WorkersOption = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False, help="With --cluster: the folder for predictions.csv and predictions.parquet (path, label_i, probability_i, error).")] = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Name what is in each image: the backbone's own ImageNet classifier, or a trained --model."""
     quiet_output()
+    if not images and files is None:
+        usage_error("give IMAGE... (files, folders or glob patterns) or --files LIST")
+    if cluster is not None:
+        return _predict_on_cluster(images or [], model, files, cluster, workers, out, top_k, batch_size, engine,
+                                   precision, tta, json_output, quiet)
+    if workers is not None or out is not None:
+        usage_error(f"{'--workers' if workers is not None else '--out'} goes with --cluster ADDRESS")
     with user_errors(), progress_bar(quiet or json_output) as progress:
         update = progress_callback(progress, "predicting")
         from cnnkit.predict import predict_imagenet, predict_run
         from cnnkit.tta import TTA
 
         views = TTA() if tta else None
+        if files is not None:
+            from cnnkit.cluster import read_file_list
+
+            images = [*(images or []), *map(str, read_file_list(files))]
         if model is not None:
             report = predict_run(images, model, top_k, batch_size, progress=update, engine=engine, tta=tta or None,
                                  precision=precision)
@@ -52,6 +67,29 @@ def predict(
         warn(f"{len(report.failures)} input(s) skipped, {len(report.predictions)} predicted")
     if not report.predictions:
         raise typer.Exit(code=2)
+
+
+def _predict_on_cluster(images, model, files, cluster, workers, out, top_k, batch_size, engine, precision, tta,
+                        json_output, quiet) -> None:
+    for problem, flag in ((model is None, "--model RUN"), (out is None, "--out DIR")):
+        if problem:
+            usage_error(f"--cluster needs {flag}")
+    if tta:
+        usage_error("--tta does not run on --cluster: drop one of them")
+    with user_errors(), progress_bar(quiet or json_output) as progress:
+        from cnnkit.cluster import predict_on_cluster
+
+        result = predict_on_cluster(images, model, out, top_k, batch_size, cluster, workers, engine, precision,
+                                    files, progress=progress_callback(progress, "predicting"))
+    report_skipped(result.problems, quiet=True)
+    summary = {"tables": [str(t) for t in result.tables], "rows": result.rows, "errors": result.errors,
+               "workers": result.workers, "seconds": round(result.seconds, 2)}
+    if json_output:
+        print_json(summary)
+    elif not quiet:
+        console.print(f"{result.rows} rows ({result.errors} with an error) by {result.workers} worker(s) in "
+                      f"{result.seconds:.1f}s: {escape(str(result.tables[0]))}, {escape(str(result.tables[1]))}",
+                      soft_wrap=True)
 
 
 def _print_table(predictions, top_k: int) -> None:
