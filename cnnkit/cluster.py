@@ -80,6 +80,9 @@ def connect(address: str = "local", workers: int | None = None) -> Iterator[int]
     ray = import_ray(loopback=address == "local")
     if workers is not None and workers < 1:
         raise CnnkitError(f"--workers {workers}: give at least 1")
+    # Ray reports usage statistics to its authors unless told not to: a cluster cnnkit starts or joins
+    # sends nothing anywhere but to its own nodes.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not os.environ.get("CNNKIT_DEBUG"):
         # Ray's C++ side logs to stderr (e.g. that Ray Data's actors have arguments in the object store);
         # commands print only cnnkit's own lines. Read when ray.init starts the driver's core worker.

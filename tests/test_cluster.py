@@ -33,7 +33,8 @@ def cluster(tmp_path_factory):
                                             "pip install -e '.[cluster]'")
     marker = tmp_path_factory.mktemp("kill") / "killed"
     env = {"CNNKIT_HOME": str(tmp_path_factory.getbasetemp() / "cnnkit_home"), "CNNKIT_ENGINE": "tf",
-           "CNNKIT_CLUSTER_KILL_ONCE": str(marker), "RAY_BACKEND_LOG_LEVEL": "fatal"}
+           "CNNKIT_CLUSTER_KILL_ONCE": str(marker), "RAY_BACKEND_LOG_LEVEL": "fatal",
+           "RAY_USAGE_STATS_ENABLED": "0"}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
