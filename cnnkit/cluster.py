@@ -83,6 +83,9 @@ def connect(address: str = "local", workers: int | None = None) -> Iterator[int]
     # Ray reports usage statistics to its authors unless told not to: a cluster cnnkit starts or joins
     # sends nothing anywhere but to its own nodes.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Data's progress bars would replace builtins.print in this process for good (tqdm_ray); the
+    # caller's print stays its own (a loader's refusal named Ray's function after a cluster run).
+    os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
     if not os.environ.get("CNNKIT_DEBUG"):
         # Ray's C++ side logs to stderr (e.g. that Ray Data's actors have arguments in the object store);
         # commands print only cnnkit's own lines. Read when ray.init starts the driver's core worker.

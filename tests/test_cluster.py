@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import csv
 import json
 import os
@@ -17,6 +18,7 @@ from conftest import make_class_tree, write_bad_files
 pytestmark = pytest.mark.cluster
 runner = CliRunner()
 TINY = ["--backbone", "tiny_cnn", "--weights", "none", "--image-size", "32"]
+PRINT = builtins.print  # Ray Data must not replace it in the caller's process (cnnkit.cluster.connect)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +99,7 @@ def test_predict_on_two_workers_equals_one_process_with_a_worker_killed(cluster,
     as_csv = _rows(tmp_path / "out" / "predictions.csv")  # the same table
     assert [r["path"] for r in as_csv] == paths
     assert all(c["label_1"] == r["label_1"] and c["error"] == r["error"] for c, r in zip(as_csv, rows))
+    assert builtins.print is PRINT
 
 
 def test_features_from_the_cluster_merge_into_the_cache(cluster, tmp_path, monkeypatch):
