@@ -60,7 +60,7 @@ ClusterOption = Annotated[str | None, typer.Option(
          "'auto' (the cluster this machine joined with `ray start`), HOST:PORT of a head, or ray://HOST:10001.")]
 WorkersOption = Annotated[int | None, typer.Option(
     "--workers", min=1, show_default=False,
-    help="With --cluster: workers, each loading the model once (default: the CPUs of 'local', else one per node).")]
+    help="With --cluster: workers, each loading the model once (default: one per node; 'local' is one node).")]
 
 
 @contextlib.contextmanager
