@@ -220,3 +220,21 @@ def test_a_crafted_pixel_cache_is_read_as_no_cache_and_replaced(planted, tmp_pat
         for field in ("thumbnails", "zoomed", "sizes", "grey"):
             np.testing.assert_array_equal(getattr(again, field), getattr(fresh, field), err_msg=name)
         assert len(cache.load(cache.cache_path())[0]) == len(set(hashes)), name  # rewritten whole
+
+
+def test_alignments_shared_among_processes_give_the_same_scores():
+    """The subpixel alignment of many pairs runs in forked processes: the same number for every pair
+    as one after the other, and a shifted, enlarged copy still aligns as a copy."""
+    from cnnkit.doctor.duplicates import aligned_correlations
+
+    def thumb(image):
+        return np.asarray(image.convert("L").resize((64, 64), Image.Resampling.BILINEAR))
+
+    originals = [texture(seed, seed % 3) for seed in range(4)]
+    copies = [image.resize((38, 38), Image.Resampling.BICUBIC).crop((3, 2, 35, 34)) for image in originals]
+    thumbnails = np.stack([thumb(image) for image in originals + copies])
+    pairs = np.array([[i, i + 4] for i in range(4)] + [[i, (i + 1) % 4 + 4] for i in range(4)])
+    one_by_one = aligned_correlations(thumbnails, pairs, workers=1)
+    shared = aligned_correlations(thumbnails, pairs, workers=2, parallel_pairs=1)
+    np.testing.assert_array_equal(shared, one_by_one)
+    assert one_by_one[:4].min() > 0.95 > one_by_one[4:].max(), one_by_one
