@@ -149,6 +149,17 @@ def inspect_all(paths: list[Path]) -> tuple[list, list]:
     return inspect(paths)
 
 
+def _uncentred_similarities(features: np.ndarray, neighbours: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Cosine similarity of each row's features, as the network gives them, to its ``neighbours``' rows."""
+    unit = np.asarray(features, np.float32)
+    unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+    out = np.empty(neighbours.shape, np.float32)
+    for begin in range(0, len(unit), chunk):
+        rows = slice(begin, begin + chunk)
+        out[rows] = np.einsum("nd,nkd->nk", unit[rows], unit[neighbours[rows]])
+    return out
+
+
 def diagnose(data: str | Path, options: DoctorOptions | None = None,
              progress: Callable[[int, int], None] | None = None,
              say: Callable[[str], None] | None = None) -> Diagnosis:
@@ -284,7 +295,7 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
     # Far from its ten nearest images in the whole dataset, by the cosine of the features as the network
     # gives them (uncentred: ``NeighbourIndex.build``). Ten, not fewer: junk comes in small crowds
     # (ten photos dropped into Fashion-MNIST are each other's nearest neighbours).
-    typical = NeighbourIndex.build(features[top], seed=options.seed, centre=False).graph(10)[1]
+    typical = _uncentred_similarities(features[top], neighbours[:, :10])
     distance = 1.0 - typical.mean(axis=1) if typical.shape[1] else np.zeros(len(kept))
     outlying = robust_z(distance)
     for row in np.flatnonzero(outlying >= options.outlier_z):
