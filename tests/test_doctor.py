@@ -238,3 +238,17 @@ def test_alignments_shared_among_processes_give_the_same_scores():
     shared = aligned_correlations(thumbnails, pairs, workers=2, parallel_pairs=1)
     np.testing.assert_array_equal(shared, one_by_one)
     assert one_by_one[:4].min() > 0.95 > one_by_one[4:].max(), one_by_one
+
+
+def test_a_copy_saved_smaller_is_aligned_at_its_own_resolution():
+    """A copy resized down loses the original's fine detail: with the images' sizes, the pair is also
+    compared with the original at the copy's resolution, which lines it up again."""
+    from cnnkit.doctor.duplicates import aligned_correlations
+
+    original = texture(7, 1).resize((28, 28), Image.Resampling.BICUBIC)
+    small = original.resize((14, 14), Image.Resampling.BILINEAR)
+    thumbnails = np.stack([np.asarray(image.convert("L").resize((64, 64), Image.Resampling.BILINEAR))
+                           for image in (original, small)])
+    plain = aligned_correlations(thumbnails, np.array([[0, 1]]))[0]
+    matched = aligned_correlations(thumbnails, np.array([[0, 1]]), sizes=np.array([[28, 28], [14, 14]]))[0]
+    assert matched >= 0.988 > plain, (plain, matched)
