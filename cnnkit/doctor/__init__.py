@@ -66,7 +66,7 @@ class DoctorOptions:
     engine: Engine = Engine.auto
     precision: Precision = Precision.float32
     batch_size: int = 32
-    folds: int = 5
+    folds: int | None = None  # None: 10, or 5 past 10,000 images (cnnkit.doctor.labels.folds_for)
     seed: int = 0
     neighbours: int = 10
     outlier_z: float = 3.0

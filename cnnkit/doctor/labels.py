@@ -30,6 +30,14 @@ LARGE = 10_000
 LARGE_DIMS = 256
 
 
+def folds_for(images: int) -> int:
+    """Folds of the out-of-fold probabilities: 10, so each head learns from 90 % of the images (bench/doctor.py,
+    five noisy sets: mean precision 0.721 -> 0.733, recall 0.884 -> 0.892 against 5 folds, for 2.3 times the
+    seconds: 19 -> 45 s on 2,040 images); 5 past ``LARGE`` images, where each fold costs seconds. lbfgs
+    stopped at tol 1e-3 instead (half the seconds) lost the recall again (0.884)."""
+    return 10 if images <= LARGE else 5
+
+
 @dataclass
 class LabelIssues:
     """Flagged rows, each with its suggested class and normalised margin, worst first."""
@@ -72,7 +80,7 @@ def normalised_margin(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np
     return others.max(axis=1) - probabilities[np.arange(len(labels)), labels], suggested
 
 
-def find_label_issues(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0,
+def find_label_issues(features: np.ndarray, labels: np.ndarray, folds: int | None = None, seed: int = 0,
                       judged: np.ndarray | None = None) -> LabelIssues:
     """Confident learning's label issues (module docstring) for ``features`` labelled ``labels``.
 
@@ -84,6 +92,7 @@ def find_label_issues(features: np.ndarray, labels: np.ndarray, folds: int = 5, 
     """
     features = np.asarray(features, np.float32)
     labels = np.asarray(labels, np.int64)
+    folds = folds or folds_for(len(labels))
     judged = np.ones(len(labels), bool) if judged is None else np.asarray(judged, bool)
     empty = LabelIssues(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
                         np.zeros((len(labels), 0), np.float32))
