@@ -252,3 +252,26 @@ def test_a_copy_saved_smaller_is_aligned_at_its_own_resolution():
     plain = aligned_correlations(thumbnails, np.array([[0, 1]]))[0]
     matched = aligned_correlations(thumbnails, np.array([[0, 1]]), sizes=np.array([[28, 28], [14, 14]]))[0]
     assert matched >= 0.988 > plain, (plain, matched)
+
+
+def test_a_shifted_copy_amid_look_alikes_is_found_by_its_alignment():
+    """Two noisy look-alikes out-score a shifted copy on detail correlation, so it fails the uniqueness
+    test; with ``tries`` its alignment (>= ``tried``, above the look-alikes') still finds it."""
+    from cnnkit.doctor.duplicates import aligned_correlation, copy_scores, find_copies
+
+    rng = np.random.default_rng(0)
+    base = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8)).astype(np.uint8)).resize(
+        (28, 28), Image.Resampling.BICUBIC), np.float32)
+    shifted = np.zeros_like(base)
+    shifted[3:, 3:] = base[:-3, :-3]
+    images = [base, shifted, base + rng.normal(0, 12, base.shape), base + rng.normal(0, 13, base.shape)]
+    thumbnails = np.stack([np.asarray(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).resize(
+        (64, 64), Image.Resampling.BILINEAR)) for a in images])
+    detail = copy_scores(thumbnails, np.array([[0, 1], [0, 2], [0, 3]]))
+    assert detail[0] < detail[1:].min()
+    assert aligned_correlation(thumbnails[0], thumbnails[1]) >= 0.995 > max(
+        aligned_correlation(thumbnails[0], thumbnails[j]) for j in (2, 3))
+    candidates = np.array([[2, 3, 1]])
+    assert find_copies(thumbnails, np.array([0]), candidates) == []
+    found = find_copies(thumbnails, np.array([0]), candidates, tries=3)
+    assert [(m.copy, m.original) for m in found] == [(0, 1)] and found[0].gap < 0

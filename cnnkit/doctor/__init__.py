@@ -151,6 +151,8 @@ def inspect_all(paths: list[Path]) -> tuple[list, list]:
 
 # Training images a held-out image is checked against, nearest first by features.
 LEAK_CANDIDATES = 30
+# Of those, the best this many by detail correlation are aligned when none passes the copy test outright.
+LEAK_TRIES = 3
 
 
 def _uncentred_similarities(features: np.ndarray, neighbours: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -261,12 +263,14 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
         among = NeighbourIndex(index.vectors[trained], index.mean, index.components)
         nearest = trained[among.search(index.vectors[held], LEAK_CANDIDATES)[0]]
         candidates = np.where(content[nearest] != content[held, None], nearest, -1)
-        for match in find_copies(thumbnails, held, candidates, options.copies, zoomed=zoomed, sizes=sizes):
+        for match in find_copies(thumbnails, held, candidates, options.copies, zoomed=zoomed, sizes=sizes,
+                                 tries=LEAK_TRIES):
             train_row = match.original
             findings.append(Finding(paths[train_row], "leak", match.score, splits[train_row], paths[match.copy],
                                     names[labels[train_row]],
                                     detail=f"near copy of a {splits[match.copy]} image (detail correlation "
-                                           f"{match.score:.3f}, {match.gap:.2f} above the next candidate)"))
+                                           f"{match.score:.3f}, " + (f"{match.gap:.2f} above the next candidate)"
+                                           if match.gap >= 0 else "and it lines up to the pixel, unlike its look-alikes)")))
     # Near-duplicates within a split: the three nearest, when the features already nearly agree.
     close = ((splits[neighbours] == splits[:, None]) & ~same_content & (similarity >= 0.85))[:, :3]
     queries = np.flatnonzero(close.any(axis=1))
