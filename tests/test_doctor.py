@@ -275,3 +275,30 @@ def test_a_shifted_copy_amid_look_alikes_is_found_by_its_alignment():
     assert find_copies(thumbnails, np.array([0]), candidates) == []
     found = find_copies(thumbnails, np.array([0]), candidates, tries=3)
     assert [(m.copy, m.original) for m in found] == [(0, 1)] and found[0].gap < 0
+
+
+def test_a_cropped_copy_ranked_low_unzoomed_is_found_without_a_short_list():
+    """A copy cropped by 3 px a side and resized back correlates poorly with its original unzoomed, below
+    three half-alike images, so a short list by that score drops it; leaks give every candidate the
+    zoomed test (``shortlist=None``), where it stands out and lines up."""
+    from cnnkit.doctor.duplicates import copy_scores, find_copies
+
+    rng = np.random.default_rng(1)
+
+    def texture() -> np.ndarray:
+        return np.asarray(Image.fromarray(rng.integers(0, 256, (10, 10)).astype(np.uint8)).resize(
+            (28, 28), Image.Resampling.BICUBIC), np.float32)
+
+    base = texture()
+    cropped = np.asarray(Image.fromarray(base.astype(np.uint8)).crop((3, 3, 25, 25)).resize(
+        (28, 28), Image.Resampling.BICUBIC), np.float32)
+    images = [base, cropped] + [(base + texture()) / 2 for _ in range(3)]
+    thumbnails = np.stack([np.asarray(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).resize(
+        (64, 64), Image.Resampling.BILINEAR)) for a in images])
+    unzoomed = copy_scores(thumbnails, np.array([[0, j] for j in range(1, 5)]), zooms=(1.0,))
+    zoomed = copy_scores(thumbnails, np.array([[0, j] for j in range(1, 5)]))
+    assert unzoomed[0] < unzoomed[1:].min() and zoomed[0] > zoomed[1:].max() + 0.15
+    candidates = np.array([[2, 3, 4, 1]])
+    assert find_copies(thumbnails, np.array([0]), candidates) == []
+    found = find_copies(thumbnails, np.array([0]), candidates, shortlist=None)
+    assert [(m.copy, m.original) for m in found] == [(0, 1)]

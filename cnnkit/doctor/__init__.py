@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +152,7 @@ def inspect_all(paths: list[Path]) -> tuple[list, list]:
 # Training images a held-out image is checked against, nearest first by features.
 LEAK_CANDIDATES = 30
 # Of those, the best this many by detail correlation are aligned when none passes the copy test outright.
-LEAK_TRIES = 3
+LEAK_TRIES = 4
 
 
 def _uncentred_similarities(features: np.ndarray, neighbours: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -263,8 +263,10 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
         among = NeighbourIndex(index.vectors[trained], index.mean, index.components)
         nearest = trained[among.search(index.vectors[held], LEAK_CANDIDATES)[0]]
         candidates = np.where(content[nearest] != content[held, None], nearest, -1)
-        for match in find_copies(thumbnails, held, candidates, options.copies, zoomed=zoomed, sizes=sizes,
-                                 tries=LEAK_TRIES):
+        leak_test = replace(options.copies, floor=options.copies.held_out_floor)
+        # Every candidate gets the zoomed test (no short list): a cropped copy correlates poorly unzoomed.
+        for match in find_copies(thumbnails, held, candidates, leak_test, zoomed=zoomed, sizes=sizes,
+                                 tries=LEAK_TRIES, shortlist=None):
             train_row = match.original
             findings.append(Finding(paths[train_row], "leak", match.score, splits[train_row], paths[match.copy],
                                     names[labels[train_row]],

@@ -53,6 +53,9 @@ class CopyThresholds:
     # and aligns at 0.999; look-alikes measured up to 0.992).
     reach: float = 0.75
     tried: float = 0.995
+    # A held-out image's detail floor (leaks): a copy saved at 20 px keeps 0.80 of the detail and a cropped one
+    # 0.77-0.81 (bench/doctor.py), and among held-out images the uniqueness gap and the alignment decide.
+    held_out_floor: float = 0.75
 
 
 def detail(thumbnails: np.ndarray) -> np.ndarray:
@@ -375,7 +378,7 @@ class CopyMatch:
 def find_copies(thumbnails: np.ndarray, queries: np.ndarray, candidates: np.ndarray,
                 thresholds: CopyThresholds = CopyThresholds(), stats: dict | None = None,
                 zoomed: np.ndarray | None = None, sizes: np.ndarray | None = None,
-                tries: int = 1) -> list[CopyMatch]:
+                tries: int = 1, shortlist: int | None = SHORTLIST) -> list[CopyMatch]:
     """For each query row, its candidate that is a copy of it, if any.
 
     Args:
@@ -389,6 +392,9 @@ def find_copies(thumbnails: np.ndarray, queries: np.ndarray, candidates: np.ndar
             its original is aligned at its own resolution (``aligned_correlations``).
         tries: candidates aligned per query whose best fails the detail and uniqueness tests
             (``CopyThresholds.reach`` and ``tried``); 1: none.
+        shortlist: candidates per query, best by the unzoomed detail correlation, that get the
+            zoomed test (``None``: all). A slightly cropped copy correlates poorly unzoomed (0.40
+            against 0.87 zoomed, docs/doctor.md), so a short list can drop it.
     """
     queries = np.asarray(queries, np.int64)
     if not len(queries):
@@ -398,10 +404,10 @@ def find_copies(thumbnails: np.ndarray, queries: np.ndarray, candidates: np.ndar
     # Small matrix products only: one BLAS thread runs them 3-9x faster than two on two busy
     # cores (threads spinning for each other), and no slower on idle ones.
     with threadpool_limits(limits=1, user_api="blas"):
-        return _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, sizes, tries)
+        return _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, sizes, tries, shortlist)
 
 
-def _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, sizes, tries) -> list[CopyMatch]:
+def _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, sizes, tries, shortlist) -> list[CopyMatch]:
     candidates = np.asarray(candidates, np.int64).reshape(len(queries), -1)
     # First step on every pair: unzoomed detail correlation, a seventh of the full test (and one
     # of its pairings: the full score is at least this).
@@ -421,9 +427,9 @@ def _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, siz
     quick[rows] = np.where(valid[rows], _grouped_best(views, views, [(1.0, 1.0)], local_queries[rows], partners), -2.0)
     queries, candidates, quick = queries[rows], candidates[rows], quick[rows]
     local_queries, local_candidates = local_queries[rows], local_candidates[rows]
-    if candidates.shape[1] > SHORTLIST:
+    if shortlist is not None and candidates.shape[1] > shortlist:
         # Shortlist: each query's best few by the first step get the full test.
-        keep = np.argsort(-quick, axis=1, kind="stable")[:, :SHORTLIST]
+        keep = np.argsort(-quick, axis=1, kind="stable")[:, :shortlist]
         quick = np.take_along_axis(quick, keep, 1)
         candidates = np.where(quick > -2.0, np.take_along_axis(candidates, keep, 1), -1)
         local_candidates = np.where(quick > -2.0, np.take_along_axis(local_candidates, keep, 1), -1)
@@ -452,7 +458,8 @@ def _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, siz
                      if ranked[row, rank] >= thresholds.reach]
     pairs = np.array([(queries[row], candidates[row, order[row, rank]]) for row, rank, _ in jobs],
                      np.int64).reshape(-1, 2)
-    aligned = aligned_correlations(thumbnails, pairs, thresholds.aligned, sizes=sizes)
+    # Each pair stops at the score its job needs: a try stopped at ``aligned`` could fall short of ``tried``.
+    aligned = aligned_correlations(thumbnails, pairs, np.array([needed for _, _, needed in jobs]), sizes=sizes)
     chosen = {row: 0 for row in np.flatnonzero(sure)}
     for (row, rank, needed), score in zip(jobs, aligned):
         if score >= needed and row not in chosen:  # a row's jobs come best first
@@ -493,15 +500,17 @@ def _aligned(thumbnails: np.ndarray, a: int, b: int, side: int, enough: float | 
     return score
 
 
-def _align_chunk(args) -> list[float]:
-    rows, enough = args
-    return [_aligned(_SHARED, a, b, side, enough) for a, b, side in rows]
+def _align_chunk(rows) -> list[float]:
+    return [_aligned(_SHARED, a, b, side, enough) for a, b, side, enough in rows]
 
 
-def aligned_correlations(thumbnails: np.ndarray, pairs: np.ndarray, enough: float | None = None,
+def aligned_correlations(thumbnails: np.ndarray, pairs: np.ndarray, enough: float | np.ndarray | None = None,
                          workers: int | None = None, parallel_pairs: int = PARALLEL_PAIRS,
                          sizes: np.ndarray | None = None) -> np.ndarray:
     """``aligned_correlation`` of each ``(first, second)`` row pair of ``thumbnails``.
+
+    ``enough``: the score that settles each pair (one for all, or one per pair; ``None``: none):
+    a pair stops aligning once its coarse grid reaches it (``aligned_correlation``).
 
     With ``sizes`` (native width, height per row): where the two images' smaller sides differ and the
     smaller is under the thumbnail's side, the better of the plain alignment and one with both
@@ -522,16 +531,17 @@ def aligned_correlations(thumbnails: np.ndarray, pairs: np.ndarray, enough: floa
         smallest = np.asarray(sizes).min(axis=1)[pairs]
         low = smallest.min(axis=1)
         sides = np.where((smallest[:, 0] != smallest[:, 1]) & (low < thumbnails.shape[1]), low, 0)
-    rows = [(int(a), int(b), int(side)) for (a, b), side in zip(pairs, sides)]
+    settled = np.broadcast_to(np.asarray(np.nan if enough is None else enough, np.float64), (len(pairs),))
+    rows = [(int(a), int(b), int(side), None if np.isnan(e) else float(e)) for (a, b), side, e in zip(pairs, sides, settled)]
     if workers is None:
         workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
     if len(pairs) < max(parallel_pairs, 2) or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return np.array([_aligned(thumbnails, a, b, side, enough) for a, b, side in rows], np.float64)
+        return np.array([_aligned(thumbnails, a, b, side, e) for a, b, side, e in rows], np.float64)
     chunks = [rows[i::workers * 8] for i in range(workers * 8)]
     _SHARED = thumbnails
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            scores = pool.map(_align_chunk, [(chunk, enough) for chunk in chunks])
+            scores = pool.map(_align_chunk, chunks)
     finally:
         _SHARED = None
     out = np.empty(len(rows), np.float64)
