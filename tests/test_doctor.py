@@ -254,6 +254,12 @@ def test_a_copy_saved_smaller_is_aligned_at_its_own_resolution():
     assert matched >= 0.988 > plain, (plain, matched)
 
 
+def _thumbnails(images: list[np.ndarray]) -> np.ndarray:
+    """64 px greyscale thumbnails of float images, as doctor's copy tests take them."""
+    return np.stack([np.asarray(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).resize(
+        (64, 64), Image.Resampling.BILINEAR)) for a in images])
+
+
 def test_a_shifted_copy_amid_look_alikes_is_found_by_its_alignment():
     """Two noisy look-alikes out-score a shifted copy on detail correlation, so it fails the uniqueness
     test; with ``tries`` its alignment (>= ``tried``, above the look-alikes') still finds it."""
@@ -265,8 +271,7 @@ def test_a_shifted_copy_amid_look_alikes_is_found_by_its_alignment():
     shifted = np.zeros_like(base)
     shifted[3:, 3:] = base[:-3, :-3]
     images = [base, shifted, base + rng.normal(0, 12, base.shape), base + rng.normal(0, 13, base.shape)]
-    thumbnails = np.stack([np.asarray(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).resize(
-        (64, 64), Image.Resampling.BILINEAR)) for a in images])
+    thumbnails = _thumbnails(images)
     detail = copy_scores(thumbnails, np.array([[0, 1], [0, 2], [0, 3]]))
     assert detail[0] < detail[1:].min()
     assert aligned_correlation(thumbnails[0], thumbnails[1]) >= 0.995 > max(
@@ -293,8 +298,7 @@ def test_a_cropped_copy_ranked_low_unzoomed_is_found_without_a_short_list():
     cropped = np.asarray(Image.fromarray(base.astype(np.uint8)).crop((3, 3, 25, 25)).resize(
         (28, 28), Image.Resampling.BICUBIC), np.float32)
     images = [base, cropped] + [(base + texture()) / 2 for _ in range(3)]
-    thumbnails = np.stack([np.asarray(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).resize(
-        (64, 64), Image.Resampling.BILINEAR)) for a in images])
+    thumbnails = _thumbnails(images)
     unzoomed = copy_scores(thumbnails, np.array([[0, j] for j in range(1, 5)]), zooms=(1.0,))
     zoomed = copy_scores(thumbnails, np.array([[0, j] for j in range(1, 5)]))
     assert unzoomed[0] < unzoomed[1:].min() and zoomed[0] > zoomed[1:].max() + 0.15

@@ -531,8 +531,8 @@ def aligned_correlations(thumbnails: np.ndarray, pairs: np.ndarray, enough: floa
         smallest = np.asarray(sizes).min(axis=1)[pairs]
         low = smallest.min(axis=1)
         sides = np.where((smallest[:, 0] != smallest[:, 1]) & (low < thumbnails.shape[1]), low, 0)
-    settled = np.broadcast_to(np.asarray(np.nan if enough is None else enough, np.float64), (len(pairs),))
-    rows = [(int(a), int(b), int(side), None if np.isnan(e) else float(e)) for (a, b), side, e in zip(pairs, sides, settled)]
+    settled = [None] * len(pairs) if enough is None else np.broadcast_to(np.asarray(enough, np.float64), len(pairs)).tolist()
+    rows = [(int(a), int(b), int(side), e) for (a, b), side, e in zip(pairs, sides, settled)]
     if workers is None:
         workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
     if len(pairs) < max(parallel_pairs, 2) or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
