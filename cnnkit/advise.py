@@ -72,6 +72,15 @@ SCRATCH_WEIGHTS = [2.0, 1.0]
 SCRATCH_PARTNER_MAX_SHARE = 0.25
 # Fitting the partner's head, seconds per training image: 78 s for 54,000 on two CPU cores.
 SCRATCH_PARTNER_FIT_SECONDS = 0.0015
+# A network trained from scratch needs epochs. Fashion-MNIST, 3,000 per class, the default 10 minutes:
+# 6 epochs fitted and scored 0.8965, the feature plan 0.9265; on the full set 18 epochs (0.933) and 28
+# (0.939) beat a features head (0.915). So the plan trains from scratch only when this many fit, and
+# otherwise takes the table's other lot-data cell (fine-tuning, then features if that cannot fit either).
+SCRATCH_MIN_EPOCHS = 15
+# The compact network at 28 px trains about this many images in the time the default backbone makes one
+# 224 px forward pass as advise times it (330-350 images/s against 80-84 passes/s on two CPU cores);
+# larger images cost in proportion to their pixels.
+SCRATCH_IMAGES_PER_FORWARD_PASS = 4.0
 # Of the time left when training starts, what a plan keeps for the final evaluation, saving
 # the run and its report: a share plus a fixed part.
 RESERVE_SHARE, RESERVE_SECONDS = 0.06, 20.0
@@ -367,6 +376,19 @@ def finetune_minutes(train_images: int, forward_images_per_s: float | None) -> f
     return train_images * epochs / _finetune_rate(forward_images_per_s) / 60
 
 
+def scratch_epochs_that_fit(train_images: int, seconds_left: float, forward_images_per_s: float | None,
+                            image_side: float) -> float:
+    """Epochs of the compact network from scratch that the time left has room for (``SCRATCH_IMAGES_PER_FORWARD_PASS``)."""
+    rate = (forward_images_per_s or 30.0) * SCRATCH_IMAGES_PER_FORWARD_PASS * (28 / max(image_side, 28)) ** 2
+    return _training_seconds(seconds_left) * rate / max(train_images, 1)
+
+
+def features_seconds(train_images: int, test_images: int, flip: bool, forward_images_per_s: float | None) -> float:
+    """Seconds the little-data plan's first head takes for its forward passes: training images, their
+    views for --tta, and the test split it scores (``forward_images_per_s``; 30/s when unmeasured)."""
+    return (_extract_passes(train_images, flip) + test_images * (2 if flip else 1)) / (forward_images_per_s or 30.0)
+
+
 def scratch_partner_seconds(train_images: int, test_images: int, forward_images_per_s: float | None) -> float:
     """Seconds the features partner of a from-scratch plan is expected to take (``SCRATCH_PARTNER``)."""
     rate = (forward_images_per_s or 30.0) * SMALL_IMAGE_SIZES[SCRATCH_PARTNER["image_size"]][1]
@@ -411,8 +433,11 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
         image_size = None  # the backbone's own: left out of the command line
     training_seconds = _training_seconds(seconds_left)
     if strategy in (Strategy.linear_top, Strategy.linear_stages):
+        # Flip-averaging doubles the forward passes: kept only where they fit (always, at little data).
+        flip = LINEAR_FLIP[strategy] and (features_seconds(train_images, test_images, True, forward_images_per_s)
+                                          <= training_seconds)
         options = ExtractOptions(backbone=backbone, layers=LINEAR_LAYERS[strategy], head="logreg", pca=None,
-                                 flip=LINEAR_FLIP[strategy], grid=LINEAR_GRID[strategy], val_split=0.0,
+                                 flip=flip, grid=LINEAR_GRID[strategy], val_split=0.0,
                                  image_size=image_size, seed=seed)
         passes, partners = _extract_passes(train_images, options.flip), []
         for partner in PARTNER_BACKBONES.get(backbone, {}).get(strategy, ()):
@@ -518,6 +543,18 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
     seconds_left = budget_minutes * 60 - (time.perf_counter() - started)
     train_images = len(dataset.splits["train"])
     test_images = len(dataset.splits.get("test", ()))
+    if strategy == Strategy.train_scratch:
+        epochs = scratch_epochs_that_fit(train_images, seconds_left, forward_rate, side)
+        plain_features = features_seconds(train_images, test_images, False, forward_rate)
+        speed = (f"the {forward_rate:.0f} forward passes/s measured here" if forward_rate
+                 else "an assumed 30 forward passes/s (the sample was cached: no speed measured)")
+        if epochs < SCRATCH_MIN_EPOCHS and plain_features <= _training_seconds(seconds_left):
+            strategy = Strategy.finetune_many
+            needed = SCRATCH_MIN_EPOCHS / max(epochs, 1e-6) * budget_minutes
+            reasons.append(f"from scratch, about {epochs:.0f} epochs of {train_images} images fit the budget at "
+                           f"{speed}, fewer than {SCRATCH_MIN_EPOCHS} (on Fashion-MNIST at 3,000 per class 6 epochs "
+                           f"scored 3 points below features, docs/quality.md): pretrained weights instead "
+                           f"(give about --budget {needed:.0f} to train from scratch)")
     if strategy in (Strategy.finetune_few, Strategy.finetune_many):
         fit = finetune_epochs_that_fit(train_images, seconds_left, forward_rate)
         if fit < FINETUNE_MIN_EPOCHS:
@@ -533,6 +570,11 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
     reasons.append(why)
     plan = make_plan(strategy, data, backbone, image_size, train_images, seconds_left, forward_rate, seed,
                      test_images=test_images)
+    first = plan.members[0] if plan.command == "ensemble" else plan
+    if strategy in LINEAR_FLIP and LINEAR_FLIP[strategy] and not first.options.flip:
+        reasons.append(f"no flip-averaging: twice the forward passes of {train_images} images (about "
+                       f"{features_seconds(train_images, test_images, True, forward_rate) / 60:.0f} minutes) "
+                       "do not fit the budget")
     if plan.command == "ensemble" and strategy == Strategy.train_scratch:
         network, features = plan.members
         partner = scratch_partner_seconds(train_images, test_images, forward_rate)

@@ -246,6 +246,38 @@ def test_fine_tuning_the_budget_cannot_fit_becomes_the_feature_plan_and_says_why
     assert any("features instead" in reason and "--budget" in reason for reason in advice.reasons), advice.reasons
 
 
+def test_a_scratch_plan_needs_its_epochs_to_fit_or_pretrained_weights_are_used(tmp_path, monkeypatch):
+    """Fashion-MNIST at 3,000 per class in 10 minutes: about 6 epochs from scratch fit (0.8965 measured,
+    features 0.9265), so advise falls back to the table's other lot-data cell, here features, and says
+    what budget would train from scratch; the full set in an hour has room for its epochs."""
+    import cnnkit.advise
+    from cnnkit.advise import SCRATCH_MIN_EPOCHS, advise, scratch_epochs_that_fit
+    from cnnkit.options import Strategy
+
+    assert 5 <= scratch_epochs_that_fit(27_000, 593, 84.0, 28) < SCRATCH_MIN_EPOCHS
+    assert scratch_epochs_that_fit(54_000, 3593, 84.0, 28) >= SCRATCH_MIN_EPOCHS
+    # Larger images train slower, in proportion to their pixels.
+    assert scratch_epochs_that_fit(27_000, 593, 84.0, 56) == pytest.approx(scratch_epochs_that_fit(27_000, 593, 84.0, 28) / 4)
+    data = make_class_tree(tmp_path / "data", {"x": 6, "y": 6}, size=28)
+    monkeypatch.setattr(cnnkit.advise, "decide", lambda *args: (
+        {"data": "lot", "domain": "different"}, Strategy.train_scratch, ["forced"]))
+    kept = advise(data, budget_minutes=5)
+    assert kept.strategy == Strategy.train_scratch  # 12 images: epochs enough
+    monkeypatch.setattr(cnnkit.advise, "SCRATCH_MIN_EPOCHS", 10**9)
+    fallen = advise(data, budget_minutes=0.2)
+    assert fallen.strategy == Strategy.linear_stages and fallen.plan.command in ("extract", "ensemble")
+    assert any("from scratch" in r and "--budget" in r for r in fallen.reasons), fallen.reasons
+
+
+def test_the_feature_plan_drops_flip_averaging_when_its_passes_do_not_fit():
+    from cnnkit.advise import make_plan
+    from cnnkit.options import Strategy
+
+    little = make_plan(Strategy.linear_stages, "data", "efficientnet_lite0", None, 1_000, 590, 84.0, test_images=2_000)
+    lot = make_plan(Strategy.linear_stages, "data", "efficientnet_lite0", None, 27_000, 590, 84.0, test_images=2_000)
+    assert little.members[0].options.flip and lot.command == "extract" and not lot.options.flip
+
+
 def test_auto_from_scratch_averages_the_network_with_a_features_head(tmp_path, monkeypatch):
     """The whole from-scratch ensemble plan on tiny data: two members, 2:1, scored on the test split by itself."""
     import cnnkit.advise
