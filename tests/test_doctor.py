@@ -263,7 +263,7 @@ def _thumbnails(images: list[np.ndarray]) -> np.ndarray:
 def test_a_shifted_copy_amid_look_alikes_is_found_by_its_alignment():
     """Two noisy look-alikes out-score a shifted copy on detail correlation, so it fails the uniqueness
     test; with ``tries`` its alignment (>= ``tried``, above the look-alikes') still finds it."""
-    from cnnkit.doctor.duplicates import aligned_correlation, copy_scores, find_copies
+    from cnnkit.doctor.duplicates import CopyThresholds, aligned_correlation, copy_scores, find_copies
 
     rng = np.random.default_rng(0)
     base = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8)).astype(np.uint8)).resize(
@@ -278,15 +278,15 @@ def test_a_shifted_copy_amid_look_alikes_is_found_by_its_alignment():
         aligned_correlation(thumbnails[0], thumbnails[j]) for j in (2, 3))
     candidates = np.array([[2, 3, 1]])
     assert find_copies(thumbnails, np.array([0]), candidates) == []
-    found = find_copies(thumbnails, np.array([0]), candidates, tries=3)
+    found = find_copies(thumbnails, np.array([0]), candidates, CopyThresholds(tries=3))
     assert [(m.copy, m.original) for m in found] == [(0, 1)] and found[0].gap < 0
 
 
 def test_a_cropped_copy_ranked_low_unzoomed_is_found_without_a_short_list():
     """A copy cropped by 3 px a side and resized back correlates poorly with its original unzoomed, below
     three half-alike images, so a short list by that score drops it; leaks give every candidate the
-    zoomed test (``shortlist=None``), where it stands out and lines up."""
-    from cnnkit.doctor.duplicates import copy_scores, find_copies
+    zoomed test (``CopyThresholds(shortlist=None)``, as ``LEAK_THRESHOLDS``), where it stands out and lines up."""
+    from cnnkit.doctor.duplicates import CopyThresholds, copy_scores, find_copies
 
     rng = np.random.default_rng(1)
 
@@ -304,5 +304,5 @@ def test_a_cropped_copy_ranked_low_unzoomed_is_found_without_a_short_list():
     assert unzoomed[0] < unzoomed[1:].min() and zoomed[0] > zoomed[1:].max() + 0.15
     candidates = np.array([[2, 3, 4, 1]])
     assert find_copies(thumbnails, np.array([0]), candidates) == []
-    found = find_copies(thumbnails, np.array([0]), candidates, shortlist=None)
+    found = find_copies(thumbnails, np.array([0]), candidates, CopyThresholds(shortlist=None))
     assert [(m.copy, m.original) for m in found] == [(0, 1)]

@@ -25,13 +25,13 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cnnkit.backbones.registry import DEFAULT_BACKBONE
-from cnnkit.doctor.duplicates import CopyThresholds
+from cnnkit.doctor.duplicates import LEAK_THRESHOLDS, CopyThresholds
 from cnnkit.doctor.properties import PropertyThresholds
 from cnnkit.errors import CnnkitError
 from cnnkit.options import Engine, Precision
@@ -70,7 +70,8 @@ class DoctorOptions:
     seed: int = 0
     neighbours: int = 10
     outlier_z: float = 3.0
-    copies: CopyThresholds = field(default_factory=CopyThresholds)
+    copies: CopyThresholds = field(default_factory=CopyThresholds)  # within a split
+    leaks: CopyThresholds = LEAK_THRESHOLDS  # a held-out image against training images
     properties: PropertyThresholds = field(default_factory=PropertyThresholds)
     use_cache: bool = True
 
@@ -151,8 +152,6 @@ def inspect_all(paths: list[Path]) -> tuple[list, list]:
 
 # Training images a held-out image is checked against, nearest first by features.
 LEAK_CANDIDATES = 30
-# Of those, the best this many by detail correlation are aligned when none passes the copy test outright.
-LEAK_TRIES = 4
 
 
 def _uncentred_similarities(features: np.ndarray, neighbours: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -263,10 +262,7 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
         among = NeighbourIndex(index.vectors[trained], index.mean, index.components)
         nearest = trained[among.search(index.vectors[held], LEAK_CANDIDATES)[0]]
         candidates = np.where(content[nearest] != content[held, None], nearest, -1)
-        leak_test = replace(options.copies, floor=options.copies.held_out_floor)
-        # Every candidate gets the zoomed test (no short list): a cropped copy correlates poorly unzoomed.
-        for match in find_copies(thumbnails, held, candidates, leak_test, zoomed=zoomed, sizes=sizes,
-                                 tries=LEAK_TRIES, shortlist=None):
+        for match in find_copies(thumbnails, held, candidates, options.leaks, zoomed=zoomed, sizes=sizes):
             train_row = match.original
             findings.append(Finding(paths[train_row], "leak", match.score, splits[train_row], paths[match.copy],
                                     names[labels[train_row]],

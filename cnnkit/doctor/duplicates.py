@@ -47,15 +47,25 @@ class CopyThresholds:
     floor: float = 0.80
     gap: float = 0.15
     aligned: float = 0.988
-    # ``find_copies(tries=k)``: a query none of whose candidates passes the tests above has its ``k`` best
+    # ``tries=k``: a query none of whose candidates passes the tests above has its ``k`` best
     # candidates of at least ``reach`` detail correlation aligned all the same, and one that lines up to
     # ``tried`` is a copy (leaks: a shifted plain garment scores 0.80-0.82 amid look-alikes at 0.87-0.89
     # and aligns at 0.999; look-alikes measured up to 0.992).
     reach: float = 0.75
     tried: float = 0.995
-    # A held-out image's detail floor (leaks): a copy saved at 20 px keeps 0.80 of the detail and a cropped one
-    # 0.77-0.81 (bench/doctor.py), and among held-out images the uniqueness gap and the alignment decide.
-    held_out_floor: float = 0.75
+    # Candidates aligned per query that fails the tests above (1: none), and the candidates per query, best by
+    # the unzoomed detail correlation, that get the zoomed test (None: all).
+    tries: int = 1
+    shortlist: int | None = SHORTLIST
+
+
+# Leaks (a held-out image against its nearest training images), stricter on the few that matter most:
+# - a detail floor of 0.75: a copy saved at 20 px keeps 0.80 of the detail and a cropped one 0.77-0.81
+#   (bench/doctor.py), and among held-out images the uniqueness gap and the alignment decide;
+# - every candidate zoomed (no short list): a copy cropped 1-3 px a side scores 0.40 unzoomed and
+#   0.77-0.89 zoomed, so a short list by the unzoomed score dropped it (8 of stop 35's 14 misses);
+# - the best 4 aligned when none passes outright (a shifted plain garment amid look-alikes).
+LEAK_THRESHOLDS = CopyThresholds(floor=0.75, tries=4, shortlist=None)
 
 
 def detail(thumbnails: np.ndarray) -> np.ndarray:
@@ -377,8 +387,7 @@ class CopyMatch:
 
 def find_copies(thumbnails: np.ndarray, queries: np.ndarray, candidates: np.ndarray,
                 thresholds: CopyThresholds = CopyThresholds(), stats: dict | None = None,
-                zoomed: np.ndarray | None = None, sizes: np.ndarray | None = None,
-                tries: int = 1, shortlist: int | None = SHORTLIST) -> list[CopyMatch]:
+                zoomed: np.ndarray | None = None, sizes: np.ndarray | None = None) -> list[CopyMatch]:
     """For each query row, its candidate that is a copy of it, if any.
 
     Args:
@@ -390,11 +399,12 @@ def find_copies(thumbnails: np.ndarray, queries: np.ndarray, candidates: np.ndar
             images the test needs).
         sizes: (n, 2) native width and height of every image, if known: a copy saved smaller than
             its original is aligned at its own resolution (``aligned_correlations``).
-        tries: candidates aligned per query whose best fails the detail and uniqueness tests
-            (``CopyThresholds.reach`` and ``tried``); 1: none.
-        shortlist: candidates per query, best by the unzoomed detail correlation, that get the
-            zoomed test (``None``: all). A slightly cropped copy correlates poorly unzoomed (0.40
-            against 0.87 zoomed, docs/doctor.md), so a short list can drop it.
+        thresholds: the tests, and with them how far the search goes: ``tries`` candidates aligned
+            per query whose best fails the detail and uniqueness tests (``reach`` and ``tried``; 1:
+            none), and the ``shortlist`` of candidates per query, best by the unzoomed detail
+            correlation, that get the zoomed test (``None``: all; a slightly cropped copy correlates
+            poorly unzoomed, 0.40 against 0.87 zoomed, docs/doctor.md, so a short list can drop it).
+            ``LEAK_THRESHOLDS`` is the profile for held-out images.
     """
     queries = np.asarray(queries, np.int64)
     if not len(queries):
@@ -404,10 +414,11 @@ def find_copies(thumbnails: np.ndarray, queries: np.ndarray, candidates: np.ndar
     # Small matrix products only: one BLAS thread runs them 3-9x faster than two on two busy
     # cores (threads spinning for each other), and no slower on idle ones.
     with threadpool_limits(limits=1, user_api="blas"):
-        return _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, sizes, tries, shortlist)
+        return _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, sizes)
 
 
-def _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, sizes, tries, shortlist) -> list[CopyMatch]:
+def _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, sizes) -> list[CopyMatch]:
+    tries, shortlist = thresholds.tries, thresholds.shortlist
     candidates = np.asarray(candidates, np.int64).reshape(len(queries), -1)
     # First step on every pair: unzoomed detail correlation, a seventh of the full test (and one
     # of its pairings: the full score is at least this).
