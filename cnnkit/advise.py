@@ -81,6 +81,8 @@ SCRATCH_MIN_EPOCHS = 15
 # 224 px forward pass as advise times it (330-350 images/s against 80-84 passes/s on two CPU cores);
 # larger images cost in proportion to their pixels.
 SCRATCH_IMAGES_PER_FORWARD_PASS = 4.0
+# Forward passes/s a plan assumes when advise measured none (the sample came from a cache too small to time).
+ASSUMED_FORWARD_RATE = 30.0
 # Of the time left when training starts, what a plan keeps for the final evaluation, saving
 # the run and its report: a share plus a fixed part.
 RESERVE_SHARE, RESERVE_SECONDS = 0.06, 20.0
@@ -359,9 +361,14 @@ def _training_seconds(seconds_left: float) -> float:
     return max(seconds_left * (1 - RESERVE_SHARE) - RESERVE_SECONDS, 6.0)
 
 
+def _forward_rate(forward_images_per_s: float | None) -> float:
+    """The measured forward passes/s, or ``ASSUMED_FORWARD_RATE`` where none was measured."""
+    return forward_images_per_s or ASSUMED_FORWARD_RATE
+
+
 def _finetune_rate(forward_images_per_s: float | None) -> float:
-    """Images per second fine-tuning is expected to train at (30 forward passes/s when unmeasured)."""
-    return max((forward_images_per_s or 30.0) / FINETUNE_COST_IN_FORWARD_PASSES, 1.0)
+    """Images per second fine-tuning is expected to train at (``_forward_rate``)."""
+    return max(_forward_rate(forward_images_per_s) / FINETUNE_COST_IN_FORWARD_PASSES, 1.0)
 
 
 def finetune_epochs_that_fit(train_images: int, seconds_left: float, forward_images_per_s: float | None) -> float:
@@ -379,19 +386,19 @@ def finetune_minutes(train_images: int, forward_images_per_s: float | None) -> f
 def scratch_epochs_that_fit(train_images: int, seconds_left: float, forward_images_per_s: float | None,
                             image_side: float) -> float:
     """Epochs of the compact network from scratch that the time left has room for (``SCRATCH_IMAGES_PER_FORWARD_PASS``)."""
-    rate = (forward_images_per_s or 30.0) * SCRATCH_IMAGES_PER_FORWARD_PASS * (28 / max(image_side, 28)) ** 2
+    rate = _forward_rate(forward_images_per_s) * SCRATCH_IMAGES_PER_FORWARD_PASS * (28 / max(image_side, 28)) ** 2
     return _training_seconds(seconds_left) * rate / max(train_images, 1)
 
 
 def features_seconds(train_images: int, test_images: int, flip: bool, forward_images_per_s: float | None) -> float:
     """Seconds the little-data plan's first head takes for its forward passes: training images, their
-    views for --tta, and the test split it scores (``forward_images_per_s``; 30/s when unmeasured)."""
-    return (_extract_passes(train_images, flip) + test_images * (2 if flip else 1)) / (forward_images_per_s or 30.0)
+    views for --tta, and the test split it scores, at ``_forward_rate``."""
+    return (_extract_passes(train_images, flip) + test_images * (2 if flip else 1)) / _forward_rate(forward_images_per_s)
 
 
 def scratch_partner_seconds(train_images: int, test_images: int, forward_images_per_s: float | None) -> float:
     """Seconds the features partner of a from-scratch plan is expected to take (``SCRATCH_PARTNER``)."""
-    rate = (forward_images_per_s or 30.0) * SMALL_IMAGE_SIZES[SCRATCH_PARTNER["image_size"]][1]
+    rate = _forward_rate(forward_images_per_s) * SMALL_IMAGE_SIZES[SCRATCH_PARTNER["image_size"]][1]
     return (train_images + 2 * test_images) / rate + SCRATCH_PARTNER_FIT_SECONDS * train_images
 
 
@@ -442,7 +449,7 @@ def make_plan(strategy: Strategy, data: str | Path, backbone: str, image_size: i
         passes, partners = _extract_passes(train_images, options.flip), []
         for partner in PARTNER_BACKBONES.get(backbone, {}).get(strategy, ()):
             passes += _extract_passes(train_images, False) * PARTNER_COST_IN_FORWARD_PASSES[partner]
-            if passes / (forward_images_per_s or 30.0) > training_seconds:
+            if passes / _forward_rate(forward_images_per_s) > training_seconds:
                 break
             partners.append(partner)
         if not partners:
@@ -543,11 +550,11 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
     seconds_left = budget_minutes * 60 - (time.perf_counter() - started)
     train_images = len(dataset.splits["train"])
     test_images = len(dataset.splits.get("test", ()))
+    speed = (f"the {forward_rate:.0f} forward passes/s measured here" if forward_rate
+             else f"an assumed {ASSUMED_FORWARD_RATE:g} forward passes/s (the sample was cached: no speed measured)")
     if strategy == Strategy.train_scratch:
         epochs = scratch_epochs_that_fit(train_images, seconds_left, forward_rate, side)
         plain_features = features_seconds(train_images, test_images, False, forward_rate)
-        speed = (f"the {forward_rate:.0f} forward passes/s measured here" if forward_rate
-                 else "an assumed 30 forward passes/s (the sample was cached: no speed measured)")
         if epochs < SCRATCH_MIN_EPOCHS and plain_features <= _training_seconds(seconds_left):
             strategy = Strategy.finetune_many
             needed = SCRATCH_MIN_EPOCHS / max(epochs, 1e-6) * budget_minutes
@@ -561,17 +568,15 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
             strategy = Strategy.linear_top if cell["domain"] == "similar" else Strategy.linear_stages
             needed = finetune_minutes(train_images, forward_rate)
             reasons.append(f"fine-tuning {train_images} images for {FINETUNE.head_epochs} + {FINETUNE_MIN_EPOCHS} "
-                           f"epochs needs about {needed:.0f} minutes at "
-                           + (f"the {forward_rate:.0f} forward passes/s measured here, " if forward_rate
-                              else "an assumed 30 forward passes/s (the sample was cached: no speed measured), ")
-                           + f"{max(fit, 0):.1f} fine-tuning epochs fit the budget: features instead "
+                           f"epochs needs about {needed:.0f} minutes at {speed}, "
+                           f"{max(fit, 0):.1f} fine-tuning epochs fit the budget: features instead "
                            f"(give --budget {needed / 0.9 + 1:.0f} to fine-tune)")
     image_size, why = choose_image_size(strategy, side, spec.input_size)
     reasons.append(why)
     plan = make_plan(strategy, data, backbone, image_size, train_images, seconds_left, forward_rate, seed,
                      test_images=test_images)
     first = plan.members[0] if plan.command == "ensemble" else plan
-    if strategy in LINEAR_FLIP and LINEAR_FLIP[strategy] and not first.options.flip:
+    if LINEAR_FLIP.get(strategy, False) and not first.options.flip:
         reasons.append(f"no flip-averaging: twice the forward passes of {train_images} images (about "
                        f"{features_seconds(train_images, test_images, True, forward_rate) / 60:.0f} minutes) "
                        "do not fit the budget")
@@ -582,7 +587,7 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, per_class: int = 
                        f"{SCRATCH_WEIGHTS[0]:g}:{SCRATCH_WEIGHTS[1]:g} with a logistic head on {backbone} features "
                        f"at {features.options.image_size} px (about {partner / 60:.1f} minutes at "
                        + (f"the {forward_rate:.0f} forward passes/s measured here" if forward_rate
-                          else "an assumed 30 forward passes/s")
+                          else f"an assumed {ASSUMED_FORWARD_RATE:g} forward passes/s")
                        + "): on the full Fashion-MNIST the pair beat the network alone by 0.5 point "
                        "(docs/advise.md)")
     elif plan.command == "ensemble":
