@@ -123,6 +123,18 @@ def main() -> None:
     def accuracy(p: np.ndarray) -> float:
         return float(np.mean(p.argmax(1) == labels))
 
+    if "pixels" in variants:
+        test_pixels = pixels(tests[MEMBERS[0]][2])
+    if "views" in variants:
+        from cnnkit.extraction import view_features
+        from cnnkit.tta import TTA
+
+        boxes = TTA((1.0, VIEW_SCALE), False).boxes()[1:]
+        lite0 = cfg["L0fg"].resolved()
+        # The test images plain, then each view: one head scores them all in one call.
+        test_sets = [stacked(tests["L0fg"][0])] + [stacked(v) for v in view_features(
+            tests["L0fg"][2], boxes, lite0, "auto").values()]
+
     scores: dict = {}
     for key in keys:
         n = key.split("-")[0]
@@ -147,31 +159,19 @@ def main() -> None:
 
             train_paths = feats[MEMBERS[0], key][2]
             svc = SVC(C=10, gamma="scale", probability=True, random_state=0).fit(pixels(train_paths), feats[MEMBERS[0], key][1])
-            p = svc.predict_proba(pixels(tests[MEMBERS[0]][2]))
+            p = svc.predict_proba(test_pixels)
             add("pixel SVC alone", accuracy(p))
             for w in (0.5, 1.0):
                 add(f"base + pixels x{w}", accuracy(base + w * p))
         if "views" in variants:
-            from cnnkit.extraction import view_features
-            from cnnkit.tta import TTA
-
-            boxes = TTA((1.0, VIEW_SCALE), False).boxes()[1:]
-            config = cfg["L0fg"].resolved()
             x, y, paths = feats["L0fg", key]
-            train_views = view_features(paths, boxes, config, "auto")
-            test_views = view_features(tests["L0fg"][2], boxes, config, "auto")
-            rows = np.concatenate([stacked(x)] + [stacked(v) for v in train_views.values()])
+            rows = np.concatenate([stacked(x)] + [stacked(v) for v in view_features(paths, boxes, lite0, "auto").values()])
             for name, (fit_x, fit_y) in {"Lite0 plain head": (stacked(x), y),
                                          "Lite0 head on views": (rows, np.tile(y, 1 + len(boxes)))}.items():
-                from sklearn.linear_model import LogisticRegression
-                from sklearn.pipeline import make_pipeline
-                from sklearn.preprocessing import StandardScaler
-
-                head = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000)).fit(fit_x, fit_y)
-                plain = head.predict_proba(stacked(tests["L0fg"][0]))
-                viewed = sum(head.predict_proba(stacked(v)) for v in test_views.values())
+                plain, *viewed = np.split(head_probabilities("logreg", fit_x, fit_y, np.concatenate(test_sets)),
+                                          len(test_sets))
                 add(name, accuracy(plain))
-                add(name + ", views averaged at test", accuracy(plain + viewed))
+                add(name + ", views averaged at test", accuracy(plain + sum(viewed)))
         for spec in args.scratch:
             run, run_key = spec.rsplit(":", 1)
             if run_key != key:
