@@ -225,7 +225,7 @@ def test_a_crafted_pixel_cache_is_read_as_no_cache_and_replaced(planted, tmp_pat
 def test_alignments_shared_among_processes_give_the_same_scores():
     """The subpixel alignment of many pairs runs in forked processes: the same number for every pair
     as one after the other, and a shifted, enlarged copy still aligns as a copy."""
-    from cnnkit.doctor.duplicates import aligned_correlations
+    from cnnkit.doctor.alignment import aligned_correlations
 
     def thumb(image):
         return np.asarray(image.convert("L").resize((64, 64), Image.Resampling.BILINEAR))
@@ -240,10 +240,37 @@ def test_alignments_shared_among_processes_give_the_same_scores():
     assert one_by_one[:4].min() > 0.95 > one_by_one[4:].max(), one_by_one
 
 
+def test_the_batched_alignment_is_scipys_nelder_mead_on_the_coarse_grid():
+    """Many pairs are aligned at once (``cnnkit.doctor.alignment``): the grid is the overlap correlation at
+    each grid point, and each pair's search gives what ``scipy.optimize.minimize(method="Nelder-Mead")``
+    gives from the grid's best point with the same settings."""
+    from scipy.optimize import minimize
+
+    from cnnkit.doctor.alignment import _Pairs, aligned_scores
+
+    originals = [np.asarray(texture(seed, seed % 3).convert("L").resize((64, 64), Image.Resampling.BILINEAR), np.float32)
+                 for seed in range(5)]
+    rng = np.random.default_rng(3)
+    seconds = [np.roll(image, (seed % 3, -1), axis=(0, 1)) + rng.normal(0, 8, image.shape).astype(np.float32)
+               for seed, image in enumerate(originals)]
+    first, second = np.stack(originals), np.stack(seconds + [seconds[0]])[[1, 0, 2, 3, 4]]
+    pairs = _Pairs(first, second)
+    grid, points = pairs.grid()
+    for i in range(len(first)):
+        one = _Pairs(first[i:i + 1], second[i:i + 1])
+        objective = lambda x: -float(one(np.asarray(x)[None], np.array([0]))[0])  # noqa: E731
+        np.testing.assert_allclose(grid[i], [-objective(p) for p in points], atol=1e-5)
+        start = points[grid[i].argmax()]
+        simplex = start + np.array([[0, 0, 0], [0.05, 0, 0], [0, 1, 0], [0, 0, 1]])
+        reference = minimize(objective, start, method="Nelder-Mead", options={
+            "xatol": 0.01, "fatol": 1e-5, "initial_simplex": simplex, "maxiter": 200})
+        assert aligned_scores(first, second)[i] == pytest.approx(max(-reference.fun, grid[i].max()), abs=1e-6)
+
+
 def test_a_copy_saved_smaller_is_aligned_at_its_own_resolution():
     """A copy resized down loses the original's fine detail: with the images' sizes, the pair is also
     compared with the original at the copy's resolution, which lines it up again."""
-    from cnnkit.doctor.duplicates import aligned_correlations
+    from cnnkit.doctor.alignment import aligned_correlations
 
     original = texture(7, 1).resize((28, 28), Image.Resampling.BICUBIC)
     small = original.resize((14, 14), Image.Resampling.BILINEAR)
@@ -263,7 +290,8 @@ def _thumbnails(images: list[np.ndarray]) -> np.ndarray:
 def test_a_shifted_copy_amid_look_alikes_is_found_by_its_alignment():
     """Two noisy look-alikes out-score a shifted copy on detail correlation, so it fails the uniqueness
     test; with ``tries`` its alignment (>= ``tried``, above the look-alikes') still finds it."""
-    from cnnkit.doctor.duplicates import CopyThresholds, aligned_correlation, copy_scores, find_copies
+    from cnnkit.doctor.alignment import aligned_correlation
+    from cnnkit.doctor.duplicates import CopyThresholds, copy_scores, find_copies
 
     rng = np.random.default_rng(0)
     base = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8)).astype(np.uint8)).resize(

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnnkit.doctor.alignment import aligned_correlations
+
 SIDE = 32
 SHIFT = 3
 ZOOMS = (1.0, 1.1, 1.2, 1.3)
@@ -121,6 +123,17 @@ def _shifted(views: np.ndarray, shift: int = SHIFT) -> np.ndarray:
     return windows.reshape(len(views), -1, side * side)
 
 
+def _window_sums(views: np.ndarray, masks: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """(m, shifts) sums and sums of squares of each of (m, SIDE, SIDE) ``views`` over each overlap mask."""
+    sums = np.empty((len(views), len(masks)))
+    squares = np.empty((len(views), len(masks)))
+    for start in range(0, len(views), chunk):
+        flat = views[start:start + chunk].reshape(-1, masks.shape[1])
+        sums[start:start + chunk] = flat @ masks.T
+        squares[start:start + chunk] = (flat * flat) @ masks.T
+    return sums, squares
+
+
 def _grouped_best(first: dict, second: dict, pairings: list[tuple[float, float]], groups: np.ndarray,
                   partners: np.ndarray, chunk: int = 48) -> np.ndarray:
     """Best normalised correlation over shifts and ``pairings`` (zoom of first, zoom of second).
@@ -137,14 +150,16 @@ def _grouped_best(first: dict, second: dict, pairings: list[tuple[float, float]]
     best = np.full(partners.shape, -1.0, np.float32)
     a_zooms = sorted({za for za, _ in pairings})
     b_zooms = sorted({zb for _, zb in pairings})
+    # Each image's sums over each overlap, once per image (not once per pair it is in).
+    first_sums = {z: _window_sums(first[z], first_masks) for z in a_zooms}
+    second_sums = {z: _window_sums(second[z], masks) for z in b_zooms}
     for start in range(0, len(groups), chunk):
         rows, cols = groups[start:start + chunk], partners[start:start + chunk]
-        flat_a = {z: first[z][rows].reshape(len(rows), -1) for z in a_zooms}  # (c, p)
         flat = {z: second[z][cols].reshape(len(rows), cols.shape[1], -1) for z in b_zooms}  # (c, k, p)
-        a_sum = {z: (flat_a[z] @ first_masks.T).astype(np.float64)[:, None, :] for z in a_zooms}  # (c, 1, shifts)
-        a_square = {z: ((flat_a[z] * flat_a[z]) @ first_masks.T).astype(np.float64)[:, None, :] for z in a_zooms}
-        b_sum = {z: (flat[z] @ masks.T).astype(np.float64) for z in b_zooms}  # (c, k, shifts)
-        b_square = {z: ((flat[z] * flat[z]) @ masks.T).astype(np.float64) for z in b_zooms}
+        a_sum = {z: first_sums[z][0][rows][:, None, :] for z in a_zooms}  # (c, 1, shifts)
+        a_square = {z: first_sums[z][1][rows][:, None, :] for z in a_zooms}
+        b_sum = {z: second_sums[z][0][cols] for z in b_zooms}  # (c, k, shifts)
+        b_square = {z: second_sums[z][1][cols] for z in b_zooms}
         out = best[start:start + chunk]
         for za in a_zooms:
             shifted = _shifted(first[za][rows]).transpose(0, 2, 1)  # (c, p, shifts)
@@ -274,107 +289,6 @@ def copy_scores(thumbnails: np.ndarray, pairs: np.ndarray, chunk: int = 4096,
     return scores
 
 
-def _axis_weights(size: int, scale: float, shift: float) -> tuple[np.ndarray, np.ndarray]:
-    """(size, size) linear-interpolation weights along one axis of ``_warp`` and which output
-    rows fall inside the image (the coordinates ``scipy.ndimage.affine_transform`` computes)."""
-    centre = (size - 1) / 2
-    coordinate = np.arange(size) * (1 / scale) + (centre - (centre + shift) / scale)
-    inside = (coordinate >= 0) & (coordinate <= size - 1)
-    low = np.clip(np.floor(coordinate), 0, size - 1).astype(np.int64)
-    high = np.minimum(low + 1, size - 1)
-    fraction = np.where(inside, coordinate - low, 0.0)
-    weights = np.zeros((size, size))
-    rows = np.arange(size)
-    weights[rows, low] = np.where(inside, 1.0 - fraction, 0.0)
-    weights[rows, high] += fraction
-    return weights, inside
-
-
-def _warp(image: np.ndarray, scale: float, dy: float, dx: float) -> np.ndarray:
-    """``image`` scaled about its centre and shifted (px); NaN outside it.
-
-    What ``scipy.ndimage.affine_transform(image, 1 / scale, offset, order=1, mode="constant",
-    cval=nan)`` gives, as two small matrix products (the linear interpolation is separable):
-    a third of its time, which the fine alignment spends most of its time in.
-    """
-    rows, rows_inside = _axis_weights(image.shape[0], scale, dy)
-    columns, columns_inside = _axis_weights(image.shape[1], scale, dx)
-    warped = (rows @ np.asarray(image, np.float64) @ columns.T).astype(image.dtype)
-    warped[~(rows_inside[:, None] & columns_inside[None, :])] = np.nan
-    return warped
-
-
-def _overlap_correlation(first: np.ndarray, warped: np.ndarray) -> float:
-    inside = ~np.isnan(warped)
-    if inside.sum() < 0.35 * first.size:
-        return -1.0
-    a, b = first[inside], warped[inside]
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (np.sqrt((a * a).sum() * (b * b).sum()) + 1e-6))
-
-
-def _grid_correlations(first: np.ndarray, second: np.ndarray, scales, shifts: int, step: int) -> np.ndarray:
-    """``_overlap_correlation(first, _warp(second, scale, dy * step, dx * step))`` for every scale
-    and integer ``dy, dx`` in -``shifts``..``shifts`` (scale-major, then dy, then dx), vectorised:
-    one warp per scale onto a canvas ``shifts * step`` px wider on each side, whose windows are
-    the shifted warps."""
-    from scipy.ndimage import affine_transform
-
-    side = first.shape[0]
-    pad = shifts * step
-    centre = (side - 1) / 2
-    a = first.astype(np.float64).ravel()
-    out = []
-    for scale in scales:
-        offset = centre - (centre + pad) / scale
-        canvas = affine_transform(second, np.array([1 / scale, 1 / scale]), offset=[offset, offset],
-                                  output_shape=(side + 2 * pad, side + 2 * pad), order=1, mode="constant",
-                                  cval=np.nan)
-        # Shift dy reads canvas rows from pad - dy: dy = -shifts * step first is the last window.
-        windows = np.lib.stride_tricks.sliding_window_view(canvas, (side, side))[::step, ::step][::-1, ::-1]
-        b = windows.reshape(-1, side * side).astype(np.float64)
-        inside = ~np.isnan(b)
-        b = np.where(inside, b, 0.0)
-        mask = inside.astype(np.float64)
-        count = mask.sum(axis=1)
-        sum_a, square_a = mask @ a, mask @ (a * a)
-        sum_b, square_b, product = b.sum(axis=1), (b * b).sum(axis=1), b @ a
-        safe = np.maximum(count, 1.0)
-        centred = product - sum_a * sum_b / safe
-        spread = np.sqrt(np.maximum(square_a - sum_a ** 2 / safe, 0) * np.maximum(square_b - sum_b ** 2 / safe, 0))
-        out.append(np.where(count < 0.35 * first.size, -1.0, centred / (spread + 1e-6)))
-    return np.concatenate(out)
-
-
-SCALES = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
-
-
-def aligned_correlation(first: np.ndarray, second: np.ndarray, enough: float | None = None) -> float:
-    """Pixel correlation of two grey thumbnails after aligning ``second`` to ``first`` (step 3 above).
-
-    ``enough``: return as soon as the coarse grid reaches it (the fine search only raises the
-    result, so a caller comparing the result with ``enough`` gets the same answer).
-    """
-    from scipy.optimize import minimize
-
-    first = np.asarray(first, np.float32)
-    second = np.asarray(second, np.float32)
-    step = first.shape[0] / 32
-    grid = [(scale, dy * step, dx * step) for scale in SCALES for dy in range(-3, 4) for dx in range(-3, 4)]
-    if step == int(step) and first.shape == second.shape and first.shape[0] == first.shape[1]:
-        scores = _grid_correlations(first, second, SCALES, 3, int(step))
-    else:
-        scores = np.array([_overlap_correlation(first, _warp(second, *point)) for point in grid])
-    coarse = float(np.max(scores))
-    if enough is not None and coarse >= enough:
-        return coarse
-    start = np.array(grid[int(np.argmax(scores))])
-    simplex = start + np.array([[0, 0, 0], [0.05, 0, 0], [0, step / 2, 0], [0, 0, step / 2]])
-    result = minimize(lambda x: -_overlap_correlation(first, _warp(second, *x)), start, method="Nelder-Mead",
-                      options={"xatol": 0.01, "fatol": 1e-5, "initial_simplex": simplex, "maxiter": 200})
-    return max(float(-result.fun), coarse)
-
-
 @dataclass
 class CopyMatch:
     """``copy`` is a copy of ``original`` (row indices), with its detail correlation and uniqueness gap."""
@@ -487,75 +401,3 @@ def _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, siz
     return matches
 
 
-# Pairs to align before the work is shared among processes: below it, starting them costs more.
-PARALLEL_PAIRS = 256
-_SHARED: np.ndarray | None = None  # the thumbnails, for forked workers (inherited, never pickled)
-
-
-def at_resolution(thumbnail: np.ndarray, side: int) -> np.ndarray:
-    """``thumbnail`` as it looks when its image is saved ``side`` px wide: down and up again (bilinear)."""
-    from PIL import Image
-
-    picture = Image.fromarray(np.asarray(thumbnail, np.uint8))
-    return np.asarray(picture.resize((side, side), Image.Resampling.BILINEAR).resize(
-        picture.size, Image.Resampling.BILINEAR))
-
-
-def _aligned(thumbnails: np.ndarray, a: int, b: int, side: int, enough: float | None) -> float:
-    score = aligned_correlation(thumbnails[a], thumbnails[b], enough)
-    if side and (enough is None or score < enough):
-        # One image was saved smaller (``side`` px): its detail is gone, so compare the other at that
-        # resolution too. A copy resized down to 20-24 px scored 0.94-0.99 plainly, 0.998-1.000 so.
-        score = max(score, aligned_correlation(at_resolution(thumbnails[a], side), at_resolution(thumbnails[b], side),
-                                               enough))
-    return score
-
-
-def _align_chunk(rows) -> list[float]:
-    return [_aligned(_SHARED, a, b, side, enough) for a, b, side, enough in rows]
-
-
-def aligned_correlations(thumbnails: np.ndarray, pairs: np.ndarray, enough: float | np.ndarray | None = None,
-                         workers: int | None = None, parallel_pairs: int = PARALLEL_PAIRS,
-                         sizes: np.ndarray | None = None) -> np.ndarray:
-    """``aligned_correlation`` of each ``(first, second)`` row pair of ``thumbnails``.
-
-    ``enough``: the score that settles each pair (one for all, or one per pair; ``None``: none):
-    a pair stops aligning once its coarse grid reaches it (``aligned_correlation``).
-
-    With ``sizes`` (native width, height per row): where the two images' smaller sides differ and the
-    smaller is under the thumbnail's side, the better of the plain alignment and one with both
-    thumbnails at that resolution (``at_resolution``).
-
-    Each alignment is a small optimisation in Python (about 15 ms, 2,900 pairs at 60,000 Fashion-MNIST
-    images, docs/doctor.md), so many pairs are shared among forked processes, one per core (the
-    thumbnails are inherited, not copied). Where ``fork`` is missing (Windows, macOS's default), or
-    for few pairs, they run here, one after the other: the same numbers either way.
-    """
-    import multiprocessing
-    import os
-
-    global _SHARED
-    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    sides = np.zeros(len(pairs), np.int64)
-    if sizes is not None and len(pairs):
-        smallest = np.asarray(sizes).min(axis=1)[pairs]
-        low = smallest.min(axis=1)
-        sides = np.where((smallest[:, 0] != smallest[:, 1]) & (low < thumbnails.shape[1]), low, 0)
-    settled = [None] * len(pairs) if enough is None else np.broadcast_to(np.asarray(enough, np.float64), len(pairs)).tolist()
-    rows = [(int(a), int(b), int(side), e) for (a, b), side, e in zip(pairs, sides, settled)]
-    if workers is None:
-        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
-    if len(pairs) < max(parallel_pairs, 2) or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return np.array([_aligned(thumbnails, a, b, side, e) for a, b, side, e in rows], np.float64)
-    chunks = [rows[i::workers * 8] for i in range(workers * 8)]
-    _SHARED = thumbnails
-    try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            scores = pool.map(_align_chunk, chunks)
-    finally:
-        _SHARED = None
-    out = np.empty(len(rows), np.float64)
-    for i, chunk in enumerate(scores):
-        out[i::workers * 8] = chunk
-    return out

@@ -1,0 +1,317 @@
+"""Subpixel alignment of candidate copies: the last test of ``cnnkit.doctor.duplicates`` (its step 3).
+
+Two grey thumbnails of the same side are compared after warping the second onto the first
+(scaled about the centre by ``scale``, shifted by ``dy, dx`` px, bilinear, as
+``scipy.ndimage.affine_transform(order=1)`` does): the score is the plain pixel correlation over
+the part the warp covers (-1 below 35 % of the image). The best warp is searched the way it was
+measured (docs/doctor.md): a coarse grid (``SCALES`` x +-3 thumbnail steps of shift), then
+Nelder-Mead from its best point (scipy's algorithm and settings: the initial simplex a twentieth of
+a scale and half a step of shift, ``xatol`` 0.01, ``fatol`` 1e-5, 200 iterations).
+
+All of it runs on many pairs at once (numpy arrays of pairs, not a Python loop per pair): the
+grid as one warp per scale onto a wider canvas whose windows are the shifted warps; each
+Nelder-Mead step as one batch of warps for every pair still searching (``_nelder_mead``, the same
+reflect / expand / contract / shrink decisions as ``scipy.optimize.minimize(method="Nelder-Mead")``,
+pair by pair). At 60,000 Fashion-MNIST images this took the leak search's 12,457 alignments from
+157 s (a scipy minimisation per pair, two processes) to the figure in docs/doctor.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SCALES = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
+SHIFTS = 3  # grid shifts each way, in thumbnail steps (side / 32 px)
+COVERED = 0.35  # the least share of the first image the warp must cover
+# Pairs aligned together: their arrays are about 100 KB a pair.
+BATCH = 512
+
+
+def _taps(size: int, scale: np.ndarray, shift: np.ndarray, out: int | None = None):
+    """Bilinear taps along one axis of each warp: (m, out) low and high input index, their weights,
+    and the first and one-past-last output index inside the input (a contiguous run). ``out``: the
+    output's length (default ``size``; longer: the warp onto a wider canvas, ``_Pairs.grid``)."""
+    centre = (size - 1) / 2
+    coordinate = np.arange(out or size, dtype=np.float64)[None, :] / scale[:, None] \
+        + (centre - (centre + shift[:, None]) / scale[:, None])
+    inside = (coordinate >= 0) & (coordinate <= size - 1)
+    low = np.clip(np.floor(coordinate), 0, size - 1).astype(np.intp)
+    high = np.minimum(low + 1, size - 1)
+    fraction = np.where(inside, coordinate - low, 0.0)
+    present = inside.any(axis=1)
+    start = np.where(present, inside.argmax(axis=1), 0)
+    stop = np.where(present, inside.shape[1] - inside[:, ::-1].argmax(axis=1), 0)
+    return (low, high, np.where(inside, 1.0 - fraction, 0.0).astype(np.float32), fraction.astype(np.float32),
+            start, stop)
+
+
+def _correlation(product, sum_a, square_a, sum_b, square_b, count, side: int) -> np.ndarray:
+    safe = np.maximum(count, 1.0)
+    centred = product - sum_a * sum_b / safe
+    spread_a = np.maximum(square_a - sum_a * sum_a / safe, 0.0)
+    spread_b = np.maximum(square_b - sum_b * sum_b / safe, 0.0)
+    score = np.clip(centred / (np.sqrt(spread_a * spread_b) + 1e-6), -1.0, 1.0)
+    # Too little overlap, or a flat warp (no pattern to correlate: the ratio would be rounding noise).
+    return np.where((count < COVERED * side * side) | (spread_b < 1e-3 * safe), -1.0, score)
+
+
+def _band_sums(band: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """(P, k, k): ``band @ image @ band.T`` of each of (P, h, h) ``images`` for a (k, h) 0/1 ``band``:
+    its sums over the rectangles of rows and columns the band marks."""
+    return np.matmul(band, images) @ band.T
+
+
+class _Pairs:
+    """``first[i]`` against ``second[i]`` warped, for many pairs and points at once.
+
+    Both are centred on their own mean first (a correlation does not change, and the sums below then
+    lose no precision); sums over the covered rectangle of ``first`` come from integral images.
+    """
+
+    def __init__(self, first: np.ndarray, second: np.ndarray):
+        first = np.asarray(first, np.float32)
+        second = np.asarray(second, np.float32)
+        self.first = first - first.mean(axis=(1, 2), keepdims=True)
+        self.second = second - second.mean(axis=(1, 2), keepdims=True)
+        self.pairs, self.side = first.shape[0], first.shape[1]
+        self._rows = np.ascontiguousarray(self.second).reshape(-1, self.side)
+        self._first_columns = np.ascontiguousarray(self.first.transpose(0, 2, 1)).reshape(self.pairs, -1)
+        a = self.first.astype(np.float64)
+        self._integral = np.zeros((2, self.pairs, self.side + 1, self.side + 1))
+        self._integral[0, :, 1:, 1:] = a.cumsum(axis=1).cumsum(axis=2)
+        self._integral[1, :, 1:, 1:] = (a * a).cumsum(axis=1).cumsum(axis=2)
+
+    def __call__(self, points: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Scores of pair ``rows[i]`` at ``points[i]`` = (scale, dy, dx)."""
+        side = self.side
+        m = len(rows)
+        if not m:
+            return np.zeros(0)
+        low, high, w_low, w_high, top, bottom = _taps(side, points[:, 0], points[:, 1])
+        c_low, c_high, c_w_low, c_w_high, left, right = _taps(side, points[:, 0], points[:, 2])
+        base = (rows * side)[:, None]
+        # Rows first (whole image rows gathered), then the columns of the transposed result.
+        along_rows = self._rows[base + low] * w_low[:, :, None]
+        along_rows += self._rows[base + high] * w_high[:, :, None]
+        columns = np.ascontiguousarray(along_rows.transpose(0, 2, 1)).reshape(-1, side)
+        base = (np.arange(m) * side)[:, None]
+        warped = columns[base + c_low] * c_w_low[:, :, None]  # (m, x, y): transposed, zero outside
+        warped += columns[base + c_high] * c_w_high[:, :, None]
+        warped = warped.reshape(m, 1, -1)
+        # Dot products as BLAS matrix products (float32 sums of centred pixels: about 1e-7 of the score).
+        product = np.matmul(warped, self._first_columns[rows][:, :, None])[:, 0, 0].astype(np.float64)
+        square_b = np.matmul(warped, warped.transpose(0, 2, 1))[:, 0, 0].astype(np.float64)
+        sum_b = warped.sum(axis=(1, 2), dtype=np.float64)
+        sums = self._integral
+        rectangle = sums[:, rows, bottom, right] - sums[:, rows, top, right] - sums[:, rows, bottom, left] \
+            + sums[:, rows, top, left]
+        count = ((bottom - top) * (right - left)).astype(np.float64)
+        return _correlation(product, rectangle[0], rectangle[1], sum_b, square_b, count, side)
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """(pairs, points) scores on the coarse grid and the (points, 3) grid, scale-major then dy, dx."""
+        side = self.side
+        step = side / 32
+        points = np.array([(scale, dy * step, dx * step) for scale in SCALES
+                           for dy in range(-SHIFTS, SHIFTS + 1) for dx in range(-SHIFTS, SHIFTS + 1)])
+        if step != int(step):
+            rows = np.repeat(np.arange(self.pairs), len(points))
+            return self(np.tile(points, (self.pairs, 1)), rows).reshape(self.pairs, -1), points
+        step = int(step)
+        pad = SHIFTS * step
+        wide = side + 2 * pad
+        a = self.first.astype(np.float64)
+        scores = np.empty((self.pairs, len(SCALES), 2 * SHIFTS + 1, 2 * SHIFTS + 1))
+        # band[i]: the canvas rows (or columns) of shift i, largest shift's window first.
+        band = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(
+            np.eye(wide), side, axis=1)[:, ::step].sum(axis=2).T[::-1])
+        for index, scale in enumerate(SCALES):
+            # The warp at shift 0 onto a canvas ``pad`` px wider each side: shift (dy, dx) is its window
+            # starting ``pad - dy`` rows and ``pad - dx`` columns in.
+            (low,), (high,), (w_low,), (w_high,), (top,), (bottom,) = _taps(side, np.array([scale]), np.array([pad]), wide)
+            along_rows = self.second[:, low, :] * w_low[:, None] + self.second[:, high, :] * w_high[:, None]
+            # (Indexing the last axis leaves a strided result: 7x slower to read below unless made contiguous.)
+            canvas = np.ascontiguousarray(along_rows[:, :, low] * w_low + along_rows[:, :, high] * w_high)
+            inside = (np.arange(wide) >= top) & (np.arange(wide) < bottom)
+            windows = np.lib.stride_tricks.sliding_window_view(canvas, (side, side), axis=(1, 2))
+            # Summed in float32 (twice as fast here; the images are centred, so about 1e-7 of the score).
+            product = np.einsum("pabyx,pyx->pab", windows[:, ::step, ::step][:, ::-1, ::-1],
+                                self.first).astype(np.float64)
+            covered = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(
+                inside.astype(np.float64), side)[::step][::-1])  # (shifts, side): first's covered rows
+            count = covered.sum(axis=1)
+            canvas = canvas.astype(np.float64)
+            scores[:, index] = _correlation(
+                product, _band_sums(covered, a), _band_sums(covered, a * a), _band_sums(band, canvas),
+                _band_sums(band, canvas * canvas), count[:, None] * count[None, :], side)
+        return scores.reshape(self.pairs, -1), points
+
+
+def _nelder_mead(objective, simplex: np.ndarray, xatol: float, fatol: float, maxiter: int) -> np.ndarray:
+    """Minimise ``objective(points, rows)`` from each row's ``simplex`` ((m, 4, 3)): scipy's
+    Nelder-Mead (not adaptive), step for step, for every row at once. Returns each row's best value."""
+    m, corners, _ = simplex.shape
+    n = corners - 1
+    rows = np.arange(m)
+    simplex = simplex.copy()
+    values = objective(simplex.reshape(-1, n), np.repeat(rows, corners)).reshape(m, corners)
+    order = np.argsort(values, axis=1)
+    simplex, values = np.take_along_axis(simplex, order[:, :, None], 1), np.take_along_axis(values, order, 1)
+    active = np.arange(m)
+    for _ in range(maxiter - 1):
+        s, v = simplex[active], values[active]
+        done = (np.abs(s[:, 1:] - s[:, :1]).max(axis=(1, 2)) <= xatol) & (np.abs(v[:, :1] - v[:, 1:]).max(axis=1) <= fatol)
+        active, s, v = active[~done], s[~done], v[~done]
+        if not len(active):
+            break
+        centroid = s[:, :-1].sum(axis=1) / n
+        worst = s[:, -1]
+        reflected = 2 * centroid - worst
+        f_reflected = objective(reflected, active)
+        new_point, new_value = worst.copy(), v[:, -1].copy()
+        shrink = np.zeros(len(active), bool)
+        # Better than the best: try expanding.
+        expand = f_reflected < v[:, 0]
+        if expand.any():
+            expanded = 3 * centroid[expand] - 2 * worst[expand]
+            f_expanded = objective(expanded, active[expand])
+            take = f_expanded < f_reflected[expand]
+            new_point[expand] = np.where(take[:, None], expanded, reflected[expand])
+            new_value[expand] = np.where(take, f_expanded, f_reflected[expand])
+        # Better than the second worst: take the reflection.
+        accept = ~expand & (f_reflected < v[:, -2])
+        new_point[accept], new_value[accept] = reflected[accept], f_reflected[accept]
+        # Otherwise contract, outside (better than the worst) or inside; shrink when that fails too.
+        outside = ~expand & ~accept & (f_reflected < v[:, -1])
+        if outside.any():
+            contracted = 1.5 * centroid[outside] - 0.5 * worst[outside]
+            f_contracted = objective(contracted, active[outside])
+            take = f_contracted <= f_reflected[outside]
+            where = np.flatnonzero(outside)
+            new_point[where[take]], new_value[where[take]] = contracted[take], f_contracted[take]
+            shrink[where[~take]] = True
+        inside = ~expand & ~accept & ~outside
+        if inside.any():
+            contracted = 0.5 * centroid[inside] + 0.5 * worst[inside]
+            f_contracted = objective(contracted, active[inside])
+            take = f_contracted < v[inside, -1]
+            where = np.flatnonzero(inside)
+            new_point[where[take]], new_value[where[take]] = contracted[take], f_contracted[take]
+            shrink[where[~take]] = True
+        s[:, -1], v[:, -1] = new_point, new_value
+        if shrink.any():
+            shrunk = s[shrink, :1] + 0.5 * (s[shrink, 1:] - s[shrink, :1])
+            s[shrink, 1:] = shrunk
+            v[shrink, 1:] = objective(shrunk.reshape(-1, n), np.repeat(active[shrink], n)).reshape(-1, n)
+        order = np.argsort(v, axis=1)
+        simplex[active] = np.take_along_axis(s, order[:, :, None], 1)
+        values[active] = np.take_along_axis(v, order, 1)
+    return values[:, 0]
+
+
+def aligned_scores(first: np.ndarray, second: np.ndarray, enough: float | np.ndarray | None = None) -> np.ndarray:
+    """The best aligned correlation of each ``(first[i], second[i])`` pair of (P, s, s) grey thumbnails.
+
+    ``enough``: a pair whose coarse grid already reaches it (one for all, or one per pair) keeps the
+    grid's score (the fine search only raises it, so a caller comparing with ``enough`` gets the
+    same answer for less).
+    """
+    first = np.asarray(first, np.float32)
+    second = np.asarray(second, np.float32)
+    out = np.empty(len(first))
+    if not len(first):
+        return out
+    settle = np.full(len(first), np.inf) if enough is None else np.broadcast_to(np.asarray(enough, np.float64), len(first))
+    for start in range(0, len(first), BATCH):
+        pairs = _Pairs(first[start:start + BATCH], second[start:start + BATCH])
+        scores, points = pairs.grid()
+        best = scores.argmax(axis=1)
+        coarse = scores[np.arange(pairs.pairs), best]
+        out[start:start + BATCH] = coarse
+        search = np.flatnonzero(coarse < settle[start:start + BATCH])
+        if not len(search):
+            continue
+        half = pairs.side / 64  # half a grid step of shift
+        simplex = points[best[search]][:, None, :] + np.array([[0, 0, 0], [0.05, 0, 0], [0, half, 0], [0, 0, half]])
+        found = -_nelder_mead(lambda p, r: -pairs(p, search[r]), simplex, xatol=0.01, fatol=1e-5, maxiter=200)
+        out[start + search] = np.maximum(coarse[search], found)
+    return out
+
+
+def aligned_correlation(first: np.ndarray, second: np.ndarray, enough: float | None = None) -> float:
+    """``aligned_scores`` of one pair."""
+    return float(aligned_scores(np.asarray(first)[None], np.asarray(second)[None], enough)[0])
+
+
+def at_resolution(thumbnail: np.ndarray, side: int) -> np.ndarray:
+    """``thumbnail`` as it looks when its image is saved ``side`` px wide: down and up again (bilinear)."""
+    from PIL import Image
+
+    picture = Image.fromarray(np.asarray(thumbnail, np.uint8))
+    return np.asarray(picture.resize((side, side), Image.Resampling.BILINEAR).resize(
+        picture.size, Image.Resampling.BILINEAR))
+
+
+def _aligned_pairs(thumbnails: np.ndarray, pairs: np.ndarray, sides: np.ndarray, enough: np.ndarray) -> np.ndarray:
+    scores = aligned_scores(thumbnails[pairs[:, 0]], thumbnails[pairs[:, 1]], enough)
+    # One image was saved smaller (``sides`` px): its detail is gone, so compare the other at that resolution
+    # too. A copy resized down to 20-24 px scored 0.94-0.99 plainly, 0.998-1.000 so.
+    again = np.flatnonzero((sides > 0) & (scores < enough))
+    if len(again):
+        small = [np.stack([at_resolution(thumbnails[pairs[i, j]], sides[i]) for i in again]) for j in (0, 1)]
+        scores[again] = np.maximum(scores[again], aligned_scores(small[0], small[1], enough[again]))
+    return scores
+
+
+# Pairs to align before the work is shared among processes: below it, starting them costs more.
+PARALLEL_PAIRS = 256
+_SHARED: np.ndarray | None = None  # the thumbnails, for forked workers (inherited, never pickled)
+
+
+def _align_chunk(job) -> np.ndarray:
+    return _aligned_pairs(_SHARED, *job)
+
+
+def aligned_correlations(thumbnails: np.ndarray, pairs: np.ndarray, enough: float | np.ndarray | None = None,
+                         workers: int | None = None, parallel_pairs: int = PARALLEL_PAIRS,
+                         sizes: np.ndarray | None = None) -> np.ndarray:
+    """``aligned_scores`` of each ``(first, second)`` row pair of ``thumbnails``.
+
+    ``enough``: the score that settles each pair (one for all, or one per pair; ``None``: none).
+
+    With ``sizes`` (native width, height per row): where the two images' smaller sides differ and the
+    smaller is under the thumbnail's side, the better of the plain alignment and one with both
+    thumbnails at that resolution (``at_resolution``).
+
+    Many pairs are shared among forked processes, one per core (the thumbnails are inherited, not
+    copied). Where ``fork`` is missing (Windows, macOS's default), or for few pairs, they run here:
+    the same numbers either way.
+    """
+    import multiprocessing
+    import os
+
+    global _SHARED
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    sides = np.zeros(len(pairs), np.int64)
+    if sizes is not None and len(pairs):
+        smallest = np.asarray(sizes).min(axis=1)[pairs]
+        low = smallest.min(axis=1)
+        sides = np.where((smallest[:, 0] != smallest[:, 1]) & (low < thumbnails.shape[1]), low, 0)
+    settle = np.full(len(pairs), np.inf) if enough is None else \
+        np.broadcast_to(np.asarray(enough, np.float64), len(pairs)).copy()
+    if workers is None:
+        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    if len(pairs) < max(parallel_pairs, 2) or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return _aligned_pairs(thumbnails, pairs, sides, settle)
+    # Interleaved shares: the pairs of one query (alike in cost) go to different processes.
+    shares = [np.arange(i, len(pairs), workers) for i in range(workers)]
+    _SHARED = thumbnails
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            scores = pool.map(_align_chunk, [(pairs[share], sides[share], settle[share]) for share in shares])
+    finally:
+        _SHARED = None
+    out = np.empty(len(pairs))
+    for share, chunk in zip(shares, scores):
+        out[share] = chunk
+    return out
