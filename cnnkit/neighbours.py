@@ -1,22 +1,26 @@
 """One nearest-neighbour index over cached CNN features, shared by `doctor` and `label-next`.
 
 The index is the features centred, reduced by PCA to at most ``DIMS`` components and
-scaled to unit length; neighbours are exact cosine neighbours in that space, found by
-scikit-learn's brute-force search (``NearestNeighbors(algorithm="brute")``).
+scaled to unit length; neighbours are exact cosine neighbours in that space, found by brute
+force: one matrix product per chunk of queries against every row, then an exact blocked top-k.
 
 Why this one:
 
-- **Exact and memory-linear.** scikit-learn's brute search runs its ``ArgKmin`` reduction:
-  a matrix product of a chunk of queries against every row, reduced to each query's ``k``
-  best by a heap, chunk after chunk. Memory is the rows plus one chunk of distances and
-  ``k`` neighbours per query: linear in the number of images, never the n x n matrix.
-- **Fast enough without another binary.** The whole k-neighbour graph of 60,000 images
-  costs about 12 s on two cores at 128 dimensions (``bench/neighbours_speed.py``), 90 s
-  at EfficientNet-Lite0's 1,280 -- hence the PCA, which keeps the neighbours of the full
-  features (recall of the 10 nearest at 128 dimensions in ``docs/doctor.md``). FAISS's flat
-  index is about as fast per row but adds a 30 MB native wheel; approximate indexes
-  (HNSW, NN-descent) only pay off past millions of rows, where `doctor` should run on a
-  cluster anyway (issue: batch prediction on a distributed engine).
+- **Exact and memory-linear.** Memory is the rows plus one chunk of similarities
+  (``CHUNK`` x n floats) and ``k`` neighbours per query: linear in the number of images,
+  never the n x n matrix.
+- **Fast without another binary.** The matrix product is BLAS; picking each query's ``k``
+  best of n is what costs (``_best``): the columns are dealt into ``BLOCKS`` interleaved
+  groups, the ``k`` groups with the highest maximum hold the ``k`` best (any other group's
+  values are all below ``k`` better ones), and only those ``k x n / BLOCKS`` values are
+  partitioned. The 10-neighbour graph of 60,000 images: 18 s with scikit-learn's
+  ``NearestNeighbors(algorithm="brute")`` (its ``ArgKmin`` heaps), about 11 s so
+  (docs/doctor.md), the same neighbours. At 128 dimensions; 1,280 (EfficientNet-Lite0's
+  features) would cost about 10x the products, hence the PCA, which keeps the neighbours of
+  the full features (recall of the 10 nearest at 128 dimensions in ``docs/doctor.md``).
+  FAISS's flat index is about as fast per row but adds a 30 MB native wheel; approximate
+  indexes (HNSW, NN-descent) only pay off past millions of rows, where `doctor` should run
+  on a cluster anyway (issue: batch prediction on a distributed engine).
 - Cost grows as n^2 x dims for the graph (every image against every image), n x dims^2 for
   the PCA, and n x (dims + k) in memory.
 """
@@ -29,6 +33,35 @@ import numpy as np
 
 # Components kept: enough for the 10 nearest neighbours of the full features (docs/doctor.md).
 DIMS = 128
+
+
+# Queries per matrix product, and the interleaved column groups of the top-k selection (measured on
+# 20,000 x 60,000 similarities: 512 and 32 were the fastest of 256-2,048 and 8-128).
+CHUNK = 512
+BLOCKS = 32
+
+
+def _best(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` highest (column, value) of (c, n) ``scores``, highest first."""
+    rows, n = scores.shape
+    if n >= 4 * BLOCKS * k:
+        # Column j is in group j mod (n / BLOCKS); the k best lie in the k groups with the highest
+        # maxima, so only those are partitioned (exact).
+        # The last n mod BLOCKS columns stay candidates whatever their group would be.
+        groups = n // BLOCKS
+        dealt = scores[:, :BLOCKS * groups].reshape(rows, BLOCKS, groups)  # a view, no copy
+        top = np.argpartition(dealt.max(axis=1), -k, axis=1)[:, -k:]  # (c, k) groups
+        values = np.concatenate([np.take_along_axis(dealt, top[:, None, :], 2).reshape(rows, -1),
+                                 scores[:, BLOCKS * groups:]], axis=1)
+        columns = np.concatenate([(np.arange(BLOCKS)[None, :, None] * groups + top[:, None, :]).reshape(rows, -1),
+                                  np.broadcast_to(np.arange(BLOCKS * groups, n), (rows, n - BLOCKS * groups))], axis=1)
+    else:
+        values, columns = scores, np.broadcast_to(np.arange(n), scores.shape)
+    pick = np.argpartition(values, -k, axis=1)[:, -k:]
+    picked = np.take_along_axis(values, pick, 1)
+    order = np.argsort(-picked, axis=1, kind="stable")
+    return (np.take_along_axis(np.take_along_axis(columns, pick, 1), order, 1).astype(np.int64),
+            np.take_along_axis(picked, order, 1).astype(np.float32))
 
 
 @dataclass
@@ -98,11 +131,13 @@ class NeighbourIndex:
         k = min(k, len(self))
         if k == 0 or not len(queries):
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
-        from sklearn.neighbors import NearestNeighbors
-
-        search = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(self.vectors)
-        distances, indices = search.kneighbors(np.asarray(queries, np.float32))
-        return indices.astype(np.int64), (1.0 - distances.astype(np.float32) ** 2 / 2.0)
+        queries = np.asarray(queries, np.float32)
+        indices = np.empty((len(queries), k), np.int64)
+        similarities = np.empty((len(queries), k), np.float32)
+        for start in range(0, len(queries), CHUNK):
+            indices[start:start + CHUNK], similarities[start:start + CHUNK] = _best(
+                queries[start:start + CHUNK] @ self.vectors.T, k)
+        return indices, similarities
 
     def graph(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Each row's ``k`` nearest *other* rows, best first (an exact copy of a row counts as other).

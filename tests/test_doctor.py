@@ -334,3 +334,20 @@ def test_a_cropped_copy_ranked_low_unzoomed_is_found_without_a_short_list():
     assert find_copies(thumbnails, np.array([0]), candidates) == []
     found = find_copies(thumbnails, np.array([0]), candidates, CopyThresholds(shortlist=None))
     assert [(m.copy, m.original) for m in found] == [(0, 1)]
+
+
+def test_the_grouped_detail_correlation_is_the_plain_one_over_shifts_and_zooms():
+    """``copy_scores`` (one matrix product per query, each image's overlap statistics once) gives the
+    number ``best_shift_correlation`` gives on the overlapping parts, at the best pairing of zooms."""
+    from cnnkit.doctor.duplicates import ZOOMS, best_shift_correlation, copy_scores, zoom_views
+
+    rng = np.random.default_rng(2)
+    images = [np.asarray(texture(seed, seed % 3).convert("L"), np.float32) for seed in range(4)]
+    images += [np.roll(images[0], 2, axis=1) + rng.normal(0, 6, images[0].shape)]
+    thumbnails = _thumbnails(images)
+    pairs = np.array([[0, 4], [0, 1], [2, 3], [4, 0], [1, 0]])
+    views = zoom_views(thumbnails, np.arange(len(thumbnails)), ZOOMS)
+    expected = np.max([best_shift_correlation(views[za][pairs[:, 0]], views[zb][pairs[:, 1]])
+                       for za, zb in [(z, 1.0) for z in ZOOMS] + [(1.0, z) for z in ZOOMS]], axis=0)
+    np.testing.assert_allclose(copy_scores(thumbnails, pairs), expected, atol=1e-5)
+    assert expected[0] > 0.9 > expected[1:3].max()

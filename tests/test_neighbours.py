@@ -71,3 +71,22 @@ def test_an_uncentred_index_ranks_by_the_cosine_of_the_features_as_given():
     assert float(reduced.vectors[0] @ reduced.vectors[150]) > 0.5
     centred = NeighbourIndex.build(features, dims=32)
     assert abs(float(centred.vectors[0] @ centred.vectors[150])) < 0.3
+
+
+def test_the_blocked_selection_picks_each_rows_exact_best():
+    """Past a few thousand rows each query's ``k`` best come from its best interleaved column groups
+    (``neighbours._best``): the same columns and values as sorting every row, remainder columns and
+    ties included."""
+    from cnnkit.neighbours import BLOCKS, _best
+
+    rng = np.random.default_rng(5)
+    k = 7
+    scores = rng.standard_normal((40, 4 * BLOCKS * k * 3 + 13)).astype(np.float32)
+    scores[:, -1] = 9.0  # a best value among the remainder columns
+    scores[0, 5] = scores[0, 6] = 8.0  # a tie
+    columns, values = _best(scores, k)
+    expected = np.sort(scores, axis=1)[:, ::-1][:, :k]
+    np.testing.assert_array_equal(values, expected)
+    np.testing.assert_array_equal(np.take_along_axis(scores, columns, 1), expected)
+    assert all(len(set(row)) == k for row in columns.tolist())
+    assert (columns[:, 0] == scores.shape[1] - 1).all() and set(columns[0, 1:3]) == {5, 6}

@@ -123,15 +123,17 @@ def _shifted(views: np.ndarray, shift: int = SHIFT) -> np.ndarray:
     return windows.reshape(len(views), -1, side * side)
 
 
-def _window_sums(views: np.ndarray, masks: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """(m, shifts) sums and sums of squares of each of (m, SIDE, SIDE) ``views`` over each overlap mask."""
+def _window_stats(views: np.ndarray, masks: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(m, shifts) sum, mean and root of the summed squared deviations of each of (m, SIDE, SIDE)
+    ``views`` over each overlap mask: once per image, not once per pair it is in."""
+    count = masks.sum(axis=1).astype(np.float64)
     sums = np.empty((len(views), len(masks)))
     squares = np.empty((len(views), len(masks)))
     for start in range(0, len(views), chunk):
         flat = views[start:start + chunk].reshape(-1, masks.shape[1])
         sums[start:start + chunk] = flat @ masks.T
         squares[start:start + chunk] = (flat * flat) @ masks.T
-    return sums, squares
+    return sums, sums / count, np.sqrt(np.maximum(squares - sums * sums / count, 0.0))
 
 
 def _grouped_best(first: dict, second: dict, pairings: list[tuple[float, float]], groups: np.ndarray,
@@ -146,31 +148,24 @@ def _grouped_best(first: dict, second: dict, pairings: list[tuple[float, float]]
     """
     masks = _window_masks(SIDE)  # (shifts, p): second's pixels in each overlap
     first_masks = np.ascontiguousarray(masks[::-1])  # first's pixels in each overlap (the mirrored shift)
-    count = masks.sum(axis=1).astype(np.float64)  # pixels in each overlap
     best = np.full(partners.shape, -1.0, np.float32)
     a_zooms = sorted({za for za, _ in pairings})
     b_zooms = sorted({zb for _, zb in pairings})
-    # Each image's sums over each overlap, once per image (not once per pair it is in).
-    first_sums = {z: _window_sums(first[z], first_masks) for z in a_zooms}
-    second_sums = {z: _window_sums(second[z], masks) for z in b_zooms}
+    first_stats = {z: _window_stats(first[z], first_masks) for z in a_zooms}
+    second_stats = {z: _window_stats(second[z], masks) for z in b_zooms}
     for start in range(0, len(groups), chunk):
         rows, cols = groups[start:start + chunk], partners[start:start + chunk]
         flat = {z: second[z][cols].reshape(len(rows), cols.shape[1], -1) for z in b_zooms}  # (c, k, p)
-        a_sum = {z: first_sums[z][0][rows][:, None, :] for z in a_zooms}  # (c, 1, shifts)
-        a_square = {z: first_sums[z][1][rows][:, None, :] for z in a_zooms}
-        b_sum = {z: second_sums[z][0][cols] for z in b_zooms}  # (c, k, shifts)
-        b_square = {z: second_sums[z][1][cols] for z in b_zooms}
         out = best[start:start + chunk]
         for za in a_zooms:
             shifted = _shifted(first[za][rows]).transpose(0, 2, 1)  # (c, p, shifts)
+            a_mean, a_norm = (first_stats[za][i][rows][:, None, :] for i in (1, 2))  # (c, 1, shifts)
             for zb in [zb for z, zb in pairings if z == za]:
                 products = np.matmul(flat[zb], shifted).astype(np.float64)  # (c, k, shifts)
-                sa, sb = a_sum[za], b_sum[zb]
-                centred = products - sa * sb / count
-                a_var = np.maximum(a_square[za] - sa * sa / count, 0.0)
-                b_var = np.maximum(b_square[zb] - sb * sb / count, 0.0)
-                score = (centred / (np.sqrt(a_var * b_var) + 1e-6)).max(axis=2)
-                np.maximum(out, score.astype(np.float32), out=out)
+                b_sum, b_norm = (second_stats[zb][i][cols] for i in (0, 2))  # (c, k, shifts)
+                products -= a_mean * b_sum
+                products /= a_norm * b_norm + 1e-6
+                np.maximum(out, products.max(axis=2).astype(np.float32), out=out)
     return best
 
 
