@@ -351,3 +351,18 @@ def test_the_grouped_detail_correlation_is_the_plain_one_over_shifts_and_zooms()
                        for za, zb in [(z, 1.0) for z in ZOOMS] + [(1.0, z) for z in ZOOMS]], axis=0)
     np.testing.assert_allclose(copy_scores(thumbnails, pairs), expected, atol=1e-5)
     assert expected[0] > 0.9 > expected[1:3].max()
+
+
+def test_the_detail_correlations_shared_among_processes_are_the_same(monkeypatch):
+    """Past ``PARALLEL_PAIRS`` the copy test's queries are shared among forked processes
+    (``cnnkit.forked``): the same number for every pair, in the same order."""
+    import cnnkit.doctor.duplicates as duplicates
+    import cnnkit.forked as forked
+
+    rng = np.random.default_rng(4)
+    thumbnails = _thumbnails([rng.integers(0, 256, (28, 28)).astype(np.float32) for _ in range(12)])
+    pairs = np.array([[i, j] for i in range(12) for j in range(12) if i != j])
+    alone = duplicates.copy_scores(thumbnails, pairs)
+    monkeypatch.setattr(duplicates, "PARALLEL_PAIRS", 1)
+    monkeypatch.setattr(forked, "cores", lambda: 2)
+    np.testing.assert_array_equal(duplicates.copy_scores(thumbnails, pairs), alone)

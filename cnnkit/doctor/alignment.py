@@ -265,11 +265,6 @@ def _aligned_pairs(thumbnails: np.ndarray, pairs: np.ndarray, sides: np.ndarray,
 
 # Pairs to align before the work is shared among processes: below it, starting them costs more.
 PARALLEL_PAIRS = 256
-_SHARED: np.ndarray | None = None  # the thumbnails, for forked workers (inherited, never pickled)
-
-
-def _align_chunk(job) -> np.ndarray:
-    return _aligned_pairs(_SHARED, *job)
 
 
 def aligned_correlations(thumbnails: np.ndarray, pairs: np.ndarray, enough: float | np.ndarray | None = None,
@@ -283,14 +278,10 @@ def aligned_correlations(thumbnails: np.ndarray, pairs: np.ndarray, enough: floa
     smaller is under the thumbnail's side, the better of the plain alignment and one with both
     thumbnails at that resolution (``at_resolution``).
 
-    Many pairs are shared among forked processes, one per core (the thumbnails are inherited, not
-    copied). Where ``fork`` is missing (Windows, macOS's default), or for few pairs, they run here:
-    the same numbers either way.
+    Many pairs are shared among forked processes, one per core (``cnnkit.forked``): the same numbers.
     """
-    import multiprocessing
-    import os
+    from cnnkit.forked import cores, forked_map
 
-    global _SHARED
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     sides = np.zeros(len(pairs), np.int64)
     if sizes is not None and len(pairs):
@@ -299,18 +290,13 @@ def aligned_correlations(thumbnails: np.ndarray, pairs: np.ndarray, enough: floa
         sides = np.where((smallest[:, 0] != smallest[:, 1]) & (low < thumbnails.shape[1]), low, 0)
     settle = np.full(len(pairs), np.inf) if enough is None else \
         np.broadcast_to(np.asarray(enough, np.float64), len(pairs)).copy()
-    if workers is None:
-        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
-    if len(pairs) < max(parallel_pairs, 2) or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return _aligned_pairs(thumbnails, pairs, sides, settle)
+    workers = cores() if workers is None else workers
+    if len(pairs) < max(parallel_pairs, 2):
+        workers = 1
     # Interleaved shares: the pairs of one query (alike in cost) go to different processes.
     shares = [np.arange(i, len(pairs), workers) for i in range(workers)]
-    _SHARED = thumbnails
-    try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            scores = pool.map(_align_chunk, [(pairs[share], sides[share], settle[share]) for share in shares])
-    finally:
-        _SHARED = None
+    scores = forked_map(lambda share: _aligned_pairs(thumbnails, pairs[share], sides[share], settle[share]),
+                        shares, workers)
     out = np.empty(len(pairs))
     for share, chunk in zip(shares, scores):
         out[share] = chunk

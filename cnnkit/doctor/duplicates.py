@@ -39,6 +39,8 @@ SHIFT = 3
 ZOOMS = (1.0, 1.1, 1.2, 1.3)
 # Candidates per query that get the full (zoomed) test.
 SHORTLIST = 3
+# Pairs in a detail-correlation call before it is shared among processes (one per core).
+PARALLEL_PAIRS = 4096
 
 
 @dataclass(frozen=True)
@@ -148,25 +150,35 @@ def _grouped_best(first: dict, second: dict, pairings: list[tuple[float, float]]
     """
     masks = _window_masks(SIDE)  # (shifts, p): second's pixels in each overlap
     first_masks = np.ascontiguousarray(masks[::-1])  # first's pixels in each overlap (the mirrored shift)
-    best = np.full(partners.shape, -1.0, np.float32)
     a_zooms = sorted({za for za, _ in pairings})
     b_zooms = sorted({zb for _, zb in pairings})
     first_stats = {z: _window_stats(first[z], first_masks) for z in a_zooms}
     second_stats = {z: _window_stats(second[z], masks) for z in b_zooms}
-    for start in range(0, len(groups), chunk):
-        rows, cols = groups[start:start + chunk], partners[start:start + chunk]
-        flat = {z: second[z][cols].reshape(len(rows), cols.shape[1], -1) for z in b_zooms}  # (c, k, p)
-        out = best[start:start + chunk]
-        for za in a_zooms:
-            shifted = _shifted(first[za][rows]).transpose(0, 2, 1)  # (c, p, shifts)
-            a_mean, a_norm = (first_stats[za][i][rows][:, None, :] for i in (1, 2))  # (c, 1, shifts)
-            for zb in [zb for z, zb in pairings if z == za]:
-                products = np.matmul(flat[zb], shifted).astype(np.float64)  # (c, k, shifts)
-                b_sum, b_norm = (second_stats[zb][i][cols] for i in (0, 2))  # (c, k, shifts)
-                products -= a_mean * b_sum
-                products /= a_norm * b_norm + 1e-6
-                np.maximum(out, products.max(axis=2).astype(np.float32), out=out)
-    return best
+
+    def share(bounds: tuple[int, int]) -> np.ndarray:
+        best = np.full((bounds[1] - bounds[0], partners.shape[1]), -1.0, np.float32)
+        for start in range(bounds[0], bounds[1], chunk):
+            stop = min(start + chunk, bounds[1])
+            rows, cols = groups[start:stop], partners[start:stop]
+            flat = {z: second[z][cols].reshape(len(rows), cols.shape[1], -1) for z in b_zooms}  # (c, k, p)
+            out = best[start - bounds[0]:stop - bounds[0]]
+            for za in a_zooms:
+                shifted = _shifted(first[za][rows]).transpose(0, 2, 1)  # (c, p, shifts)
+                a_mean, a_norm = (first_stats[za][i][rows][:, None, :] for i in (1, 2))  # (c, 1, shifts)
+                for zb in [zb for z, zb in pairings if z == za]:
+                    products = np.matmul(flat[zb], shifted).astype(np.float64)  # (c, k, shifts)
+                    b_sum, b_norm = (second_stats[zb][i][cols] for i in (0, 2))  # (c, k, shifts)
+                    products -= a_mean * b_sum
+                    products /= a_norm * b_norm + 1e-6
+                    np.maximum(out, products.max(axis=2).astype(np.float32), out=out)
+        return best
+
+    from cnnkit.forked import cores, forked_map
+
+    # Past a few thousand pairs, one share of the groups per core (forked processes).
+    workers = cores() if partners.size >= PARALLEL_PAIRS else 1
+    edges = np.linspace(0, len(groups), workers + 1).astype(int)
+    return np.concatenate(forked_map(share, list(zip(edges[:-1], edges[1:])), workers))
 
 
 def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
