@@ -366,3 +366,12 @@ def test_the_detail_correlations_shared_among_processes_are_the_same(monkeypatch
     monkeypatch.setattr(duplicates, "PARALLEL_PAIRS", 1)
     monkeypatch.setattr(forked, "cores", lambda: 2)
     np.testing.assert_array_equal(duplicates.copy_scores(thumbnails, pairs), alone)
+
+
+def test_the_detail_views_are_the_thumbnail_minus_scipys_gaussian_blur():
+    from scipy.ndimage import gaussian_filter
+
+    from cnnkit.doctor.duplicates import detail
+
+    pixels = np.random.default_rng(6).integers(0, 256, (3, 32, 28)).astype(np.float32)
+    np.testing.assert_allclose(detail(pixels), pixels - gaussian_filter(pixels, sigma=(0, 1.0, 1.0)), atol=1e-4)
