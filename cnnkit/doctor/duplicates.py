@@ -14,7 +14,8 @@ checked on pixels:
 
 3. **Fine alignment**: a look-alike can pass both (Fashion-MNIST's same product in a second
    photo), so the surviving pairs are aligned to a fraction of a pixel (scale and shift of the
-   64 x 64 thumbnails, Nelder-Mead from the best point of a coarse grid) and their plain pixel
+   64 x 64 thumbnails, Nelder-Mead from the best point of a coarse grid: ``cnnkit.doctor.alignment``,
+   many pairs at once) and their plain pixel
    correlation over the overlap must reach ``aligned``: a re-encoded, resized or shifted copy
    lines up to 0.989-1.000, the look-alikes measured to 0.957-0.987 (three at 0.990-0.992
    look like the same product photographed twice).
