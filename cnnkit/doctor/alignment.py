@@ -120,30 +120,39 @@ class _Pairs:
         step = int(step)
         pad = SHIFTS * step
         wide = side + 2 * pad
-        a = self.first.astype(np.float64)
-        scores = np.empty((self.pairs, len(SCALES), 2 * SHIFTS + 1, 2 * SHIFTS + 1))
-        # band[i]: the canvas rows (or columns) of shift i, largest shift's window first.
-        band = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(
-            np.eye(wide), side, axis=1)[:, ::step].sum(axis=2).T[::-1])
+        count = self.pairs
+        scores = np.empty((count, len(SCALES), 2 * SHIFTS + 1, 2 * SHIFTS + 1))
+        # Shift i's window starts ``starts[i]`` canvas rows (and columns) in: pad - dy for dy = -3 .. 3 steps.
+        starts = np.arange(0, 2 * pad + 1, step)[::-1]
+        band = np.zeros((len(starts), wide), np.float32)  # band[i]: the canvas rows of shift i's window
+        for i, start in enumerate(starts):
+            band[i, start:start + side] = 1.0
+        first_columns = self._first_columns.reshape(count, side, side)  # first, transposed
         for index, scale in enumerate(SCALES):
-            # The warp at shift 0 onto a canvas ``pad`` px wider each side: shift (dy, dx) is its window
-            # starting ``pad - dy`` rows and ``pad - dx`` columns in.
+            # The warp at shift 0 onto a canvas ``pad`` px wider each side, as a (wide, side) interpolation
+            # matrix: canvas = warp @ second @ warp.T, made transposed by two large matrix products.
             (low,), (high,), (w_low,), (w_high,), (top,), (bottom,) = _taps(side, np.array([scale]), np.array([pad]), wide)
-            along_rows = self.second[:, low, :] * w_low[:, None] + self.second[:, high, :] * w_high[:, None]
-            # (Indexing the last axis leaves a strided result: 7x slower to read below unless made contiguous.)
-            canvas = np.ascontiguousarray(along_rows[:, :, low] * w_low + along_rows[:, :, high] * w_high)
-            inside = (np.arange(wide) >= top) & (np.arange(wide) < bottom)
-            windows = np.lib.stride_tricks.sliding_window_view(canvas, (side, side), axis=(1, 2))
-            # Summed in float32 (twice as fast here; the images are centred, so about 1e-7 of the score).
-            product = np.einsum("pabyx,pyx->pab", windows[:, ::step, ::step][:, ::-1, ::-1],
-                                self.first).astype(np.float64)
-            covered = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(
-                inside.astype(np.float64), side)[::step][::-1])  # (shifts, side): first's covered rows
-            count = covered.sum(axis=1)
-            canvas = canvas.astype(np.float64)
-            scores[:, index] = _correlation(
-                product, _band_sums(covered, a), _band_sums(covered, a * a), _band_sums(band, canvas),
-                _band_sums(band, canvas * canvas), count[:, None] * count[None, :], side)
+            warp = np.zeros((wide, side), np.float32)
+            warp[np.arange(wide), low] = w_low
+            warp[np.arange(wide), high] += w_high
+            half = (self._rows @ warp.T).reshape(count, side, wide)  # second @ warp.T
+            canvas = (np.ascontiguousarray(half.transpose(0, 2, 1)).reshape(-1, side) @ warp.T).reshape(count, wide, wide)
+            # canvas[x, y] (transposed): shift (dy, dx) is the window at (starts[dx], starts[dy]).
+            windows = np.lib.stride_tricks.sliding_window_view(canvas, (side, side), axis=(1, 2))[:, ::step, ::step][:, ::-1, ::-1]
+            # Summed in float32 (the images are centred: about 1e-7 of the score).
+            product = np.einsum("pbaxy,pxy->pab", windows, first_columns).astype(np.float64)
+            sums = np.matmul(band, (canvas.reshape(-1, wide) @ band.T).reshape(count, wide, -1)).transpose(0, 2, 1)
+            squares = np.matmul(band, ((canvas * canvas).reshape(-1, wide) @ band.T).reshape(count, wide, -1)).transpose(0, 2, 1)
+            # The first image's rows (and columns) under shift i's window that the warp covers.
+            low_edge = np.clip(top - starts, 0, side)
+            high_edge = np.clip(bottom - starts, 0, side)
+            covered = (high_edge - low_edge).astype(np.float64)
+            r0, r1 = low_edge[:, None], high_edge[:, None]
+            c0, c1 = low_edge[None, :], high_edge[None, :]
+            rectangle = self._integral[:, :, r1, c1] - self._integral[:, :, r0, c1] - self._integral[:, :, r1, c0] \
+                + self._integral[:, :, r0, c0]  # (2, pairs, shifts, shifts)
+            scores[:, index] = _correlation(product, rectangle[0], rectangle[1], sums.astype(np.float64),
+                                            squares.astype(np.float64), covered[:, None] * covered[None, :], side)
         return scores.reshape(self.pairs, -1), points
 
 
