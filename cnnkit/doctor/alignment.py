@@ -23,7 +23,7 @@ import numpy as np
 SCALES = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
 SHIFTS = 3  # grid shifts each way, in thumbnail steps (side / 32 px)
 COVERED = 0.35  # the least share of the first image the warp must cover
-# Pairs aligned together: their arrays are about 100 KB a pair.
+# Pairs aligned together: their arrays are about 200 KB a pair (100 MB a batch).
 BATCH = 512
 
 
@@ -55,12 +55,6 @@ def _correlation(product, sum_a, square_a, sum_b, square_b, count, side: int) ->
     return np.where((count < COVERED * side * side) | (spread_b < 1e-3 * safe), -1.0, score)
 
 
-def _band_sums(band: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """(P, k, k): ``band @ image @ band.T`` of each of (P, h, h) ``images`` for a (k, h) 0/1 ``band``:
-    its sums over the rectangles of rows and columns the band marks."""
-    return np.matmul(band, images) @ band.T
-
-
 class _Pairs:
     """``first[i]`` against ``second[i]`` warped, for many pairs and points at once.
 
@@ -76,6 +70,7 @@ class _Pairs:
         self.pairs, self.side = first.shape[0], first.shape[1]
         self._rows = np.ascontiguousarray(self.second).reshape(-1, self.side)
         self._first_columns = np.ascontiguousarray(self.first.transpose(0, 2, 1)).reshape(self.pairs, -1)
+        self._ones = np.ones((self.side * self.side, 1), np.float32)
         a = self.first.astype(np.float64)
         self._integral = np.zeros((2, self.pairs, self.side + 1, self.side + 1))
         self._integral[0, :, 1:, 1:] = a.cumsum(axis=1).cumsum(axis=2)
@@ -90,18 +85,25 @@ class _Pairs:
         low, high, w_low, w_high, top, bottom = _taps(side, points[:, 0], points[:, 1])
         c_low, c_high, c_w_low, c_w_high, left, right = _taps(side, points[:, 0], points[:, 2])
         base = (rows * side)[:, None]
-        # Rows first (whole image rows gathered), then the columns of the transposed result.
-        along_rows = self._rows[base + low] * w_low[:, :, None]
-        along_rows += self._rows[base + high] * w_high[:, :, None]
+        # Rows first (whole image rows gathered), then the columns of the transposed result; in place
+        # (each temporary of this size costs about as much as the arithmetic).
+        along_rows = self._rows[base + low]
+        along_rows *= w_low[:, :, None]
+        other = self._rows[base + high]
+        other *= w_high[:, :, None]
+        along_rows += other
         columns = np.ascontiguousarray(along_rows.transpose(0, 2, 1)).reshape(-1, side)
         base = (np.arange(m) * side)[:, None]
-        warped = columns[base + c_low] * c_w_low[:, :, None]  # (m, x, y): transposed, zero outside
-        warped += columns[base + c_high] * c_w_high[:, :, None]
+        warped = columns[base + c_low]  # (m, x, y): transposed, zero outside
+        warped *= c_w_low[:, :, None]
+        other = columns[base + c_high]
+        other *= c_w_high[:, :, None]
+        warped += other
         warped = warped.reshape(m, 1, -1)
-        # Dot products as BLAS matrix products (float32 sums of centred pixels: about 1e-7 of the score).
+        # Sums as BLAS matrix products (float32 sums of centred pixels: about 1e-7 of the score).
         product = np.matmul(warped, self._first_columns[rows][:, :, None])[:, 0, 0].astype(np.float64)
         square_b = np.matmul(warped, warped.transpose(0, 2, 1))[:, 0, 0].astype(np.float64)
-        sum_b = warped.sum(axis=(1, 2), dtype=np.float64)
+        sum_b = np.matmul(warped, self._ones)[:, 0, 0].astype(np.float64)
         sums = self._integral
         rectangle = sums[:, rows, bottom, right] - sums[:, rows, top, right] - sums[:, rows, bottom, left] \
             + sums[:, rows, top, left]
@@ -227,6 +229,9 @@ def aligned_scores(first: np.ndarray, second: np.ndarray, enough: float | np.nda
     """
     first = np.asarray(first, np.float32)
     second = np.asarray(second, np.float32)
+    if first.shape != second.shape or first.ndim != 3 or first.shape[1] != first.shape[2]:
+        raise ValueError(f"aligned_scores takes two (pairs, s, s) stacks of square thumbnails, not {first.shape} "
+                         f"and {second.shape}")
     out = np.empty(len(first))
     if not len(first):
         return out
