@@ -13,8 +13,8 @@ Why this one:
   best of n is what costs (``_best``): the columns are dealt into ``BLOCKS`` interleaved
   groups, the ``k`` groups with the highest maximum hold the ``k`` best (any other group's
   values are all below ``k`` better ones), and only those ``k x n / BLOCKS`` values are
-  partitioned. The 10-neighbour graph of 60,000 images: 18 s with scikit-learn's
-  ``NearestNeighbors(algorithm="brute")`` (its ``ArgKmin`` heaps), about 11 s so
+  partitioned. The 10-neighbour graph of 60,000 images: 19.8 s with scikit-learn's
+  ``NearestNeighbors(algorithm="brute")`` (its ``ArgKmin`` heaps), 13.6 s so
   (docs/doctor.md), the same neighbours. At 128 dimensions; 1,280 (EfficientNet-Lite0's
   features) would cost about 10x the products, hence the PCA, which keeps the neighbours of
   the full features (recall of the 10 nearest at 128 dimensions in ``docs/doctor.md``).
