@@ -76,6 +76,13 @@ class _Pairs:
         self._integral[0, :, 1:, 1:] = a.cumsum(axis=1).cumsum(axis=2)
         self._integral[1, :, 1:, 1:] = (a * a).cumsum(axis=1).cumsum(axis=2)
 
+    def _first_sums(self, rows, top, bottom, left, right) -> np.ndarray:
+        """(2, ...): the sum and the sum of squares of first image ``rows`` over its rows ``top:bottom``
+        and columns ``left:right`` (from the integral images; the arguments broadcast)."""
+        table = self._integral
+        return table[:, rows, bottom, right] - table[:, rows, top, right] - table[:, rows, bottom, left] \
+            + table[:, rows, top, left]
+
     def __call__(self, points: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Scores of pair ``rows[i]`` at ``points[i]`` = (scale, dy, dx)."""
         side = self.side
@@ -104,9 +111,7 @@ class _Pairs:
         product = np.matmul(warped, self._first_columns[rows][:, :, None])[:, 0, 0].astype(np.float64)
         square_b = np.matmul(warped, warped.transpose(0, 2, 1))[:, 0, 0].astype(np.float64)
         sum_b = np.matmul(warped, self._ones)[:, 0, 0].astype(np.float64)
-        sums = self._integral
-        rectangle = sums[:, rows, bottom, right] - sums[:, rows, top, right] - sums[:, rows, bottom, left] \
-            + sums[:, rows, top, left]
+        rectangle = self._first_sums(rows, top, bottom, left, right)
         count = ((bottom - top) * (right - left)).astype(np.float64)
         return _correlation(product, rectangle[0], rectangle[1], sum_b, square_b, count, side)
 
@@ -149,10 +154,8 @@ class _Pairs:
             low_edge = np.clip(top - starts, 0, side)
             high_edge = np.clip(bottom - starts, 0, side)
             covered = (high_edge - low_edge).astype(np.float64)
-            r0, r1 = low_edge[:, None], high_edge[:, None]
-            c0, c1 = low_edge[None, :], high_edge[None, :]
-            rectangle = self._integral[:, :, r1, c1] - self._integral[:, :, r0, c1] - self._integral[:, :, r1, c0] \
-                + self._integral[:, :, r0, c0]  # (2, pairs, shifts, shifts)
+            rectangle = self._first_sums(np.arange(count)[:, None, None], low_edge[:, None], high_edge[:, None],
+                                         low_edge[None, :], high_edge[None, :])  # (2, pairs, shifts, shifts)
             scores[:, index] = _correlation(product, rectangle[0], rectangle[1], sums.astype(np.float64),
                                             squares.astype(np.float64), covered[:, None] * covered[None, :], side)
         return scores.reshape(self.pairs, -1), points
