@@ -240,12 +240,14 @@ def test_alignments_shared_among_processes_give_the_same_scores():
     assert one_by_one[:4].min() > 0.95 > one_by_one[4:].max(), one_by_one
 
 
-def test_the_batched_alignment_is_scipys_nelder_mead_on_the_coarse_grid():
+def test_the_batched_alignment_is_scipys_nelder_mead_on_the_coarse_grid(monkeypatch):
     """Many pairs are aligned at once (``cnnkit.doctor.alignment``): the grid is the overlap correlation at
     each grid point, and each pair's search gives what ``scipy.optimize.minimize(method="Nelder-Mead")``
-    gives from the grid's best point with the same settings."""
+    gives from the grid's best point with the same settings; warps evaluated a few at a time give the
+    same scores."""
     from scipy.optimize import minimize
 
+    from cnnkit.doctor import alignment
     from cnnkit.doctor.alignment import _Pairs, aligned_scores
 
     originals = [np.asarray(texture(seed, seed % 3).convert("L").resize((64, 64), Image.Resampling.BILINEAR), np.float32)
@@ -265,6 +267,9 @@ def test_the_batched_alignment_is_scipys_nelder_mead_on_the_coarse_grid():
         reference = minimize(objective, start, method="Nelder-Mead", options={
             "xatol": 0.01, "fatol": 1e-5, "initial_simplex": simplex, "maxiter": 200})
         assert aligned_scores(first, second)[i] == pytest.approx(max(-reference.fun, grid[i].max()), abs=1e-6)
+    together = aligned_scores(first, second)
+    monkeypatch.setattr(alignment, "EVALUATIONS", 2)
+    np.testing.assert_array_equal(aligned_scores(first, second), together)
 
 
 def test_a_copy_saved_smaller_is_aligned_at_its_own_resolution():
