@@ -380,3 +380,38 @@ def test_the_detail_views_are_the_thumbnail_minus_scipys_gaussian_blur():
 
     pixels = np.random.default_rng(6).integers(0, 256, (3, 32, 28)).astype(np.float32)
     np.testing.assert_allclose(detail(pixels), pixels - gaussian_filter(pixels, sigma=(0, 1.0, 1.0)), atol=1e-4)
+
+
+def test_label_heads_refitted_from_their_first_round_give_the_same_probabilities():
+    """The second round of out-of-fold heads starts from the first round's (``warm_start``): the same
+    convex problem, so the same probabilities as heads fitted from zero."""
+    from cnnkit.doctor.labels import out_of_fold
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    features = (rng.normal(size=(120, 12)) + labels[:, None] * 0.8).astype(np.float32)
+    leave_out = rng.random(120) < 0.2
+    _, heads = out_of_fold(features, labels, 4, 0)
+    cold, _ = out_of_fold(features, labels, 4, 0, leave_out=leave_out)
+    warm, _ = out_of_fold(features, labels, 4, 0, leave_out=leave_out, heads=heads)
+    np.testing.assert_allclose(warm, cold, atol=2e-3)
+
+
+def test_many_features_are_reduced_on_axes_measured_on_a_sample():
+    """Past ``LARGE`` images the label heads read principal components of the standardised features:
+    with every row sampled, exactly scikit-learn's; with a sample, nearly the same subspace."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    from cnnkit.doctor.labels import reduced
+
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=(3000, 6)) * np.array([9, 8, 7, 6, 5, 4])
+    features = (signal @ rng.normal(size=(6, 40)) + rng.normal(size=(3000, 40)) + 5).astype(np.float32)
+    scaled = (features - features.mean(axis=0)) / (features.std(axis=0) + 1e-6)
+    expected = PCA(6, svd_solver="covariance_eigh").fit_transform(scaled)
+    np.testing.assert_allclose(reduced(features, dims=6, sample=3000), expected, atol=2e-3)
+    sampled = reduced(features, dims=6, sample=500)
+    # Principal angles between the two 6-dimensional subspaces: all close to zero.
+    first, second = (np.linalg.qr(StandardScaler().fit_transform(x))[0] for x in (expected, sampled))
+    assert np.linalg.svd(first.T @ second, compute_uv=False).min() > 0.99
