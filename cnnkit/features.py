@@ -53,6 +53,7 @@ except ImportError:  # Windows
     fcntl = None
 
 from cnnkit.backbones import BackboneSpec, get_backbone
+from cnnkit.content_hashes import content_hashes
 from cnnkit.data import ImageStream, SkippedFile
 from cnnkit.engines import check_engine, make_runner
 from cnnkit.errors import CnnkitError
@@ -386,8 +387,11 @@ class FeatureCache:
                      "flip": self.config.flip, "precision": self.config.precision,
                      **({"grid": self.config.grid} if self.config.grid > 1 else {})}
 
-    def load(self) -> tuple[list[str], dict[str, np.ndarray]]:
-        """The cached (row hashes, {stage: rows}), or empty if absent or not exactly as written."""
+    def load(self, stages: Sequence[str] | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+        """The cached (row hashes, {stage: rows}), or empty if absent or not exactly as written.
+
+        ``stages``: read only these (``None``: every stage; a merge needs them all).
+        """
         try:
             with np.load(self.path, allow_pickle=False) as npz:
                 names = set(npz.files)
@@ -396,7 +400,7 @@ class FeatureCache:
                 if json.loads(str(npz["meta"][()])) != self.meta:
                     return [], {}
                 hashes = [str(h) for h in npz["hashes"].tolist()]
-                arrays = {s: npz[s] for s in self.stages}
+                arrays = {s: npz[s] for s in self.stages if stages is None or s in stages}
         # The cache only saves time: whatever is wrong with it (missing,
         # truncated, not a zip, a pickled array, garbage JSON, a huge declared
         # shape) means "recompute", never a crash and never a guessed row.
@@ -545,8 +549,9 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
         return FeatureTable(features, kept, failures, computed=len(paths))
 
     cache = FeatureCache(config)
-    hashes = [file_hash(p) if p.is_file() else "" for p in paths]
-    cached_hashes, cached = cache.load()
+    hashes = content_hashes(paths)  # files unchanged since they were last hashed are not read again
+    # Only the stages asked for are read (the others are a quarter of a grid-pooled cache); a merge reads all.
+    cached_hashes, cached = cache.load(stages)
     row_of = {h: i for i, h in enumerate(cached_hashes)}
     todo = [i for i, h in enumerate(hashes) if h and h not in row_of]
     # Duplicated files need one forward pass each, not one per copy.
@@ -559,10 +564,11 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
         new_hashes = [hashes[todo[k]] for k in kept]
         if new_hashes:
             # Rows come from the merged cache, so they agree with what was published.
-            cached_hashes, cached = cache.add(new_hashes, new, (cached_hashes, cached))
+            cached_hashes, cached = cache.add(new_hashes, new, cache.load() if stages else (cached_hashes, cached))
             row_of = {h: i for i, h in enumerate(cached_hashes)}
     failed = {f.path for f in failures}
-    failures = failures + [SkippedFile(p, "no such file") for p, h in zip(paths, hashes) if not h]
+    failures = failures + [SkippedFile(p, "no such file" if not os.path.lexists(p) else "not a readable file")
+                           for p, h in zip(paths, hashes) if not h]
     kept = np.array([i for i, h in enumerate(hashes) if h in row_of and paths[i] not in failed], np.int64)
     rows = np.array([row_of[hashes[i]] for i in kept], np.int64)
     # A view only of the whole cache (made by this very list of files): a view of part of it would

@@ -39,3 +39,83 @@ def forked_map(work: Callable, jobs: Sequence, workers: int | None = None) -> li
             return pool.map(_run, jobs, chunksize=1)
     finally:
         _WORK = None
+
+
+class Background:
+    """``work()`` running in a forked process beside this one; ``result()`` waits for what it returns.
+
+    For a stage whose inputs are ready while other work goes on here (``cnnkit.doctor``'s label check
+    beside its duplicate search): the child inherits the arrays, and only the result is pickled back.
+    Without ``fork`` or a second core, ``work`` runs in ``result()`` instead: the same result, later.
+    Use it as a context manager: leaving the block before ``result()`` stops the child.
+    """
+
+    def __init__(self, work: Callable, threads: int | None = None):
+        """``threads``: the BLAS and OpenMP threads of the child (``None``: as here)."""
+        import multiprocessing
+
+        self._work, self._process, self._receiving = work, None, None
+        if cores() < 2 or "fork" not in multiprocessing.get_all_start_methods():
+            return
+        context = multiprocessing.get_context("fork")
+        self._receiving, sending = context.Pipe(duplex=False)
+
+        def child() -> None:
+            try:
+                if threads is None:
+                    answer = (True, work())
+                else:
+                    from threadpoolctl import threadpool_limits
+
+                    with threadpool_limits(limits=threads):
+                        answer = (True, work())
+            except BaseException as error:  # noqa: BLE001 (raised again in the parent)
+                answer = (False, error)
+            try:
+                sending.send(answer)
+            except Exception as error:  # noqa: BLE001 (a result or exception that does not pickle)
+                sending.send((False, RuntimeError(f"the background work's result could not be sent back: {error}")))
+
+        # A bare process, not a Pool: a Pool's helper threads would be running in this process when
+        # later forks (``forked_map``) copy it.
+        self._process = context.Process(target=child, daemon=True)
+        self._process.start()
+        sending.close()
+
+    def result(self):
+        """What ``work()`` returned (its exception, raised here, if it raised one)."""
+        if self._process is None:
+            if self._work is None:
+                raise RuntimeError("the background work was stopped before its result was read")
+            answer = self._work()
+            self._work = lambda: answer
+            return answer
+        try:
+            done, answer = self._receiving.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(f"a background process ended without a result (exit code "
+                               f"{self._process.exitcode}; killed for memory?)") from None
+        finally:
+            self._work = None
+            self.close()
+        if not done:
+            raise answer
+        self._work = lambda: answer
+        return answer
+
+    def close(self) -> None:
+        """Stop the child unless its result was read (then it is ending by itself); free its pipe."""
+        if self._process is not None:
+            if self._work is not None:  # not read: the child may still work, or wait to send
+                self._process.terminate()
+                self._work = None
+            self._process.join()
+            self._receiving.close()
+            self._process = None
+
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

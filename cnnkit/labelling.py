@@ -171,7 +171,7 @@ def label_next(pool: str | Path, n: int, model: str | Path | None = None, labele
         CnnkitError: an empty or unreadable pool, ``n`` beyond the images left, a run of other classes.
     """
     from cnnkit.data import find_images
-    from cnnkit.features import file_hash
+    from cnnkit.content_hashes import content_hashes
 
     if rule not in RULES:
         raise CnnkitError(f"--rule {rule}: choose one of {', '.join(RULES)}")
@@ -194,11 +194,11 @@ def label_next(pool: str | Path, n: int, model: str | Path | None = None, labele
     if rule == "margin" and run is None:
         raise CnnkitError("--rule margin: needs a trained run (--model RUN)")
 
-    labelled_hashes = {file_hash(p) for p in labelled if Path(p).is_file()}
+    labelled_hashes = set(content_hashes(labelled)) - {""}
     first_of: dict[str, int] = {}
     already = 0
-    for i, path in enumerate(paths):
-        digest = file_hash(path)
+    for i, digest in enumerate(content_hashes(paths)):
+        digest = digest or f"unreadable {i}"  # each its own candidate: the header check below names it
         if digest in labelled_hashes:
             already += 1
         elif digest not in first_of:

@@ -92,7 +92,8 @@ def test_no_module_uses_another_modules_private_names():
 # contract (runs), what reads runs (predict, evaluate, explain, export, reports), the strategies that
 # write them (extract, training, ensembles), the plan, advise and auto, and the CLI on top.
 LAYERS = [
-    ("core", ["cnnkit", "cnnkit.errors", "cnnkit.choices", "cnnkit.paths", "cnnkit.reporting.markup", "cnnkit.forked"]),
+    ("core", ["cnnkit", "cnnkit.errors", "cnnkit.choices", "cnnkit.paths", "cnnkit.reporting.markup", "cnnkit.forked",
+              "cnnkit.content_hashes"]),
     ("data and backbones", ["cnnkit.data", "cnnkit.data.*", "cnnkit.backbones", "cnnkit.backbones.*",
                             "cnnkit.options"]),
     ("features and engines", ["cnnkit.engines", "cnnkit.convert", "cnnkit.features", "cnnkit.heads",

@@ -171,8 +171,8 @@ def test_writer_that_read_the_old_cache_merges_a_whole_update_made_meanwhile(
     original = FeatureCache.load
     interleaved = []
 
-    def load_then_let_b_run(self):
-        snapshot = original(self)
+    def load_then_let_b_run(self, stages=None):
+        snapshot = original(self, stages)
         if not interleaved:
             interleaved.append("B running")
             interleaved[0] = compute_features(second, CONFIG, extractor=extractor)

@@ -111,7 +111,7 @@ def print_summary(diagnosis, data: Path, out: Path | None, written: list[Path], 
     from cnnkit.reporting.doctor_report import advice, ordered_kinds
 
     cache = (f"{diagnosis.computed} new to the feature cache" if diagnosis.computed else "features from the cache")
-    took = sum(diagnosis.seconds.values())
+    took = diagnosis.seconds.get("total", sum(diagnosis.seconds.values()))
     console.print(f"[bold]{escape(diagnosis.source)}[/bold]: {diagnosis.images} files, "
                   f"{len(diagnosis.class_names)} classes; {cache}; {took:.1f}s", soft_wrap=True)
     if not quiet:

@@ -171,16 +171,16 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
     """Check a dataset (a folder of class folders, train/val/test trees, or a CSV) for the faults above."""
     from cnnkit.backbones import get_backbone
     from cnnkit.data import load_dataset
-    from cnnkit.doctor.duplicates import find_copies
-    from cnnkit.doctor.labels import confident_issues, find_label_issues
-    from cnnkit.doctor.properties import property_flags, robust_z
     from cnnkit.features import FeatureConfig, compute_features, parse_layers
+    from cnnkit.forked import Background
     from cnnkit.neighbours import NeighbourIndex
 
     options = options or DoctorOptions()
     say = say or (lambda message: None)
+    # Seconds per stage; "labels" and "properties" ran beside "duplicates" ("waited": for how long they
+    # outlasted it), so the stages add up to more than "total".
     seconds: dict[str, float] = {}
-    started = time.perf_counter()
+    started = begun = time.perf_counter()
     # No header check here: the content hashes and the feature step open every file anyway and name
     # the ones they cannot read (a separate header pass cost 17 s of 60,000 images, docs/doctor.md).
     dataset = load_dataset(data, check_headers=False)
@@ -228,12 +228,61 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
     del pixels
     seconds["pixels"] = time.perf_counter() - started
 
-    # Exact duplicates: the first file of each content is the original, in split then path order.
     started = time.perf_counter()
+    findings += _exact_duplicates(paths, splits, labels, names, hashes)
+    say("nearest neighbours")
+    index = NeighbourIndex.build(features[top], seed=options.seed)
+    neighbours, similarity = index.graph(options.neighbours)
+    seconds["neighbours"] = time.perf_counter() - started
+
+    # Label errors, outliers and image properties need neither the copy search nor each other's results: they
+    # are found in a forked process (``cnnkit.forked``) beside it, the longest stage (at 60,000 images: labels
+    # 10-13 s, properties 4 s, copies 39 s; docs/doctor.md), on one BLAS thread (the copy search runs one per
+    # process too: more threads than cores spin for each other).
+    held_out = np.isin(splits, HELD_OUT)
+    label_features = [features[spec.stage_key(layer)] for layer in layers]
+
+    def beside_copies():
+        started = time.perf_counter()
+        found, probabilities = _label_findings(paths, splits, labels, names, label_features, held_out, options)
+        middle = time.perf_counter()
+        more, note = _outlier_and_property_findings(paths, splits, labels, names, features[top], neighbours, thumbnails,
+                                                    sizes, grey, options)
+        return found + more, probabilities, note, {"labels": middle - started, "properties": time.perf_counter() - middle}
+
+    say("label errors (out-of-fold probabilities), outliers and image properties, beside the copy search")
+    with Background(beside_copies, threads=1) as other_checks:
+        started = time.perf_counter()
+        findings += _copy_findings(paths, splits, labels, names, hashes, index, neighbours, similarity, thumbnails,
+                                   zoomed, sizes, options)
+        seconds["duplicates"] = time.perf_counter() - started
+        started = time.perf_counter()
+        found, probabilities, note, taken = other_checks.result()
+        findings += found
+        seconds.update(taken, waited=time.perf_counter() - started)
+
+    seconds["total"] = time.perf_counter() - begun
+    order = {kind: i for i, kind in enumerate(KINDS)}
+    findings.sort(key=lambda f: (order[f.kind], -f.score, f.path))
+    counts = {name: dataset.summary(name).counts for name in dataset.splits}
+    notes = [note] if note else []
+    train_counts = list(counts.get("train", {}).values())
+    if train_counts and min(train_counts) and max(train_counts) / min(train_counts) >= 3:
+        notes.append(f"classes are unbalanced: {max(train_counts)} training images in the largest class, "
+                     f"{min(train_counts)} in the smallest (heads weight classes; consider more of the small ones)")
+    return Diagnosis(str(dataset.source), names, counts, len(samples) + len(dataset.skipped), findings, notes,
+                     table.computed, seconds, paths, list(splits), labels, probabilities)
+
+
+def _exact_duplicates(paths: list[str], splits: np.ndarray, labels: np.ndarray, names: list[str],
+                      hashes: list[str]) -> list[Finding]:
+    """Files with the same bytes: a leak when a training file is one of a held-out file, else an exact duplicate."""
+    findings: list[Finding] = []
+    # The first file of each content is the original, in split then path order.
     rank = {name: i for i, name in enumerate(("train", "val", "test"))}
     first_of: dict[str, int] = {}
-    exact_twin = np.full(len(kept), -1, np.int64)
-    for row in sorted(range(len(kept)), key=lambda r: (-rank.get(splits[r], 0), paths[r])):
+    exact_twin = np.full(len(paths), -1, np.int64)
+    for row in sorted(range(len(paths)), key=lambda r: (-rank.get(splits[r], 0), paths[r])):
         original = first_of.setdefault(hashes[row], row)
         if original != row:
             exact_twin[row] = original
@@ -244,12 +293,18 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
         findings.append(Finding(paths[row], kind, 1.0, splits[row], paths[original], names[labels[row]],
                                 names[labels[original]] if conflict else "",
                                 "exact copy" + (f" labelled {names[labels[original]]} there" if conflict else "")))
+    return findings
 
-    say("nearest neighbours")
-    index = NeighbourIndex.build(features[top], seed=options.seed)
-    neighbours, similarity = index.graph(options.neighbours)
-    seconds["neighbours"] = time.perf_counter() - started
-    started = time.perf_counter()
+
+def _copy_findings(paths: list[str], splits: np.ndarray, labels: np.ndarray, names: list[str], hashes: list[str],
+                   index, neighbours: np.ndarray, similarity: np.ndarray, thumbnails: np.ndarray, zoomed: np.ndarray,
+                   sizes: np.ndarray, options: DoctorOptions) -> list[Finding]:
+    """Leaks and near-duplicates: each image's candidates in the feature ``index`` (its ``neighbours``), tested on
+    pixels (``cnnkit.doctor.duplicates``)."""
+    from cnnkit.doctor.duplicates import find_copies
+    from cnnkit.neighbours import NeighbourIndex
+
+    findings: list[Finding] = []
     content = np.unique(np.array(hashes), return_inverse=True)[1].reshape(-1)
     same_content = content[neighbours] == content[:, None]
 
@@ -282,16 +337,22 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
         later, earlier = max(pair, key=lambda r: paths[r]), min(pair, key=lambda r: paths[r])
         findings.append(Finding(paths[later], "near-duplicate", match.score, splits[later], paths[earlier],
                                 names[labels[later]], detail=f"detail correlation {match.score:.3f}"))
-    seconds["duplicates"] = time.perf_counter() - started
+    return findings
 
-    started = time.perf_counter()
-    say("label errors (out-of-fold probabilities)")
-    selected = np.concatenate([features[spec.stage_key(layer)] for layer in layers], axis=1)
-    held_out = np.isin(splits, HELD_OUT)
-    issues = find_label_issues(selected, labels, options.folds, options.seed, judged=~held_out)
+
+
+
+def _label_findings(paths: list[str], splits: np.ndarray, labels: np.ndarray, names: list[str],
+                    stages: list[np.ndarray], held_out: np.ndarray, options: DoctorOptions):
+    """Confident learning's suspects (``cnnkit.doctor.labels``) among the training images, and among the held-out
+    ones (judged by heads that learnt from every image): (findings, out-of-fold probabilities)."""
+    from cnnkit.doctor.labels import confident_issues, find_label_issues
+
+    issues = find_label_issues(np.concatenate(stages, axis=1), labels, options.folds, options.seed, judged=~held_out)
     suspects = [("label-error", issues)]
     if held_out.any() and issues.probabilities.size:
         suspects.append(("held-out-label", confident_issues(issues.probabilities, labels, held_out)))
+    findings = []
     for kind, found in suspects:
         for row, suggested, margin in zip(found.rows, found.suggested, found.margins):
             probabilities = found.probabilities[row]
@@ -299,14 +360,21 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
                                     suggested=names[suggested],
                                     detail=f"looks like {names[suggested]} ({probabilities[suggested]:.2f}), "
                                            f"not {names[labels[row]]} ({probabilities[labels[row]]:.2f})"))
-    seconds["labels"] = time.perf_counter() - started
+    return findings, issues.probabilities
 
-    started = time.perf_counter()
+
+def _outlier_and_property_findings(paths: list[str], splits: np.ndarray, labels: np.ndarray, names: list[str],
+                                   top_features: np.ndarray, neighbours: np.ndarray, thumbnails: np.ndarray,
+                                   sizes: np.ndarray, grey: np.ndarray, options: DoctorOptions):
+    """Outliers and odd images (blank, dark, blurry, tiny, ...): (findings, a note on the properties or "")."""
+    from cnnkit.doctor.properties import property_flags, robust_z
+
+    findings = []
     # Far from its ten nearest images in the whole dataset, by the cosine of the features as the network
     # gives them (uncentred: ``NeighbourIndex.build``). Ten, not fewer: junk comes in small crowds
     # (ten photos dropped into Fashion-MNIST are each other's nearest neighbours).
-    typical = _uncentred_similarities(features[top], neighbours[:, :10])
-    distance = 1.0 - typical.mean(axis=1) if typical.shape[1] else np.zeros(len(kept))
+    typical = _uncentred_similarities(top_features, neighbours[:, :10])
+    distance = 1.0 - typical.mean(axis=1) if typical.shape[1] else np.zeros(len(paths))
     outlying = robust_z(distance)
     for row in np.flatnonzero(outlying >= options.outlier_z):
         findings.append(Finding(paths[row], "outlier", float(outlying[row]), splits[row], given=names[labels[row]],
@@ -315,15 +383,4 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
     flags, note = property_flags(thumbnails, sizes, grey, options.properties)
     findings += [Finding(paths[f.row], f.kind, f.score, splits[f.row], given=names[labels[f.row]], detail=f.detail)
                  for f in flags]
-    seconds["properties"] = time.perf_counter() - started
-
-    order = {kind: i for i, kind in enumerate(KINDS)}
-    findings.sort(key=lambda f: (order[f.kind], -f.score, f.path))
-    counts = {name: dataset.summary(name).counts for name in dataset.splits}
-    notes = [note] if note else []
-    train_counts = list(counts.get("train", {}).values())
-    if train_counts and min(train_counts) and max(train_counts) / min(train_counts) >= 3:
-        notes.append(f"classes are unbalanced: {max(train_counts)} training images in the largest class, "
-                     f"{min(train_counts)} in the smallest (heads weight classes; consider more of the small ones)")
-    return Diagnosis(str(dataset.source), names, counts, len(samples) + len(dataset.skipped), findings, notes,
-                     table.computed, seconds, paths, list(splits), labels, issues.probabilities)
+    return findings, note

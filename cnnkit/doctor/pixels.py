@@ -164,7 +164,10 @@ def read_pixels(paths: list[Path], hashes: list[str] | None, use_cache: bool = T
         row_of = {h: i for i, h in enumerate(cached_hashes)}
         cached_rows = np.array([row_of.get(h, -1) for h in hashes], np.int64)
         found = np.flatnonzero(cached_rows >= 0)
-        pixels.put(found, cached.take(cached_rows[found]))
+        if len(found) == count:
+            pixels = cached.take(cached_rows)  # every image cached: one copy, not a gather and a scatter
+        else:
+            pixels.put(found, cached.take(cached_rows[found]))
         del cached
     todo = np.flatnonzero(cached_rows < 0)
     facts, why = inspect_all([paths[i] for i in todo])

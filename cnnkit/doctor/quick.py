@@ -57,7 +57,7 @@ class QuickCheck:
 def quick_checks(dataset) -> QuickCheck:
     """The cheap checks (module docstring) of a loaded ``cnnkit.data.Dataset``."""
     from cnnkit.doctor import inspect_all
-    from cnnkit.features import file_hash
+    from cnnkit.content_hashes import content_hashes
     from cnnkit.neighbours import NeighbourIndex
 
     check = QuickCheck(unreadable=[(str(s.path), s.reason) for s in dataset.skipped])
@@ -73,8 +73,11 @@ def quick_checks(dataset) -> QuickCheck:
 
     rank = {name: i for i, name in enumerate(("train", "val", "test"))}
     first_of: dict[str, tuple[str, str]] = {}
+    digest_of = dict(zip((str(s.path) for _, s in samples), content_hashes([s.path for _, s in samples])))
     for split, sample in sorted(samples, key=lambda item: (-rank.get(item[0], 0), str(item[1].path))):
-        digest = file_hash(sample.path)
+        digest = digest_of[str(sample.path)]
+        if not digest:  # gone since it was read
+            continue
         if digest not in first_of:
             first_of[digest] = (split, str(sample.path))
             continue
@@ -96,7 +99,6 @@ def quick_checks(dataset) -> QuickCheck:
         known = {leak[0] for leak in check.leaks}
         for match in find_copies(thumbnails, held, training[nearest]):
             train_path = str(samples[match.original][1].path)
-            if train_path not in known and file_hash(samples[match.original][1].path) != \
-                    file_hash(samples[match.copy][1].path):
+            if train_path not in known and digest_of[train_path] != digest_of[str(samples[match.copy][1].path)]:
                 check.leaks.append((train_path, str(samples[match.copy][1].path)))
     return check
