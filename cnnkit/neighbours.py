@@ -39,6 +39,8 @@ DIMS = 128
 # 20,000 x 60,000 similarities: 512 and 32 were the fastest of 256-2,048 and 8-128).
 CHUNK = 512
 BLOCKS = 32
+# Similarities (queries x rows) past which a search is shared among processes.
+PARALLEL = 50_000_000
 
 
 def _best(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,12 +134,32 @@ class NeighbourIndex:
         if k == 0 or not len(queries):
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
         queries = np.asarray(queries, np.float32)
-        indices = np.empty((len(queries), k), np.int64)
-        similarities = np.empty((len(queries), k), np.float32)
-        for start in range(0, len(queries), CHUNK):
-            indices[start:start + CHUNK], similarities[start:start + CHUNK] = _best(
-                queries[start:start + CHUNK] @ self.vectors.T, k)
-        return indices, similarities
+
+        def nearest(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+            indices = np.empty((bounds[1] - bounds[0], k), np.int64)
+            similarities = np.empty((bounds[1] - bounds[0], k), np.float32)
+            for start in range(bounds[0], bounds[1], CHUNK):
+                stop = min(start + CHUNK, bounds[1])
+                indices[start - bounds[0]:stop - bounds[0]], similarities[start - bounds[0]:stop - bounds[0]] = _best(
+                    queries[start:stop] @ self.vectors.T, k)
+            return indices, similarities
+
+        from cnnkit.forked import cores, forked_map
+
+        # Past ``PARALLEL`` similarities, the queries are shared among forked processes, one per core, each
+        # on one BLAS thread: the selection runs on every core too (60,000 images: docs/doctor.md).
+        workers = cores() if len(queries) * len(self) >= PARALLEL else 1
+        edges = np.linspace(0, len(queries), workers + 1).astype(int)
+        if workers == 1:
+            return nearest((0, len(queries)))
+        from threadpoolctl import threadpool_limits
+
+        def alone(bounds):
+            with threadpool_limits(limits=1):
+                return nearest(bounds)
+
+        parts = forked_map(alone, list(zip(edges[:-1], edges[1:])), workers)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def graph(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Each row's ``k`` nearest *other* rows, best first (an exact copy of a row counts as other).

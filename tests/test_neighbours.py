@@ -90,3 +90,19 @@ def test_the_blocked_selection_picks_each_rows_exact_best():
     np.testing.assert_array_equal(np.take_along_axis(scores, columns, 1), expected)
     assert all(len(set(row)) == k for row in columns.tolist())
     assert (columns[:, 0] == scores.shape[1] - 1).all() and set(columns[0, 1:3]) == {5, 6}
+
+
+def test_a_large_search_shared_among_processes_finds_the_same_neighbours(monkeypatch):
+    """Past ``PARALLEL`` similarities the queries are shared among forked processes on one BLAS thread each:
+    the same neighbours, similarities equal to float32 rounding."""
+    import cnnkit.forked as forked
+    import cnnkit.neighbours as neighbours
+
+    rng = np.random.default_rng(5)
+    index = NeighbourIndex.build(rng.normal(size=(700, 40)).astype(np.float32), dims=16)
+    alone = index.graph(6)
+    monkeypatch.setattr(neighbours, "PARALLEL", 1)
+    monkeypatch.setattr(forked, "cores", lambda: 2)
+    shared = index.graph(6)
+    np.testing.assert_array_equal(shared[0], alone[0])
+    np.testing.assert_allclose(shared[1], alone[1], atol=1e-6)

@@ -355,35 +355,39 @@ def find_copies(thumbnails: np.ndarray, queries: np.ndarray, candidates: np.ndar
 def _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, sizes) -> list[CopyMatch]:
     tries, shortlist = thresholds.tries, thresholds.shortlist
     candidates = np.asarray(candidates, np.int64).reshape(len(queries), -1)
-    # First step on every pair: unzoomed detail correlation, a seventh of the full test (and one
-    # of its pairings: the full score is at least this).
     valid = candidates >= 0
     involved, local = np.unique(np.concatenate([queries, candidates[valid]]), return_inverse=True)
     local_queries = local[:len(queries)]
     local_candidates = np.full(candidates.shape, -1, np.int64)
     local_candidates[valid] = local[len(queries):]
-    quick = np.full(candidates.shape, -2.0, np.float32)
-    views = zoom_views(thumbnails, involved, (1.0,), zoomed)
     rows = np.flatnonzero(valid.any(axis=1))
     if stats is not None:
         stats.update(pairs=int(valid.sum()), queries=len(queries))
     if not len(rows):
         return []
-    partners = np.where(valid[rows], local_candidates[rows], local_candidates[rows].max(axis=1, keepdims=True))
-    quick[rows] = np.where(valid[rows], _grouped_best(views, views, [(1.0, 1.0)], local_queries[rows], partners), -2.0)
-    queries, candidates, quick = queries[rows], candidates[rows], quick[rows]
+    queries, candidates, valid = queries[rows], candidates[rows], valid[rows]
     local_queries, local_candidates = local_queries[rows], local_candidates[rows]
+    quick = np.full(candidates.shape, -2.0, np.float32)
+    views = {}
+    zoomed_pairings = [(zoom, 1.0) for zoom in ZOOMS if zoom != 1.0] + [(1.0, zoom) for zoom in ZOOMS if zoom != 1.0]
     if shortlist is not None and candidates.shape[1] > shortlist:
-        # Shortlist: each query's best few by the first step get the full test.
+        # First step on every pair: unzoomed detail correlation, a seventh of the full test (and one of its
+        # pairings: the full score is at least this); each query's best few by it get the full test.
+        views = zoom_views(thumbnails, involved, (1.0,), zoomed)
+        partners = np.where(valid, local_candidates, local_candidates.max(axis=1, keepdims=True))
+        quick = np.where(valid, _grouped_best(views, views, [(1.0, 1.0)], local_queries, partners), -2.0)
         keep = np.argsort(-quick, axis=1, kind="stable")[:, :shortlist]
         quick = np.take_along_axis(quick, keep, 1)
         candidates = np.where(quick > -2.0, np.take_along_axis(candidates, keep, 1), -1)
         local_candidates = np.where(quick > -2.0, np.take_along_axis(local_candidates, keep, 1), -1)
-    valid = candidates >= 0
-    # The other six pairings (a zoom of either image), on the images still in play only.
+        valid = candidates >= 0
+        pairings = zoomed_pairings
+    else:  # no short list: every pairing in one pass
+        pairings = [(1.0, 1.0)] + zoomed_pairings
+    # The full test (the pairings with a zoom of either image), on the images still in play only.
     needed = np.unique(np.concatenate([local_queries, local_candidates[valid]]))
-    views = {1.0: views[1.0][needed], **zoom_views(thumbnails, involved[needed], [z for z in ZOOMS if z != 1.0], zoomed)}
-    pairings = [(zoom, 1.0) for zoom in ZOOMS if zoom != 1.0] + [(1.0, zoom) for zoom in ZOOMS if zoom != 1.0]
+    views = {**{zoom: view[needed] for zoom, view in views.items()},
+             **zoom_views(thumbnails, involved[needed], [z for z in ZOOMS if z not in views], zoomed)}
     partners = np.searchsorted(needed, np.where(valid, local_candidates, local_queries[:, None]))
     full = _grouped_best(views, views, pairings, np.searchsorted(needed, local_queries), partners)
     scores = np.where(valid, np.maximum(quick, full), -1.0).astype(np.float32)
