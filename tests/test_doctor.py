@@ -358,6 +358,22 @@ def test_the_grouped_detail_correlation_is_the_plain_one_over_shifts_and_zooms()
     assert expected[0] > 0.9 > expected[1:3].max()
 
 
+def test_each_unordered_pair_is_scored_once_in_groups_of_any_size():
+    """``pair_scores`` computes (i, j) and (j, i) once, from the image in more pairs, groups of 1 to 9 partners
+    padded by size class: every pair gets the plain correlation over shifts and zoom pairings."""
+    from cnnkit.doctor.duplicates import ZOOMS, best_shift_correlation, pair_scores, zoom_views
+
+    rng = np.random.default_rng(6)
+    thumbnails = _thumbnails([rng.integers(0, 256, (28, 28)).astype(np.float32) for _ in range(12)])
+    hub = [[0, j] for j in range(1, 10)] + [[j, 0] for j in (3, 5)]  # image 0 in eleven pairs, twice both ways
+    pairs = np.array(hub + [[1, 2], [2, 1], [4, 6], [7, 8], [9, 11], [10, 11], [11, 3]])
+    views = zoom_views(thumbnails, np.arange(len(thumbnails)), ZOOMS)
+    pairings = [(z, 1.0) for z in ZOOMS] + [(1.0, z) for z in ZOOMS if z != 1.0]
+    expected = np.max([best_shift_correlation(views[za][pairs[:, 0]], views[zb][pairs[:, 1]])
+                       for za, zb in pairings], axis=0)
+    np.testing.assert_allclose(pair_scores(views, pairings, pairs), expected, atol=1e-5)
+
+
 def test_the_detail_correlations_shared_among_processes_are_the_same(monkeypatch):
     """Past ``PARALLEL_PAIRS`` the copy test's queries are shared among forked processes
     (``cnnkit.forked``): the same number for every pair, in the same order."""
