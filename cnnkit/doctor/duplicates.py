@@ -157,8 +157,17 @@ def _overlap_stats(first: dict, second: dict, pairings: list[tuple[float, float]
     of ``pairings``: what ``_grouped_best`` reads."""
     masks = _window_masks(SIDE)  # (shifts, p): second's pixels in each overlap
     first_masks = np.ascontiguousarray(masks[::-1])  # first's pixels in each overlap (the mirrored shift)
-    return ({z: _window_stats(first[z], first_masks) for z in sorted({za for za, _ in pairings})},
-            {z: _window_stats(second[z], masks) for z in sorted({zb for _, zb in pairings})})
+    a_zooms, b_zooms = {za for za, _ in pairings}, {zb for _, zb in pairings}
+    first_stats, second_stats = {}, {}
+    if first is second:  # views that are both: one pass over them for both sets of overlaps
+        shifts = len(masks)
+        for z in a_zooms & b_zooms:
+            sums, means, norms = _window_stats(first[z], np.concatenate([first_masks, masks]))
+            first_stats[z] = sums[:, :shifts], means[:, :shifts], norms[:, :shifts]
+            second_stats[z] = sums[:, shifts:], means[:, shifts:], norms[:, shifts:]
+    first_stats.update({z: _window_stats(first[z], first_masks) for z in a_zooms - first_stats.keys()})
+    second_stats.update({z: _window_stats(second[z], masks) for z in b_zooms - second_stats.keys()})
+    return first_stats, second_stats
 
 
 def _grouped_best(first: dict, second: dict, pairings: list[tuple[float, float]], groups: np.ndarray,
