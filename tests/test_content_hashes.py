@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,13 +34,13 @@ def sha1(path) -> str:
 def reads(monkeypatch):
     """Counts the files ``content_hashes`` reads."""
     counted = []
-    original = memo.file_digest
+    original = memo._sha1
 
-    def counting(path, algorithm):
-        counted.append(path)
-        return original(path, algorithm)
+    def counting(name):
+        counted.append(Path(name))
+        return original(name)
 
-    monkeypatch.setattr(memo, "file_digest", counting)
+    monkeypatch.setattr(memo, "_sha1", counting)
     return counted
 
 
