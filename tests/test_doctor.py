@@ -431,3 +431,34 @@ def test_many_features_are_reduced_on_axes_measured_on_a_sample():
     # Principal angles between the two 6-dimensional subspaces: all close to zero.
     first, second = (np.linalg.qr(StandardScaler().fit_transform(x))[0] for x in (expected, sampled))
     assert np.linalg.svd(first.T @ second, compute_uv=False).min() > 0.99
+
+
+def test_grey_thumbnails_are_the_same_through_the_grey_shortcut_and_shared_decoding(tmp_path, monkeypatch):
+    """A grey image's thumbnail is resized in grey (its colour route gives the same pixels), and many files are
+    decoded in forked processes: the same facts as one after the other."""
+    import cnnkit.doctor.pixels as pixels
+    import cnnkit.forked as forked
+    from cnnkit.data.images import inspect_image
+
+    rng = np.random.default_rng(7)
+    paths = []
+    for i in range(6):
+        grey = Image.fromarray(rng.integers(0, 256, (28 + i, 30), dtype=np.uint8))
+        grey.save(tmp_path / f"g{i}.png")
+        grey.convert("RGB").save(tmp_path / f"c{i}.png")
+        paths += [tmp_path / f"g{i}.png", tmp_path / f"c{i}.png"]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    paths.append(tmp_path / "broken.png")
+    for i in range(6):
+        assert np.array_equal(inspect_image(paths[2 * i]).thumbnail, inspect_image(paths[2 * i + 1]).thumbnail)
+    alone, reasons = pixels.inspect_all(paths)
+    monkeypatch.setattr(pixels, "PARALLEL_FILES", 1)
+    monkeypatch.setattr(forked, "cores", lambda: 2)
+    shared, shared_reasons = pixels.inspect_all(paths)
+    assert shared_reasons == reasons and reasons[-1] and alone[-1] is None and shared[-1] is None
+    for a, b in zip(alone[:-1], shared[:-1]):
+        assert (a.width, a.height, a.mode, a.grey_as_colour) == (b.width, b.height, b.mode, b.grey_as_colour)
+        np.testing.assert_array_equal(a.thumbnail, b.thumbnail)
+    decoded, _ = pixels.read_pixels(paths, None, use_cache=False)
+    monkeypatch.setattr(pixels, "PARALLEL_FILES", 10**9)
+    np.testing.assert_array_equal(pixels.read_pixels(paths, None, use_cache=False)[0].zoomed, decoded.zoomed)

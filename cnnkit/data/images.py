@@ -211,6 +211,9 @@ def inspect_image(path: str | Path, side: int = 64) -> ImageFacts:
                 width, height = stored if turned.size == image.size or turned.size[0] == turned.size[1] \
                     else stored[::-1]
                 image = turned
+                if image.mode == "L":  # the same pixels as through RGB (its luma of equal channels is the value)
+                    grey = np.asarray(image.resize((side, side), Image.Resampling.BILINEAR), dtype=np.uint8)
+                    return ImageFacts(width, height, mode, False, grey)
                 rgb = _to_rgb(image).resize((side, side), Image.Resampling.BILINEAR)
                 pixels = np.asarray(rgb, dtype=np.int16)
                 spread = int(np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max())

@@ -237,7 +237,7 @@ def diagnose(data: str | Path, options: DoctorOptions | None = None,
 
     # Label errors, outliers and image properties need neither the copy search nor each other's results: they
     # are found in a forked process (``cnnkit.forked``) beside it, the longest stage (at 60,000 images: labels
-    # 10-13 s, properties 4 s, copies 39 s; docs/doctor.md), on one BLAS thread (the copy search runs one per
+    # 10-14 s, properties 4-8 s, copies 37-39 s; docs/doctor.md), on one BLAS thread (the copy search runs one per
     # process too: more threads than cores spin for each other).
     held_out = np.isin(splits, HELD_OUT)
     label_features = [features[spec.stage_key(layer)] for layer in layers]
@@ -338,8 +338,6 @@ def _copy_findings(paths: list[str], splits: np.ndarray, labels: np.ndarray, nam
         findings.append(Finding(paths[later], "near-duplicate", match.score, splits[later], paths[earlier],
                                 names[labels[later]], detail=f"detail correlation {match.score:.3f}"))
     return findings
-
-
 
 
 def _label_findings(paths: list[str], splits: np.ndarray, labels: np.ndarray, names: list[str],
