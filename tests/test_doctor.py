@@ -462,3 +462,7 @@ def test_grey_thumbnails_are_the_same_through_the_grey_shortcut_and_shared_decod
     decoded, _ = pixels.read_pixels(paths, None, use_cache=False)
     monkeypatch.setattr(pixels, "PARALLEL_FILES", 10**9)
     np.testing.assert_array_equal(pixels.read_pixels(paths, None, use_cache=False)[0].zoomed, decoded.zoomed)
+    # Each file's zoomed centres, made by Pillow as it is decoded, are the numpy batch's pixels.
+    from cnnkit.doctor.duplicates import zoomed_thumbnails
+
+    np.testing.assert_array_equal(decoded.zoomed[:-1], zoomed_thumbnails(decoded.thumbnails[:-1]))
