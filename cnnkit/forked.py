@@ -108,7 +108,9 @@ class Background:
         """Stop the child unless its result was read (then it is ending by itself); free its pipe."""
         if self._process is not None:
             if self._work is not None:  # not read: the child may still work, or wait to send
-                self._process.terminate()
+                # SIGKILL, not SIGTERM: the child inherits this process's handlers, and one that
+                # catches SIGTERM (a training callback, a server) would let it run on.
+                self._process.kill()
                 self._work = None
             self._process.join()
             self._receiving.close()
