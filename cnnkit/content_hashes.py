@@ -22,18 +22,16 @@ signature in ``$CNNKIT_HOME/hashes.npz`` and reads a file again only when its si
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from cnnkit.paths import cache_dir
+from cnnkit.paths import atomic_write, cache_dir, file_digest
 
 LIMIT = 500_000
 SETTLE = 2.0  # seconds
@@ -43,15 +41,6 @@ _NAMES = {"paths", "hashes", "stats"}
 
 def memo_path() -> Path:
     return cache_dir() / "hashes.npz"
-
-
-def _sha1(name: str) -> str:
-    """SHA-1 of a file's bytes (``cnnkit.paths.file_digest`` without its ``Path``: half the time on small files)."""
-    digest = hashlib.sha1()
-    with open(name, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _signature(facts: os.stat_result) -> tuple[int, ...]:
@@ -80,17 +69,10 @@ def _load(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 def _save(path: Path, memo: dict[str, tuple[tuple[int, ...], str]]) -> None:
     items = list(memo.items())[-LIMIT:]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix="hashes.", suffix=".tmp", delete=False)
-        try:
-            with handle:
-                np.savez(handle, paths=np.array([p for p, _ in items], dtype=str),
-                         hashes=np.array([h for _, (_, h) in items], dtype="U40"),
-                         stats=np.array([s for _, (s, _) in items], np.int64).reshape(-1, 5))
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda temporary: np.savez(
+            temporary, paths=np.array([p for p, _ in items], dtype=str),
+            hashes=np.array([h for _, (_, h) in items], dtype="U40"),
+            stats=np.array([s for _, (s, _) in items], np.int64).reshape(-1, 5)))
     except OSError:
         pass  # unwritable cache: the files are read again next time
 
@@ -121,7 +103,7 @@ def content_hashes(paths: Sequence[Path | str], remember: bool = True) -> list[s
             hashes.append("")
             continue
         try:
-            digest = _sha1(key)
+            digest = file_digest(key, "sha1")
         except OSError:
             hashes.append("")
             continue

@@ -35,7 +35,7 @@ def cache_dir() -> Path:
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.new(algorithm)
-    with Path(path).open("rb") as handle:
+    with open(path, "rb") as handle:  # not through ``Path``: its parsing is half the time of a small file
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -34,13 +34,13 @@ def sha1(path) -> str:
 def reads(monkeypatch):
     """Counts the files ``content_hashes`` reads."""
     counted = []
-    original = memo._sha1
+    original = memo.file_digest
 
-    def counting(name):
+    def counting(name, algorithm):
         counted.append(Path(name))
-        return original(name)
+        return original(name, algorithm)
 
-    monkeypatch.setattr(memo, "_sha1", counting)
+    monkeypatch.setattr(memo, "file_digest", counting)
     return counted
 
 
