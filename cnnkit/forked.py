@@ -24,16 +24,32 @@ def _run(job):
     return _WORK(job)
 
 
-def forked_map(work: Callable, jobs: Sequence, workers: int | None = None) -> list:
+def _limited(work: Callable, threads: int | None) -> Callable:
+    """``work`` run with at most ``threads`` BLAS and OpenMP threads (``None``: as configured)."""
+    if threads is None:
+        return work
+
+    def limited(*arguments):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=threads):
+            return work(*arguments)
+
+    return limited
+
+
+def forked_map(work: Callable, jobs: Sequence, workers: int | None = None, threads: int | None = None) -> list:
     """``[work(job) for job in jobs]``, the jobs shared among ``workers`` forked processes (default:
-    one per core). ``work`` may be a closure over large arrays: only ``jobs`` and results are pickled."""
+    one per core). ``work`` may be a closure over large arrays: only ``jobs`` and results are pickled.
+    ``threads``: the BLAS and OpenMP threads of each forked process (``None``: as here); jobs run here,
+    one after the other, keep this process's threads."""
     import multiprocessing
 
     global _WORK
     workers = cores() if workers is None else workers
     if len(jobs) < 2 or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return [work(job) for job in jobs]
-    _WORK = work
+    _WORK = _limited(work, threads)
     try:
         with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
             return pool.map(_run, jobs, chunksize=1)
@@ -62,13 +78,7 @@ class Background:
 
         def child() -> None:
             try:
-                if threads is None:
-                    answer = (True, work())
-                else:
-                    from threadpoolctl import threadpool_limits
-
-                    with threadpool_limits(limits=threads):
-                        answer = (True, work())
+                answer = (True, _limited(work, threads)())
             except BaseException as error:  # noqa: BLE001 (raised again in the parent)
                 answer = (False, error)
             try:

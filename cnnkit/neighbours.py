@@ -150,15 +150,7 @@ class NeighbourIndex:
         # on one BLAS thread: the selection runs on every core too (60,000 images: docs/doctor.md).
         workers = cores() if len(queries) * len(self) >= PARALLEL else 1
         edges = np.linspace(0, len(queries), workers + 1).astype(int)
-        if workers == 1:
-            return nearest((0, len(queries)))
-        from threadpoolctl import threadpool_limits
-
-        def alone(bounds):
-            with threadpool_limits(limits=1):
-                return nearest(bounds)
-
-        parts = forked_map(alone, list(zip(edges[:-1], edges[1:])), workers)
+        parts = forked_map(nearest, list(zip(edges[:-1], edges[1:])), workers, threads=1)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def graph(self, k: int) -> tuple[np.ndarray, np.ndarray]:

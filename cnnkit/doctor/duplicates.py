@@ -152,47 +152,47 @@ def _window_stats(views: np.ndarray, masks: np.ndarray, chunk: int = 8192) -> tu
     return sums, sums / count, np.sqrt(np.maximum(squares - sums * sums / count, 0.0))
 
 
-def _overlap_stats(first: dict, second: dict, pairings: list[tuple[float, float]]) -> tuple[dict, dict]:
-    """``_window_stats`` of the ``first`` views (over the mirrored overlaps) and of the ``second`` ones, per zoom
-    of ``pairings``: what ``_grouped_best`` reads."""
+def _overlap_stats(views: dict, pairings: list[tuple[float, float]]) -> tuple[dict, dict]:
+    """``_window_stats`` of the ``views`` as first images (over the mirrored overlaps) and as second
+    ones, per zoom of ``pairings``: what ``_grouped_best`` reads. A zoom on both sides is read once."""
     masks = _window_masks(SIDE)  # (shifts, p): second's pixels in each overlap
     first_masks = np.ascontiguousarray(masks[::-1])  # first's pixels in each overlap (the mirrored shift)
+    shifts = len(masks)
     a_zooms, b_zooms = {za for za, _ in pairings}, {zb for _, zb in pairings}
     first_stats, second_stats = {}, {}
-    if first is second:  # views that are both: one pass over them for both sets of overlaps
-        shifts = len(masks)
-        for z in a_zooms & b_zooms:
-            sums, means, norms = _window_stats(first[z], np.concatenate([first_masks, masks]))
+    for z in a_zooms | b_zooms:
+        sides = [first_masks] * (z in a_zooms) + [masks] * (z in b_zooms)
+        sums, means, norms = _window_stats(views[z], np.concatenate(sides))
+        if z in a_zooms:
             first_stats[z] = sums[:, :shifts], means[:, :shifts], norms[:, :shifts]
-            second_stats[z] = sums[:, shifts:], means[:, shifts:], norms[:, shifts:]
-    first_stats.update({z: _window_stats(first[z], first_masks) for z in a_zooms - first_stats.keys()})
-    second_stats.update({z: _window_stats(second[z], masks) for z in b_zooms - second_stats.keys()})
+        if z in b_zooms:
+            second_stats[z] = sums[:, -shifts:], means[:, -shifts:], norms[:, -shifts:]
     return first_stats, second_stats
 
 
-def _grouped_best(first: dict, second: dict, pairings: list[tuple[float, float]], groups: np.ndarray,
+def _grouped_best(views: dict, pairings: list[tuple[float, float]], groups: np.ndarray,
                   partners: np.ndarray, chunk: int = 48, stats: tuple[dict, dict] | None = None) -> np.ndarray:
     """Best normalised correlation over shifts and ``pairings`` (zoom of first, zoom of second).
 
-    ``first[z]``/``second[z]``: (m, SIDE, SIDE) detail views; ``groups`` (g,) rows of ``first``,
-    ``partners`` (g, k) rows of ``second``. Returns (g, k). The same number as correlating the
+    ``views[z]``: (m, SIDE, SIDE) detail views; ``groups`` (g,) rows of ``views`` (the first images),
+    ``partners`` (g, k) rows (the second images). Returns (g, k). The same number as correlating the
     overlapping parts of every shifted pair (``best_shift_correlation``), computed as one
     matrix product per group: the overlap sums come from zero padding, the means and norms of
     each overlap from per-image window sums (``stats``: ``_overlap_stats`` if already made).
     """
     a_zooms = sorted({za for za, _ in pairings})
     b_zooms = sorted({zb for _, zb in pairings})
-    first_stats, second_stats = stats or _overlap_stats(first, second, pairings)
+    first_stats, second_stats = stats or _overlap_stats(views, pairings)
 
     def share(bounds: tuple[int, int]) -> np.ndarray:
         best = np.full((bounds[1] - bounds[0], partners.shape[1]), -1.0, np.float32)
         for start in range(bounds[0], bounds[1], chunk):
             stop = min(start + chunk, bounds[1])
             rows, cols = groups[start:stop], partners[start:stop]
-            flat = {z: second[z][cols].reshape(len(rows), cols.shape[1], -1) for z in b_zooms}  # (c, k, p)
+            flat = {z: views[z][cols].reshape(len(rows), cols.shape[1], -1) for z in b_zooms}  # (c, k, p)
             out = best[start - bounds[0]:stop - bounds[0]]
             for za in a_zooms:
-                shifted = _shifted(first[za][rows]).transpose(0, 2, 1)  # (c, p, shifts)
+                shifted = _shifted(views[za][rows]).transpose(0, 2, 1)  # (c, p, shifts)
                 a_mean, a_norm = (first_stats[za][i][rows][:, None, :] for i in (1, 2))  # (c, 1, shifts)
                 for zb in [zb for z, zb in pairings if z == za]:
                     products = np.matmul(flat[zb], shifted).astype(np.float64)  # (c, k, shifts)
@@ -314,14 +314,14 @@ def pair_scores(views: dict, pairings: list[tuple[float, float]], pairs: np.ndar
     order = np.argsort(first, kind="stable")
     groups, begin, sizes = np.unique(first[order], return_index=True, return_counts=True)
     scores = np.empty(len(unique), np.float32)
-    stats = _overlap_stats(views, views, pairings)
+    stats = _overlap_stats(views, pairings)
     # Groups padded to the widest of their size class (1, 2, 3-4, 5-8, ...) with repeats, dropped after.
     size_class = np.ceil(np.log2(sizes)).astype(np.int64)
     for members in (np.flatnonzero(size_class == c) for c in np.unique(size_class)):
         width = int(sizes[members].max())
         slot = np.minimum(np.arange(width)[None, :], sizes[members, None] - 1)  # (g, width): repeats the last
         positions = order[begin[members, None] + slot]
-        best = _grouped_best(views, views, pairings, groups[members], second[positions], stats=stats)
+        best = _grouped_best(views, pairings, groups[members], second[positions], stats=stats)
         scores[positions] = best  # repeats write the same value again
     return scores[inverse.reshape(-1)]
 
@@ -412,7 +412,7 @@ def _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, siz
         # pairings: the full score is at least this); each query's best few by it get the full test.
         views = zoom_views(thumbnails, involved, (1.0,), zoomed)
         partners = np.where(valid, local_candidates, local_candidates.max(axis=1, keepdims=True))
-        quick = np.where(valid, _grouped_best(views, views, [(1.0, 1.0)], local_queries, partners), -2.0)
+        quick = np.where(valid, _grouped_best(views, [(1.0, 1.0)], local_queries, partners), -2.0)
         keep = np.argsort(-quick, axis=1, kind="stable")[:, :shortlist]
         quick = np.take_along_axis(quick, keep, 1)
         candidates = np.where(quick > -2.0, np.take_along_axis(candidates, keep, 1), -1)
@@ -421,7 +421,7 @@ def _find_copies(thumbnails, queries, candidates, thresholds, stats, zoomed, siz
         pairings = zoomed_pairings
     else:  # no short list: every pairing in one pass
         pairings = [(1.0, 1.0)] + zoomed_pairings
-    # The full test (the pairings with a zoom of either image), on the images still in play only.
+    # The full test (the pairings not yet computed), on the images still in play only.
     needed = np.unique(np.concatenate([local_queries, local_candidates[valid]]))
     views = {**{zoom: view[needed] for zoom, view in views.items()},
              **zoom_views(thumbnails, involved[needed], [z for z in ZOOMS if z not in views], zoomed)}
