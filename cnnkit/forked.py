@@ -20,6 +20,17 @@ def cores() -> int:
     return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
 
 
+def shared_zeros(shape, dtype):
+    """A numpy array of zeros in memory that forked children share with this process (an anonymous
+    shared mapping): a ``forked_map`` job writes its rows in place, and nothing is pickled back."""
+    import mmap
+
+    import numpy as np
+
+    dtype, count = np.dtype(dtype), int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(count * dtype.itemsize, 1)), dtype, count).reshape(shape)
+
+
 def _run(job):
     return _WORK(job)
 

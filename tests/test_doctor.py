@@ -171,6 +171,27 @@ def test_auto_cheap_checks_find_the_leak_the_duplicate_and_the_unreadable_file(p
     assert "--exclude" in lines[0]
 
 
+def test_auto_cheap_checks_leave_doctor_the_pixels_they_decoded(planted, tmp_path, monkeypatch):
+    """The cheap checks read and fill doctor's pixel cache: a later `doctor` (or `auto`) decodes nothing."""
+    from cnnkit.content_hashes import content_hashes
+    from cnnkit.data import load_dataset
+    from cnnkit.doctor import pixels
+    from cnnkit.doctor.quick import quick_checks
+
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path / "home"))
+    dataset = load_dataset(planted)
+    paths = [s.path for split in dataset.splits.values() for s in split]
+    first = quick_checks(dataset)
+    cached = set(pixels.load(pixels.cache_path())[0])
+    readable = set(content_hashes(paths)) - {""}
+    assert cached == readable
+    decoded, decode = [], pixels.decode
+    monkeypatch.setattr(pixels, "decode", lambda paths: (decoded.extend(paths), decode(paths))[1])
+    again = quick_checks(load_dataset(planted))
+    assert decoded == []  # (broken.png is named by the loader, from its header)
+    assert first.to_dict() == again.to_dict()
+
+
 def test_auto_report_names_the_leaks(planted):
     from types import SimpleNamespace
 
@@ -451,17 +472,22 @@ def test_grey_thumbnails_are_the_same_through_the_grey_shortcut_and_shared_decod
     paths.append(tmp_path / "broken.png")
     for i in range(6):
         assert np.array_equal(inspect_image(paths[2 * i]).thumbnail, inspect_image(paths[2 * i + 1]).thumbnail)
-    alone, reasons = pixels.inspect_all(paths)
+    alone, reasons = pixels.decode(paths)
+    assert reasons[-1] and reasons[:-1] == [None] * (len(paths) - 1)
+    for i in range(len(paths) - 1):
+        facts = inspect_image(paths[i])
+        np.testing.assert_array_equal(alone.thumbnails[i], facts.thumbnail)
+        assert tuple(alone.sizes[i]) == (facts.width, facts.height) and alone.grey[i] == facts.grey_as_colour
+    assert not alone.thumbnails[-1].any() and not alone.zoomed[-1].any()
+    # Shared among two forked processes writing into shared memory: the same pixels and reasons.
     monkeypatch.setattr(pixels, "PARALLEL_FILES", 1)
     monkeypatch.setattr(forked, "cores", lambda: 2)
-    shared, shared_reasons = pixels.inspect_all(paths)
-    assert shared_reasons == reasons and reasons[-1] and alone[-1] is None and shared[-1] is None
-    for a, b in zip(alone[:-1], shared[:-1]):
-        assert (a.width, a.height, a.mode, a.grey_as_colour) == (b.width, b.height, b.mode, b.grey_as_colour)
-        np.testing.assert_array_equal(a.thumbnail, b.thumbnail)
+    shared, shared_reasons = pixels.decode(paths)
+    assert shared_reasons == reasons
+    for field in ("thumbnails", "zoomed", "sizes", "grey"):
+        np.testing.assert_array_equal(getattr(shared, field), getattr(alone, field), err_msg=field)
     decoded, _ = pixels.read_pixels(paths, None, use_cache=False)
-    monkeypatch.setattr(pixels, "PARALLEL_FILES", 10**9)
-    np.testing.assert_array_equal(pixels.read_pixels(paths, None, use_cache=False)[0].zoomed, decoded.zoomed)
+    np.testing.assert_array_equal(decoded.zoomed, alone.zoomed)
     # Each file's zoomed centres, made by Pillow as it is decoded, are the numpy batch's pixels.
     from cnnkit.doctor.duplicates import zoomed_thumbnails
 

@@ -143,13 +143,6 @@ class Diagnosis:
             writer.writerows(f.row() for f in self.findings)
 
 
-def inspect_all(paths: list[Path]) -> tuple[list, list]:
-    """``inspect_image`` of every file (threads: Pillow decodes without the GIL): (facts or None, reasons)."""
-    from cnnkit.doctor.pixels import inspect_all as inspect
-
-    return inspect(paths)
-
-
 # Training images a held-out image is checked against, nearest first by features.
 LEAK_CANDIDATES = 30
 

@@ -94,15 +94,21 @@ def _blur_matrix(size: int) -> np.ndarray:
     return gaussian_filter1d(np.eye(size), 1.0, axis=0).astype(np.float32)
 
 
-def zoomed(thumbnail: np.ndarray, zoom: float) -> np.ndarray:
-    """The centre 1/``zoom`` of a grey thumbnail (any side), resized to SIDE x SIDE."""
+def zoomed_centres(thumbnail: np.ndarray) -> np.ndarray:
+    """(len(ZOOMS), SIDE, SIDE) ``uint8``: the centre 1/zoom of a grey thumbnail (any side) at each of
+    ``ZOOMS``, resized to SIDE x SIDE by Pillow (the pixels of ``zoomed_thumbnails``; one Pillow image
+    cropped four times: 0.12 ms a thumbnail, against 0.21 ms for four arrays made into images)."""
     from PIL import Image
 
     side = thumbnail.shape[0]
-    keep = int(round(side / zoom))
-    start = (side - keep) // 2
-    picture = Image.fromarray(np.asarray(thumbnail, np.uint8)[start:start + keep, start:start + keep])
-    return np.asarray(picture.resize((SIDE, SIDE), Image.Resampling.BILINEAR), np.float32)
+    picture = Image.fromarray(np.asarray(thumbnail, np.uint8))
+    out = np.empty((len(ZOOMS), SIDE, SIDE), np.uint8)
+    for column, zoom in enumerate(ZOOMS):
+        keep = int(round(side / zoom))
+        start = (side - keep) // 2
+        out[column] = np.asarray(picture.crop((start, start, start + keep, start + keep)).resize(
+            (SIDE, SIDE), Image.Resampling.BILINEAR))
+    return out
 
 
 def best_shift_correlation(first: np.ndarray, second: np.ndarray, shift: int = SHIFT) -> np.ndarray:
@@ -255,8 +261,7 @@ def _resize(pictures: np.ndarray, side: int) -> np.ndarray:
 
 
 def zoomed_thumbnails(thumbnails: np.ndarray, chunk: int = 512) -> np.ndarray:
-    """(n, len(ZOOMS), SIDE, SIDE) ``uint8``: ``zoomed(thumbnail, zoom)`` of each thumbnail at each
-    of ``ZOOMS``, all at once (the same pixels: Pillow's arithmetic, ``_resize``)."""
+    """(n, len(ZOOMS), SIDE, SIDE) ``uint8``: ``zoomed_centres`` of each thumbnail, all at once (the same pixels: Pillow's arithmetic, ``_resize``)."""
     thumbnails = np.asarray(thumbnails, np.uint8)
     out = np.empty((len(thumbnails), len(ZOOMS), SIDE, SIDE), np.uint8)
     side = thumbnails.shape[1] if thumbnails.ndim == 3 else SIDE
@@ -270,7 +275,7 @@ def zoomed_thumbnails(thumbnails: np.ndarray, chunk: int = 512) -> np.ndarray:
 
 
 def zoom_views(thumbnails: np.ndarray, rows: np.ndarray, zooms, zoomed: np.ndarray | None = None) -> dict:
-    """{zoom: (len(rows), SIDE, SIDE) detail views of ``zoomed(thumbnails[row], zoom)``}.
+    """{zoom: (len(rows), SIDE, SIDE) detail views of ``zoomed_centres(thumbnails[row])`` at ``zoom``}.
 
     ``zoomed``: ``zoomed_thumbnails`` of every row of ``thumbnails`` already made (cached by
     ``cnnkit.doctor.pixels``), or ``None``: made here.

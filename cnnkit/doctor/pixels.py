@@ -4,7 +4,7 @@ Decoding 60,000 PNGs for their 64 x 64 grey thumbnails took 26-49 s of every `do
 (docs/doctor.md), although the features were cached. The thumbnail, the displayed size and
 the grey-stored-as-colour flag are a function of the file's bytes, so they are cached like the
 features (``cnnkit.features``), keyed by the same content hash (SHA-1), with the four
-32 x 32 zoomed centres the copy test reads (``cnnkit.doctor.duplicates.zoomed``, 60,000 images
+32 x 32 zoomed centres the copy test reads (``cnnkit.doctor.duplicates.zoomed_centres``, 60,000 images
 times four zooms cost another 15-20 s):
 
 - one file, ``$CNNKIT_HOME/doctor/pixels.npz`` (a plain numpy zip: ``hashes``, ``meta`` -- a
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnkit.doctor.duplicates import SIDE as ZOOM_SIDE
-from cnnkit.doctor.duplicates import ZOOMS, zoomed
+from cnnkit.doctor.duplicates import ZOOMS, zoomed_centres
 
 SIDE = 64
 LIMIT = 150_000
@@ -133,30 +133,44 @@ def add(path: Path, hashes: list[str], pixels: Pixels) -> None:
 PARALLEL_FILES = 1_000
 
 
-def inspect_all(paths: list[Path], centres: bool = False) -> tuple[list, list] | tuple[list, list, list]:
-    """``inspect_image`` of every file: (facts or None, reasons), and with ``centres`` each readable
-    thumbnail's zoomed centres (``duplicates.zoomed`` at each of ``ZOOMS``, as ``uint8``: the pixels of
-    ``zoomed_thumbnails``, made by Pillow in the decoding process; None for the others).
+def decode(paths: list[Path]) -> tuple[Pixels, list]:
+    """Every file decoded: (its pixels -- zeros for the unreadable --, reasons: ``None`` or why the file
+    cannot be read). Each file's zoomed centres (``duplicates.zoomed_centres``: the pixels of ``zoomed_thumbnails``) are made by Pillow in the process that decodes it.
 
     Many files are shared among forked processes, one per core (``cnnkit.forked``): a small PNG costs
     0.2 ms of Python and Pillow calls, which threads cannot share (20,000 Fashion-MNIST PNGs: 3.7 s one
-    after the other, 6-8 s in a pool of 1-4 threads, 2.5 s in two processes).
+    after the other, 6-8 s in a pool of 1-4 threads, 2.5 s in two processes). They write their rows into
+    memory shared with this process (``forked.shared_zeros``): returning 60,000 thumbnails and centres
+    as pickled results cost more than decoding them (docs/doctor.md).
     """
     from cnnkit.data.images import UnreadableImageError, inspect_image
-    from cnnkit.forked import cores, forked_map
+    from cnnkit.forked import cores, forked_map, shared_zeros
 
-    def one(path: Path):
-        try:
-            facts = inspect_image(path, SIDE)
-        except UnreadableImageError as error:
-            return None, str(error).split(": ", 1)[-1], None
-        return facts, None, np.stack([zoomed(facts.thumbnail, z) for z in ZOOMS]).astype(np.uint8) if centres else None
+    count = len(paths)
+    workers = cores() if count >= PARALLEL_FILES else 1
+    zeros = shared_zeros if workers > 1 else np.zeros
+    pixels = Pixels(zeros((count, SIDE, SIDE), np.uint8), zeros((count, len(ZOOMS), ZOOM_SIDE, ZOOM_SIDE), np.uint8),
+                    zeros((count, 2), np.int32), zeros(count, bool))
 
-    workers = cores() if len(paths) >= PARALLEL_FILES else 1
-    shares = np.array_split(np.arange(len(paths)), workers)
-    results = [r for part in forked_map(lambda share: [one(paths[i]) for i in share], shares, workers) for r in part]
-    found = [r[0] for r in results], [r[1] for r in results]
-    return (*found, [r[2] for r in results]) if centres else found
+    def share(rows: np.ndarray) -> list[tuple[int, str]]:
+        unreadable = []
+        for row in rows:
+            try:
+                facts = inspect_image(paths[row], SIDE)
+            except UnreadableImageError as error:
+                unreadable.append((int(row), str(error).split(": ", 1)[-1]))
+                continue
+            pixels.thumbnails[row] = facts.thumbnail
+            pixels.zoomed[row] = zoomed_centres(facts.thumbnail)
+            pixels.sizes[row] = facts.width, facts.height
+            pixels.grey[row] = facts.grey_as_colour
+        return unreadable
+
+    reasons: list = [None] * count
+    for unreadable in forked_map(share, np.array_split(np.arange(count), workers), workers):
+        for row, reason in unreadable:
+            reasons[row] = reason
+    return pixels, reasons
 
 
 def read_pixels(paths: list[Path], hashes: list[str] | None, use_cache: bool = True) -> tuple[Pixels, list]:
@@ -182,19 +196,18 @@ def read_pixels(paths: list[Path], hashes: list[str] | None, use_cache: bool = T
             pixels.put(found, cached.take(cached_rows[found]))
         del cached
     todo = np.flatnonzero(cached_rows < 0)
-    decoded = []
-    for row, fact, reason, centres in zip(todo, *inspect_all([paths[i] for i in todo], centres=True)):
-        if fact is None:
+    if len(todo) == count:
+        pixels, reasons = decode(paths)  # nothing cached: no second copy
+    elif len(todo):
+        decoded, todo_reasons = decode([paths[i] for i in todo])
+        pixels.put(todo, decoded)
+        for row, reason in zip(todo, todo_reasons):
             reasons[row] = reason
-            continue
-        pixels.thumbnails[row] = fact.thumbnail
-        pixels.zoomed[row] = centres
-        pixels.sizes[row] = (fact.width, fact.height)
-        pixels.grey[row] = fact.grey_as_colour
-        decoded.append(row)
-    decoded = np.array(decoded, np.int64)
-    if use_cache and hashes is not None and len(decoded):
-        # One row per content (a duplicated file is decoded twice, stored once).
-        first = list({hashes[row]: row for row in reversed(decoded)}.values())
-        add(path, [hashes[row] for row in first], pixels.take(first))
+    if use_cache and hashes is not None and len(todo):
+        # One row per content (a duplicated file is decoded twice, stored once); never a file that could
+        # not be read or hashed.
+        fresh = [row for row in todo if reasons[row] is None and _HASH.fullmatch(hashes[row] or "")]
+        first = list({hashes[row]: row for row in reversed(fresh)}.values())
+        if first:
+            add(path, [hashes[row] for row in first], pixels.take(first))
     return pixels, reasons

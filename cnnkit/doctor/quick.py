@@ -56,24 +56,26 @@ class QuickCheck:
 
 def quick_checks(dataset) -> QuickCheck:
     """The cheap checks (module docstring) of a loaded ``cnnkit.data.Dataset``."""
-    from cnnkit.doctor import inspect_all
     from cnnkit.content_hashes import content_hashes
+    from cnnkit.doctor.pixels import read_pixels
     from cnnkit.neighbours import NeighbourIndex
 
     check = QuickCheck(unreadable=[(str(s.path), s.reason) for s in dataset.skipped])
     samples = [(name, s) for name, split in dataset.splits.items() for s in split]
-    facts, reasons = inspect_all([s.path for _, s in samples])
+    hashes = content_hashes([s.path for _, s in samples])
+    # Thumbnails from doctor's pixel cache (by content hash), which this fills: `doctor` after `auto` decodes nothing.
+    decoded, reasons = read_pixels([s.path for _, s in samples], hashes)
     for (_, sample), reason in zip(samples, reasons):
         if reason is not None:
             check.unreadable.append((str(sample.path), reason))
-    samples = [sample for sample, fact in zip(samples, facts) if fact is not None]
-    facts = [fact for fact in facts if fact is not None]
+    readable = np.flatnonzero([reason is None for reason in reasons])
+    samples = [samples[i] for i in readable]
     if not samples:
         return check
 
     rank = {name: i for i, name in enumerate(("train", "val", "test"))}
     first_of: dict[str, tuple[str, str]] = {}
-    digest_of = dict(zip((str(s.path) for _, s in samples), content_hashes([s.path for _, s in samples])))
+    digest_of = {str(samples[i][1].path): hashes[row] for i, row in enumerate(readable)}
     for split, sample in sorted(samples, key=lambda item: (-rank.get(item[0], 0), str(item[1].path))):
         digest = digest_of[str(sample.path)]
         if not digest:  # gone since it was read
@@ -89,7 +91,7 @@ def quick_checks(dataset) -> QuickCheck:
     held = np.flatnonzero(np.isin(splits, HELD_OUT))
     training = np.flatnonzero(~np.isin(splits, HELD_OUT))
     if len(held) and len(training) > 1:
-        thumbnails = np.stack([fact.thumbnail for fact in facts])
+        thumbnails = decoded.thumbnails[readable]
         side = thumbnails.shape[1]
         small = thumbnails.reshape(len(thumbnails), 16, side // 16, 16, side // 16).mean(axis=(2, 4))
         pixels = small.reshape(len(small), -1).astype(np.float32)
@@ -97,7 +99,7 @@ def quick_checks(dataset) -> QuickCheck:
         index = NeighbourIndex.build(pixels[training])
         nearest, _ = index.search(index.embed(pixels[held]), min(CANDIDATES, len(training)))
         known = {leak[0] for leak in check.leaks}
-        for match in find_copies(thumbnails, held, training[nearest]):
+        for match in find_copies(thumbnails, held, training[nearest], zoomed=decoded.zoomed[readable]):
             train_path = str(samples[match.original][1].path)
             if train_path not in known and digest_of[train_path] != digest_of[str(samples[match.copy][1].path)]:
                 check.leaks.append((train_path, str(samples[match.copy][1].path)))
