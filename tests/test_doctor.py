@@ -243,6 +243,32 @@ def test_a_crafted_pixel_cache_is_read_as_no_cache_and_replaced(planted, tmp_pat
         assert len(cache.load(cache.cache_path())[0]) == len(set(hashes)), name  # rewritten whole
 
 
+def test_the_pixel_cache_merges_new_rows_keeps_the_newest_and_gives_the_decoded_pixels(tmp_path, monkeypatch):
+    """Part cached, part decoded: the same pixels as all decoded; new rows merge with the old, at most LIMIT kept."""
+    from cnnkit.content_hashes import content_hashes
+    from cnnkit.doctor import pixels as cache
+
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path / "home"))
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(paths[-1])
+    hashes = content_hashes(paths)
+    decoded, _ = cache.read_pixels(paths, hashes, use_cache=False)
+    cache.read_pixels(paths[:3], hashes[:3])
+    assert cache.load(cache.cache_path())[0] == hashes[:3]
+    merged, reasons = cache.read_pixels(paths, hashes)  # three from the cache, five decoded
+    assert reasons == [None] * 8 and sorted(cache.load(cache.cache_path())[0]) == sorted(hashes)
+    for field in ("thumbnails", "zoomed", "sizes", "grey"):
+        np.testing.assert_array_equal(getattr(merged, field), getattr(decoded, field), err_msg=field)
+    monkeypatch.setattr(cache, "LIMIT", 4)
+    cache.cache_path().unlink()
+    cache.read_pixels(paths[:3], hashes[:3])
+    cache.read_pixels(paths[3:6], hashes[3:6])
+    assert cache.load(cache.cache_path())[0] == [hashes[2], *hashes[3:6]]  # the oldest rows went first
+
+
 def test_alignments_shared_among_processes_give_the_same_scores():
     """The subpixel alignment of many pairs runs in forked processes: the same number for every pair
     as one after the other, and a shifted, enlarged copy still aligns as a copy."""

@@ -120,11 +120,13 @@ def add(path: Path, hashes: list[str], pixels: Pixels) -> None:
             keep = [i for i, h in enumerate(old_hashes) if h not in new]
             keep = keep[max(0, len(keep) + len(hashes) - LIMIT):]  # the oldest rows go first
             tail = max(0, len(hashes) - LIMIT)
-            old, pixels = old.take(keep), pixels.take(slice(tail, None))
-            _publish(path, [old_hashes[i] for i in keep] + list(hashes)[tail:],
-                     Pixels(*(np.concatenate([a, b]) for a, b in zip(
-                         (old.thumbnails, old.zoomed, old.sizes, old.grey),
-                         (pixels.thumbnails, pixels.zoomed, pixels.sizes, pixels.grey)))))
+            pixels = pixels.take(slice(tail, None))
+            if keep:  # (else the new rows are written as they are: no 500 MB copy at 60,000 images)
+                old = old.take(keep)
+                pixels = Pixels(*(np.concatenate([a, b]) for a, b in zip(
+                    (old.thumbnails, old.zoomed, old.sizes, old.grey), (pixels.thumbnails, pixels.zoomed,
+                                                                         pixels.sizes, pixels.grey))))
+            _publish(path, [old_hashes[i] for i in keep] + list(hashes)[tail:], pixels)
     except OSError:
         pass
 
@@ -207,7 +209,7 @@ def read_pixels(paths: list[Path], hashes: list[str] | None, use_cache: bool = T
         # One row per content (a duplicated file is decoded twice, stored once); never a file that could
         # not be read or hashed.
         fresh = [row for row in todo if reasons[row] is None and _HASH.fullmatch(hashes[row] or "")]
-        first = list({hashes[row]: row for row in reversed(fresh)}.values())
+        first = sorted({hashes[row]: row for row in reversed(fresh)}.values())
         if first:
-            add(path, [hashes[row] for row in first], pixels.take(first))
+            add(path, [hashes[row] for row in first], pixels if len(first) == count else pixels.take(first))
     return pixels, reasons
