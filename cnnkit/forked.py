@@ -10,6 +10,7 @@ macOS's default) or there is one core, the jobs run here, one after the other: t
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 _WORK: Callable | None = None  # the function, for forked children (inherited, never pickled)
@@ -29,6 +30,44 @@ def shared_zeros(shape, dtype):
 
     dtype, count = np.dtype(dtype), int(np.prod(shape))
     return np.frombuffer(mmap.mmap(-1, max(count * dtype.itemsize, 1)), dtype, count).reshape(shape)
+
+
+_FROZEN = 0  # how many forked works are running (the collector is frozen while any is)
+
+
+def _freeze() -> None:
+    """Python's garbage collector told to leave this process's objects alone while forked children run.
+
+    A forked child shares the parent's memory until one of them writes to a page; a collection (in
+    the child, or here) walks and writes to every object they share, so every page holding one is
+    copied. ``gc.freeze`` before the fork, as Python's ``gc`` documentation advises, and until the
+    children are done, keeps those pages shared: decoding 60,000 thumbnails in two children of
+    `doctor`'s process took 17.3 s, 11.9 s frozen (10.3 s forked from a small process).
+    """
+    import gc
+
+    global _FROZEN
+    if not _FROZEN:
+        gc.freeze()
+    _FROZEN += 1
+
+
+def _unfreeze() -> None:
+    import gc
+
+    global _FROZEN
+    _FROZEN -= 1
+    if not _FROZEN:
+        gc.unfreeze()
+
+
+@contextmanager
+def _collector_frozen():
+    _freeze()
+    try:
+        yield
+    finally:
+        _unfreeze()
 
 
 def _run(job):
@@ -62,7 +101,7 @@ def forked_map(work: Callable, jobs: Sequence, workers: int | None = None, threa
         return [work(job) for job in jobs]
     _WORK = _limited(work, threads)
     try:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+        with _collector_frozen(), multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
             return pool.map(_run, jobs, chunksize=1)
     finally:
         _WORK = None
@@ -100,7 +139,13 @@ class Background:
         # A bare process, not a Pool: a Pool's helper threads would be running in this process when
         # later forks (``forked_map``) copy it.
         self._process = context.Process(target=child, daemon=True)
-        self._process.start()
+        _freeze()  # until close()
+        try:
+            self._process.start()
+        except BaseException:
+            self._process = None
+            _unfreeze()
+            raise
         sending.close()
 
     def result(self):
@@ -136,6 +181,7 @@ class Background:
             self._process.join()
             self._receiving.close()
             self._process = None
+            _unfreeze()
 
     def __enter__(self) -> Background:
         return self

@@ -52,3 +52,26 @@ def test_leaving_the_block_stops_background_work_whose_result_was_not_read():
         signal.signal(signal.SIGTERM, previous)
     with pytest.raises(RuntimeError, match="stopped"):
         job.result()
+
+
+def test_the_collector_leaves_inherited_objects_alone_while_children_run_and_only_then():
+    """``gc.freeze`` while forked work runs (a collection would copy every shared page), undone after it."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    inherited = [object() for _ in range(1000)]
+    with forked.Background(lambda: gc.get_freeze_count()) as job:
+        assert gc.get_freeze_count() >= len(inherited)  # frozen here too, while the child runs
+        in_pool = forked.forked_map(lambda _: gc.get_freeze_count(), [0, 1], workers=2)
+        assert gc.get_freeze_count() >= len(inherited)  # the nested work did not thaw it early
+        assert job.result() >= len(inherited) and min(in_pool) >= len(inherited)
+    assert gc.get_freeze_count() == 0
+    assert forked.forked_map(lambda x: x * 2, [1, 2, 3], workers=2) == [2, 4, 6]
+    assert gc.get_freeze_count() == 0
+    shared = forked.shared_zeros((4, 3), np.int32)
+
+    def write(row: int) -> None:
+        shared[row] = row + 1
+
+    forked.forked_map(write, [0, 1, 2, 3], workers=2)
+    np.testing.assert_array_equal(shared, np.arange(1, 5)[:, None].repeat(3, axis=1))  # written by the children
