@@ -261,7 +261,8 @@ def _resize(pictures: np.ndarray, side: int) -> np.ndarray:
 
 
 def zoomed_thumbnails(thumbnails: np.ndarray, chunk: int = 512) -> np.ndarray:
-    """(n, len(ZOOMS), SIDE, SIDE) ``uint8``: ``zoomed_centres`` of each thumbnail, all at once (the same pixels: Pillow's arithmetic, ``_resize``)."""
+    """(n, len(ZOOMS), SIDE, SIDE) ``uint8``: ``zoomed_centres`` of each thumbnail, all at once (the same
+    pixels: Pillow's arithmetic, ``_resize``)."""
     thumbnails = np.asarray(thumbnails, np.uint8)
     out = np.empty((len(thumbnails), len(ZOOMS), SIDE, SIDE), np.uint8)
     side = thumbnails.shape[1] if thumbnails.ndim == 3 else SIDE

@@ -137,7 +137,8 @@ PARALLEL_FILES = 1_000
 
 def decode(paths: list[Path]) -> tuple[Pixels, list]:
     """Every file decoded: (its pixels -- zeros for the unreadable --, reasons: ``None`` or why the file
-    cannot be read). Each file's zoomed centres (``duplicates.zoomed_centres``: the pixels of ``zoomed_thumbnails``) are made by Pillow in the process that decodes it.
+    cannot be read). Each file's zoomed centres (``duplicates.zoomed_centres``: the pixels of
+    ``zoomed_thumbnails``) are made by Pillow in the process that decodes it.
 
     Many files are shared among forked processes, one per core (``cnnkit.forked``): a small PNG costs
     0.2 ms of Python and Pillow calls, which threads cannot share (20,000 Fashion-MNIST PNGs: 3.7 s one
