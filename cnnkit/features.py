@@ -546,7 +546,7 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
         extractor = extractor or make_extractor(config, engine)
         features, kept, failures = extractor.extract_stages(paths, stages or extractor.stages, batch_size,
                                                             progress)
-        return FeatureTable(features, kept, failures, computed=len(paths))
+        return FeatureTable(features, kept, failures, computed=len(kept))
 
     cache = FeatureCache(config)
     hashes = content_hashes(paths)  # files unchanged since they were last hashed are not read again
@@ -557,11 +557,13 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
     # Duplicated files need one forward pass each, not one per copy.
     todo = list({hashes[i]: i for i in reversed(todo)}.values())[::-1]
     failures: list[SkippedFile] = []
+    computed = 0  # images that got a forward pass now (not the unreadable ones tried)
     if todo:
         own = extractor or make_extractor(config, engine)
         new, kept, failures = own.extract([paths[i] for i in todo], batch_size, progress)
         own = None  # an engine we made is freed now (~150 MB), before the cache is merged and read
         new_hashes = [hashes[todo[k]] for k in kept]
+        computed = len(new_hashes)
         if new_hashes:
             # Rows come from the merged cache, so they agree with what was published.
             cached_hashes, cached = cache.add(new_hashes, new, cache.load() if stages else (cached_hashes, cached))
@@ -575,7 +577,7 @@ def compute_features(paths: Sequence[Path], config: FeatureConfig, batch_size: i
     # keep all of it in memory.
     features = {s: take_rows(a, rows) if len(rows) == len(a) else a[rows]
                 for s, a in cached.items() if stages is None or s in stages}
-    return FeatureTable(features, kept, failures, computed=len(todo), hashes=[hashes[i] for i in kept])
+    return FeatureTable(features, kept, failures, computed=computed, hashes=[hashes[i] for i in kept])
 
 
 def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:

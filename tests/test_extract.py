@@ -43,6 +43,12 @@ def test_feature_cache_computes_each_image_once(data, tmp_path, monkeypatch):
     assert set(first.features) == {"conv1", "conv2", "conv3", "conv4", "conv5"}
     # Another pooling is another cache entry.
     assert compute_features(paths[:2], FeatureConfig(**TINY, pool="max")).computed == 2
+    # An unreadable file is tried (and named) every time, and never counted as computed.
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    for use_cache in (True, False):
+        table = compute_features([*paths[:2], broken], config, use_cache=use_cache)
+        assert [f.path for f in table.failures] == [broken] and table.computed == (0 if use_cache else 2)
 
 
 def test_unreadable_images_are_reported_and_left_out(data):
