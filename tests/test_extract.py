@@ -10,7 +10,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import Evaluation, evaluate_run, write_evaluation
 from cnnkit.extraction import ExtractOptions, run_extract
 from cnnkit.features import FeatureConfig, compute_features
-from cnnkit.heads import HEADS, fit_head, load_head, save_head
+from cnnkit.heads import HEADS, fit_head, load_head
 from cnnkit.predict import predict_run
 from cnnkit.runs import load_run
 from cnnkit.similarity import nearest, similar_images
