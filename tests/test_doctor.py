@@ -287,6 +287,47 @@ def test_alignments_shared_among_processes_give_the_same_scores():
     assert one_by_one[:4].min() > 0.95 > one_by_one[4:].max(), one_by_one
 
 
+def test_screened_tries_get_the_decision_the_full_alignment_gives():
+    """Tries (pairs most likely look-alikes) are aligned first as halved thumbnails, and at full size only
+    within ``SCREEN_MARGIN`` of their target: shifted, enlarged copies still pass, look-alikes still fail,
+    and every pair aligned at full size has the same score as without the screen."""
+    from cnnkit.doctor.alignment import SCREEN_MARGIN, aligned_correlations, halved
+
+    def thumb(image):
+        return np.asarray(image.convert("L").resize((64, 64), Image.Resampling.BILINEAR))
+
+    originals = [texture(seed, seed % 3) for seed in range(6)]
+    copies = [image.resize((36, 36), Image.Resampling.BICUBIC).crop((2, 1, 34, 33)) for image in originals[:3]]
+    thumbnails = np.stack([thumb(image) for image in originals + copies])
+    pairs = np.array([[0, 6], [1, 7], [2, 8], [0, 1], [3, 4], [4, 5], [6, 2]])
+    enough = np.full(len(pairs), 0.95)
+    plain = aligned_correlations(thumbnails, pairs, enough, workers=1)
+    assert (plain[:3] >= 0.95).all() and (plain[3:6] < 0.95).all(), plain
+    screened = aligned_correlations(thumbnails, pairs, enough, workers=1, screened=np.ones(len(pairs), bool))
+    np.testing.assert_array_equal(screened >= enough, plain >= enough)
+    half = halved(thumbnails)
+    np.testing.assert_array_equal(half[0], np.asarray(Image.fromarray(thumbnails[0]).resize((32, 32), Image.Resampling.BILINEAR)))
+    full = screened >= enough - SCREEN_MARGIN
+    assert full[:3].all() and not full[3:6].all()  # copies go on to full size; some look-alikes stop halved
+    np.testing.assert_array_equal(screened[full], plain[full])
+    # The halves given (the zoom-1.0 centres doctor caches) are the halves made here.
+    given = aligned_correlations(thumbnails, pairs, enough, workers=1, screened=np.ones(len(pairs), bool), halves=half)
+    np.testing.assert_array_equal(given, screened)
+
+
+def test_the_zoomed_centres_as_matrix_products_are_pillows_pixels():
+    """``zoomed_thumbnails`` repeats Pillow's fixed-point bilinear resize as float64 matrix products: the
+    same bytes as cropping and resizing each thumbnail with Pillow (``zoomed_centres``), for noise, flat
+    extremes and a side other than 64."""
+    from cnnkit.doctor.duplicates import zoomed_centres, zoomed_thumbnails
+
+    rng = np.random.default_rng(5)
+    for thumbnails in (rng.integers(0, 256, (300, 64, 64), dtype=np.uint8), rng.integers(0, 256, (50, 48, 48), dtype=np.uint8),
+                       np.stack([np.zeros((64, 64), np.uint8), np.full((64, 64), 255, np.uint8)]),
+                       np.stack([thumb for thumb in (np.asarray(texture(seed, 1).convert("L").resize((64, 64))) for seed in range(20))])):
+        np.testing.assert_array_equal(zoomed_thumbnails(thumbnails), np.stack([zoomed_centres(t) for t in thumbnails]))
+
+
 def test_the_batched_alignment_is_scipys_nelder_mead_on_the_coarse_grid(monkeypatch):
     """Many pairs are aligned at once (``cnnkit.doctor.alignment``): the grid is the overlap correlation at
     each grid point, and each pair's search gives what ``scipy.optimize.minimize(method="Nelder-Mead")``
@@ -514,7 +555,7 @@ def test_grey_thumbnails_are_the_same_through_the_grey_shortcut_and_shared_decod
         np.testing.assert_array_equal(getattr(shared, field), getattr(alone, field), err_msg=field)
     decoded, _ = pixels.read_pixels(paths, None, use_cache=False)
     np.testing.assert_array_equal(decoded.zoomed, alone.zoomed)
-    # Each file's zoomed centres, made by Pillow as it is decoded, are the numpy batch's pixels.
-    from cnnkit.doctor.duplicates import zoomed_thumbnails
+    # The zoomed centres, made as matrix products for many thumbnails at once, are Pillow's pixels.
+    from cnnkit.doctor.duplicates import zoomed_centres
 
-    np.testing.assert_array_equal(decoded.zoomed[:-1], zoomed_thumbnails(decoded.thumbnails[:-1]))
+    np.testing.assert_array_equal(decoded.zoomed[:-1], np.stack([zoomed_centres(t) for t in decoded.thumbnails[:-1]]))

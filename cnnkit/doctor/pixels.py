@@ -4,7 +4,7 @@ Decoding 60,000 PNGs for their 64 x 64 grey thumbnails took 26-49 s of every `do
 (docs/doctor.md), although the features were cached. The thumbnail, the displayed size and
 the grey-stored-as-colour flag are a function of the file's bytes, so they are cached like the
 features (``cnnkit.features``), keyed by the same content hash (SHA-1), with the four
-32 x 32 zoomed centres the copy test reads (``cnnkit.doctor.duplicates.zoomed_centres``, 60,000 images
+32 x 32 zoomed centres the copy test reads (``cnnkit.doctor.duplicates.zoomed_thumbnails``, 60,000 images
 times four zooms cost another 15-20 s):
 
 - one file, ``$CNNKIT_HOME/doctor/pixels.npz`` (a plain numpy zip: ``hashes``, ``meta`` -- a
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnkit.doctor.duplicates import SIDE as ZOOM_SIDE
-from cnnkit.doctor.duplicates import ZOOMS, zoomed_centres
+from cnnkit.doctor.duplicates import ZOOMS, zoomed_thumbnails
 
 SIDE = 64
 LIMIT = 150_000
@@ -137,8 +137,8 @@ PARALLEL_FILES = 1_000
 
 def decode(paths: list[Path]) -> tuple[Pixels, list]:
     """Every file decoded: (its pixels -- zeros for the unreadable --, reasons: ``None`` or why the file
-    cannot be read). Each file's zoomed centres (``duplicates.zoomed_centres``: the pixels of
-    ``zoomed_thumbnails``) are made by Pillow in the process that decodes it.
+    cannot be read). The zoomed centres (``duplicates.zoomed_thumbnails``: Pillow's pixels, as matrix
+    products) are made by the process that decodes the files, for its share at once.
 
     Many files are shared among forked processes, one per core (``cnnkit.forked``): a small PNG costs
     0.2 ms of Python and Pillow calls, which threads cannot share (20,000 Fashion-MNIST PNGs: 3.7 s one
@@ -146,6 +146,8 @@ def decode(paths: list[Path]) -> tuple[Pixels, list]:
     memory shared with this process (``forked.shared_zeros``): returning 60,000 thumbnails and centres
     as pickled results cost more than decoding them (docs/doctor.md).
     """
+    from threadpoolctl import threadpool_limits
+
     from cnnkit.data.images import UnreadableImageError, inspect_image
     from cnnkit.forked import cores, forked_map, shared_zeros
 
@@ -164,9 +166,14 @@ def decode(paths: list[Path]) -> tuple[Pixels, list]:
                 unreadable.append((int(row), str(error).split(": ", 1)[-1]))
                 continue
             pixels.thumbnails[row] = facts.thumbnail
-            pixels.zoomed[row] = zoomed_centres(facts.thumbnail)
             pixels.sizes[row] = facts.width, facts.height
             pixels.grey[row] = facts.grey_as_colour
+        # The share's zoomed centres in a few matrix products (an unreadable file's zeros give zeros), on one BLAS
+        # thread per process.
+        with threadpool_limits(limits=1, user_api="blas"):
+            for start in range(0, len(rows), 2048):
+                chunk = rows[start:start + 2048]
+                pixels.zoomed[chunk] = zoomed_thumbnails(pixels.thumbnails[chunk])
         return unreadable
 
     reasons: list = [None] * count
