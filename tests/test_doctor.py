@@ -315,17 +315,38 @@ def test_screened_tries_get_the_decision_the_full_alignment_gives():
     np.testing.assert_array_equal(given, screened)
 
 
-def test_the_zoomed_centres_as_matrix_products_are_pillows_pixels():
-    """``zoomed_thumbnails`` repeats Pillow's fixed-point bilinear resize as float64 matrix products: the
-    same bytes as cropping and resizing each thumbnail with Pillow (``zoomed_centres``), for noise, flat
-    extremes and a side other than 64."""
-    from cnnkit.doctor.duplicates import zoomed_centres, zoomed_thumbnails
+def pillow_zoomed_centres(thumbnail: np.ndarray) -> np.ndarray:
+    """The reference for ``zoomed_thumbnails``: the centre 1/zoom of a grey thumbnail at each zoom, cropped
+    and resized to 32 x 32 by Pillow itself."""
+    from cnnkit.doctor.duplicates import SIDE, ZOOMS
+
+    side = thumbnail.shape[0]
+    picture = Image.fromarray(np.asarray(thumbnail, np.uint8))
+    out = np.empty((len(ZOOMS), SIDE, SIDE), np.uint8)
+    for column, zoom in enumerate(ZOOMS):
+        keep = int(round(side / zoom))
+        start = (side - keep) // 2
+        out[column] = np.asarray(picture.crop((start, start, start + keep, start + keep)).resize(
+            (SIDE, SIDE), Image.Resampling.BILINEAR))
+    return out
+
+
+def test_the_zoomed_centres_and_halves_as_matrix_products_are_pillows_pixels():
+    """``zoomed_thumbnails`` and ``halved`` repeat Pillow's fixed-point bilinear resize as float64 matrix
+    products (``cnnkit.doctor.resampling``): the same bytes as cropping and resizing each thumbnail with
+    Pillow, for noise, flat extremes and a side other than 64."""
+    from cnnkit.doctor.alignment import halved
+    from cnnkit.doctor.duplicates import zoomed_thumbnails
 
     rng = np.random.default_rng(5)
     for thumbnails in (rng.integers(0, 256, (300, 64, 64), dtype=np.uint8), rng.integers(0, 256, (50, 48, 48), dtype=np.uint8),
                        np.stack([np.zeros((64, 64), np.uint8), np.full((64, 64), 255, np.uint8)]),
                        np.stack([thumb for thumb in (np.asarray(texture(seed, 1).convert("L").resize((64, 64))) for seed in range(20))])):
-        np.testing.assert_array_equal(zoomed_thumbnails(thumbnails), np.stack([zoomed_centres(t) for t in thumbnails]))
+        np.testing.assert_array_equal(zoomed_thumbnails(thumbnails), np.stack([pillow_zoomed_centres(t) for t in thumbnails]))
+        half = thumbnails.shape[1] // 2
+        np.testing.assert_array_equal(halved(thumbnails), np.stack([np.asarray(Image.fromarray(t).resize(
+            (half, half), Image.Resampling.BILINEAR)) for t in thumbnails]))
+    assert halved(np.zeros((0, 64, 64), np.uint8)).shape == (0, 32, 32)
 
 
 def test_the_batched_alignment_is_scipys_nelder_mead_on_the_coarse_grid(monkeypatch):
@@ -556,6 +577,4 @@ def test_grey_thumbnails_are_the_same_through_the_grey_shortcut_and_shared_decod
     decoded, _ = pixels.read_pixels(paths, None, use_cache=False)
     np.testing.assert_array_equal(decoded.zoomed, alone.zoomed)
     # The zoomed centres, made as matrix products for many thumbnails at once, are Pillow's pixels.
-    from cnnkit.doctor.duplicates import zoomed_centres
-
-    np.testing.assert_array_equal(decoded.zoomed[:-1], np.stack([zoomed_centres(t) for t in decoded.thumbnails[:-1]]))
+    np.testing.assert_array_equal(decoded.zoomed[:-1], np.stack([pillow_zoomed_centres(t) for t in decoded.thumbnails[:-1]]))

@@ -278,13 +278,15 @@ def at_resolution(thumbnail: np.ndarray, side: int) -> np.ndarray:
 
 
 def halved(thumbnails: np.ndarray) -> np.ndarray:
-    """(n, s/2, s/2) ``uint8``: each grey thumbnail resized to half its side by Pillow (BILINEAR), the pixels of
-    the zoom-1.0 centres ``cnnkit.doctor.duplicates.zoomed_centres`` makes of a 64 px thumbnail."""
-    from PIL import Image
+    """(n, s/2, s/2) ``uint8``: each grey thumbnail resized to half its side as Pillow's BILINEAR resize does
+    (``cnnkit.doctor.resampling``): the pixels of the zoom-1.0 centres ``cnnkit.doctor.duplicates`` makes of a
+    64 px thumbnail."""
+    from cnnkit.doctor.resampling import resized
 
-    half = thumbnails.shape[1] // 2
-    return np.stack([np.asarray(Image.fromarray(np.asarray(t, np.uint8)).resize((half, half), Image.Resampling.BILINEAR))
-                     for t in thumbnails]) if len(thumbnails) else np.zeros((0, half, half), np.uint8)
+    thumbnails = np.asarray(thumbnails, np.uint8)
+    half = thumbnails.shape[1] // 2 if thumbnails.ndim == 3 else 0
+    return np.concatenate([resized(thumbnails[start:start + 1024], half).astype(np.uint8)
+                           for start in range(0, len(thumbnails), 1024)] or [np.zeros((0, half, half), np.uint8)])
 
 
 def _aligned_pairs(thumbnails: np.ndarray, pairs: np.ndarray, sides: np.ndarray, enough: np.ndarray,
@@ -297,7 +299,9 @@ def _aligned_pairs(thumbnails: np.ndarray, pairs: np.ndarray, sides: np.ndarray,
         rows = np.flatnonzero(screened)
         bar = enough[rows] - SCREEN_MARGIN
         scores[rows] = aligned_scores(halves[pairs[rows, 0]], halves[pairs[rows, 1]], bar)
-        full = np.flatnonzero(~screened | (scores >= enough - SCREEN_MARGIN))
+        onward = ~screened
+        onward[rows] = scores[rows] >= bar
+        full = np.flatnonzero(onward)
     scores[full] = aligned_scores(thumbnails[pairs[full, 0]], thumbnails[pairs[full, 1]], enough[full])
     # One image was saved smaller (``sides`` px): its detail is gone, so compare the other at that resolution
     # too. A copy resized down to 20-24 px scored 0.94-0.99 plainly, 0.998-1.000 so.

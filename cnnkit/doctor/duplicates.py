@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnkit.doctor.alignment import aligned_correlations
+from cnnkit.doctor.resampling import resized
 
 SIDE = 32
 SHIFT = 3
@@ -92,23 +93,6 @@ def _blur_matrix(size: int) -> np.ndarray:
     from scipy.ndimage import gaussian_filter1d
 
     return gaussian_filter1d(np.eye(size), 1.0, axis=0).astype(np.float32)
-
-
-def zoomed_centres(thumbnail: np.ndarray) -> np.ndarray:
-    """(len(ZOOMS), SIDE, SIDE) ``uint8``: the centre 1/zoom of a grey thumbnail (any side) at each of
-    ``ZOOMS``, resized to SIDE x SIDE by Pillow (the pixels of ``zoomed_thumbnails``; one Pillow image
-    cropped four times: 0.12 ms a thumbnail, against 0.21 ms for four arrays made into images)."""
-    from PIL import Image
-
-    side = thumbnail.shape[0]
-    picture = Image.fromarray(np.asarray(thumbnail, np.uint8))
-    out = np.empty((len(ZOOMS), SIDE, SIDE), np.uint8)
-    for column, zoom in enumerate(ZOOMS):
-        keep = int(round(side / zoom))
-        start = (side - keep) // 2
-        out[column] = np.asarray(picture.crop((start, start, start + keep, start + keep)).resize(
-            (SIDE, SIDE), Image.Resampling.BILINEAR))
-    return out
 
 
 def best_shift_correlation(first: np.ndarray, second: np.ndarray, shift: int = SHIFT) -> np.ndarray:
@@ -216,66 +200,10 @@ def _grouped_best(views: dict, pairings: list[tuple[float, float]], groups: np.n
     return np.concatenate(forked_map(share, list(zip(edges[:-1], edges[1:])), workers))
 
 
-def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's fixed-point BILINEAR resampling taps (``Resample.c``): (size_out, taps) input
-    indices and ``int32`` weights (0 past each output pixel's last tap).
-
-    Pillow (8-bit images) widens the triangle filter by the scale when it shrinks, normalises
-    each output pixel's weights, rounds them to integers of 22 fractional bits and rounds each
-    pass (horizontal, then vertical) back to 8 bits. ``_resize`` repeats that arithmetic exactly.
-    """
-    scale = size_in / size_out
-    widen = max(scale, 1.0)
-    width = int(np.ceil(widen)) * 2 + 1
-    index = np.zeros((size_out, width), np.int64)
-    weights = np.zeros((size_out, width), np.int32)
-    for out in range(size_out):
-        centre = (out + 0.5) * scale
-        low = max(int(centre - widen + 0.5), 0)
-        high = min(int(centre + widen + 0.5), size_in)
-        taps = np.maximum(1.0 - np.abs((np.arange(low, high) - centre + 0.5) / widen), 0.0)
-        if taps.sum():
-            taps = taps / taps.sum()
-        index[out, :high - low] = np.arange(low, high)
-        weights[out, :high - low] = np.floor(taps * (1 << 22) + 0.5).astype(np.int32)
-    return index, weights
-
-
-@functools.lru_cache(maxsize=16)
-def _bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """(size_in, size_out) ``float64``: ``_bilinear_taps`` as a matrix (a row of pixels times it: the integer sums)."""
-    index, weights = _bilinear_taps(size_in, size_out)
-    matrix = np.zeros((size_in, size_out))
-    for tap in range(index.shape[1]):
-        np.add.at(matrix, (index[:, tap], np.arange(size_out)), weights[:, tap])
-    return matrix
-
-
-def _resample_last_axis(pictures: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    # Pillow's 32-bit integer sums as one float64 matrix product: each product (8-bit pixel times a weight
-    # under 2^23) and every partial sum are integers far below 2^53, so exact in any order; then its rounding.
-    total = pictures @ matrix
-    total += 1 << 21
-    total *= 1.0 / (1 << 22)
-    np.floor(total, out=total)
-    return np.clip(total, 0, 255, out=total)
-
-
-def _resize(pictures: np.ndarray, side: int) -> np.ndarray:
-    """(n, s, s) grey ``uint8`` pictures resized to ``side`` x ``side`` exactly as Pillow's BILINEAR
-    ``Image.resize`` does (the same integer sums and roundings), as ``float32``."""
-    size = pictures.shape[1]
-    if size == side:
-        return pictures.astype(np.float32)
-    matrix = _bilinear_matrix(size, side)
-    rows = _resample_last_axis(pictures.astype(np.float64), matrix)  # (n, size, side)
-    columns = _resample_last_axis(rows.transpose(0, 2, 1), matrix)  # (n, side, side), transposed
-    return columns.transpose(0, 2, 1).astype(np.float32)
-
-
 def zoomed_thumbnails(thumbnails: np.ndarray, chunk: int = 128) -> np.ndarray:
-    """(n, len(ZOOMS), SIDE, SIDE) ``uint8``: ``zoomed_centres`` of each thumbnail, all at once (the same
-    pixels: Pillow's arithmetic, ``_resize``; 55 us a 64 px thumbnail on one core, against Pillow's 120)."""
+    """(n, len(ZOOMS), SIDE, SIDE) ``uint8``: the centre 1/zoom of each grey thumbnail (any side) at each of
+    ``ZOOMS``, resized to SIDE x SIDE as Pillow's BILINEAR resize does, all at once (the same
+    pixels: Pillow's arithmetic, ``resampling.resized``; 55 us a 64 px thumbnail on one core, against Pillow's 120)."""
     thumbnails = np.asarray(thumbnails, np.uint8)
     out = np.empty((len(thumbnails), len(ZOOMS), SIDE, SIDE), np.uint8)
     side = thumbnails.shape[1] if thumbnails.ndim == 3 else SIDE
@@ -284,12 +212,12 @@ def zoomed_thumbnails(thumbnails: np.ndarray, chunk: int = 128) -> np.ndarray:
         start = (side - keep) // 2
         for first in range(0, len(thumbnails), chunk):
             crop = thumbnails[first:first + chunk, start:start + keep, start:start + keep]
-            out[first:first + chunk, column] = _resize(crop, SIDE)
+            out[first:first + chunk, column] = resized(crop, SIDE)
     return out
 
 
 def zoom_views(thumbnails: np.ndarray, rows: np.ndarray, zooms, zoomed: np.ndarray | None = None) -> dict:
-    """{zoom: (len(rows), SIDE, SIDE) detail views of ``zoomed_centres(thumbnails[row])`` at ``zoom``}.
+    """{zoom: (len(rows), SIDE, SIDE) detail views of ``zoomed_thumbnails(thumbnails[rows])`` at ``zoom``}.
 
     ``zoomed``: ``zoomed_thumbnails`` of every row of ``thumbnails`` already made (cached by
     ``cnnkit.doctor.pixels``), or ``None``: made here.
@@ -307,7 +235,7 @@ def zoom_views(thumbnails: np.ndarray, rows: np.ndarray, zooms, zoomed: np.ndarr
             pictures = np.empty((len(rows), SIDE, SIDE), np.float32)
             for first in range(0, len(rows), 512):
                 crop = np.asarray(thumbnails[rows[first:first + 512]], np.uint8)
-                pictures[first:first + 512] = _resize(crop[:, start:start + keep, start:start + keep], SIDE)
+                pictures[first:first + 512] = resized(crop[:, start:start + keep, start:start + keep], SIDE)
         views[zoom] = np.concatenate([detail(pictures[first:first + 4096]) for first in range(0, len(rows), 4096)]) \
             if len(rows) else np.zeros((0, SIDE, SIDE), np.float32)
     return views
