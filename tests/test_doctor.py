@@ -303,6 +303,11 @@ def test_screened_tries_get_the_decision_the_full_alignment_gives():
     enough = np.full(len(pairs), 0.95)
     plain = aligned_correlations(thumbnails, pairs, enough, workers=1)
     assert (plain[:3] >= 0.95).all() and (plain[3:6] < 0.95).all(), plain
+    # With a target, a pair's search stops once it is reached: the same decisions, the failures' same scores.
+    unbounded = aligned_correlations(thumbnails, pairs, workers=1)
+    np.testing.assert_array_equal(plain >= enough, unbounded >= enough)
+    np.testing.assert_array_equal(plain[plain < enough], unbounded[plain < enough])
+    assert (plain <= unbounded).all()
     screened = aligned_correlations(thumbnails, pairs, enough, workers=1, screened=np.ones(len(pairs), bool))
     np.testing.assert_array_equal(screened >= enough, plain >= enough)
     half = halved(thumbnails)
