@@ -36,6 +36,20 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
     image.save(tmp_path / "rotated.jpg", exif=exif)
     assert load_image(tmp_path / "rotated.jpg").shape == (40, 20, 3)
+    # doctor's reader gives the size as displayed, and the thumbnail turned: the left half dark, the right light.
+    from cnnkit.data.images import inspect_image
+
+    pixels = np.zeros((20, 40), np.uint8)
+    pixels[:, 20:] = 255
+    Image.fromarray(pixels).save(tmp_path / "halves.png")
+    for name, orientation in (("turned.png", 6), ("plain.png", 1)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(pixels).save(tmp_path / name, exif=exif)
+    plain, turned = inspect_image(tmp_path / "plain.png", 16), inspect_image(tmp_path / "turned.png", 16)
+    assert (plain.width, plain.height, turned.width, turned.height) == (40, 20, 20, 40)
+    np.testing.assert_array_equal(plain.thumbnail, inspect_image(tmp_path / "halves.png", 16).thumbnail)
+    assert turned.thumbnail[:8].mean() < 10 and turned.thumbnail[8:].mean() > 245  # light half now at the bottom
 
 
 def test_first_frame_of_animated_gif(tmp_path):
