@@ -174,32 +174,22 @@ def _grouped_best(views: dict, pairings: list[tuple[float, float]], groups: np.n
     b_zooms = sorted({zb for _, zb in pairings})
     first_stats, second_stats = stats or _overlap_stats(views, pairings)
 
-    # One product per first zoom: the second zooms it is paired with side by side (as more partners), and the first
-    # zooms paired only with the unzoomed second image together (as more shifts). Bigger products, the same sums.
-    alone = [za for za in a_zooms if [zb for z, zb in pairings if z == za] == [1.0]]
-    products_of = [(alone, [1.0])] if alone else []
-    products_of += [([za], [zb for z, zb in pairings if z == za]) for za in a_zooms if za not in alone]
-
     def share(bounds: tuple[int, int]) -> np.ndarray:
         best = np.full((bounds[1] - bounds[0], partners.shape[1]), -1.0, np.float32)
         for start in range(bounds[0], bounds[1], chunk):
             stop = min(start + chunk, bounds[1])
             rows, cols = groups[start:stop], partners[start:stop]
-            c, k = cols.shape
-            flat = {z: views[z][cols].reshape(c, k, -1) for z in b_zooms}  # (c, k, p)
+            flat = {z: views[z][cols].reshape(len(rows), cols.shape[1], -1) for z in b_zooms}  # (c, k, p)
             out = best[start - bounds[0]:stop - bounds[0]]
-            for firsts, seconds in products_of:
-                shifted = np.concatenate([_shifted(views[za][rows]) for za in firsts], axis=1).transpose(0, 2, 1)
-                partnered = np.concatenate([flat[zb] for zb in seconds], axis=1)  # (c, len(seconds) * k, p)
-                products = np.matmul(partnered, shifted).astype(np.float64)
-                products = products.reshape(c, len(seconds), k, len(firsts), -1)  # (c, seconds, k, firsts, shifts)
-                a_mean, a_norm = (np.stack([first_stats[za][i][rows] for za in firsts], 1)[:, None, None]
-                                  for i in (1, 2))
-                b_sum, b_norm = (np.stack([second_stats[zb][i][cols] for zb in seconds], 1)[:, :, :, None]
-                                 for i in (0, 2))
-                products -= a_mean * b_sum
-                products /= a_norm * b_norm + 1e-6
-                np.maximum(out, products.max(axis=(1, 3, 4)).astype(np.float32), out=out)
+            for za in a_zooms:
+                shifted = _shifted(views[za][rows]).transpose(0, 2, 1)  # (c, p, shifts)
+                a_mean, a_norm = (first_stats[za][i][rows][:, None, :] for i in (1, 2))  # (c, 1, shifts)
+                for zb in [zb for z, zb in pairings if z == za]:
+                    products = np.matmul(flat[zb], shifted).astype(np.float64)  # (c, k, shifts)
+                    b_sum, b_norm = (second_stats[zb][i][cols] for i in (0, 2))  # (c, k, shifts)
+                    products -= a_mean * b_sum
+                    products /= a_norm * b_norm + 1e-6
+                    np.maximum(out, products.max(axis=2).astype(np.float32), out=out)
         return best
 
     from cnnkit.forked import cores, forked_map
