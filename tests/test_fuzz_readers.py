@@ -26,7 +26,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cnnkit.data import Dataset, load_dataset
-from cnnkit.data.images import MAX_PIXELS, UnreadableImageError, check_image_header, load_image
+from cnnkit.data.images import MAX_PIXELS, UnreadableImageError, check_image_header, inspect_image, load_image
 from cnnkit.errors import CnnkitError
 from conftest import make_class_tree
 
@@ -49,7 +49,11 @@ def _seeds() -> dict[str, bytes]:
     frames = [rgb.convert("P"), Image.fromarray(rng.integers(0, 256, (12, 17, 3), dtype=np.uint8)).convert("P")]
     gif = io.BytesIO()
     frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], transparency=0)
+    turned = Image.Exif()
+    turned[0x0112] = 6  # the EXIF orientation both readers apply in place: mutations reach its block too
     return {
+        "jpeg-exif-turned": _encode(rgb, "JPEG", exif=turned),
+        "png-exif-turned": _encode(rgb.convert("L"), "PNG", exif=turned),
         "jpeg": _encode(rgb, "JPEG", quality=80),
         "jpeg-progressive-cmyk": _encode(rgb.convert("CMYK"), "JPEG", progressive=True),
         "png-rgba": _encode(rgba, "PNG"),
@@ -90,6 +94,28 @@ def check_contract(path: Path, size: int | None) -> None:
     assert array.shape[0] > 0 and array.shape[1] > 0
     if size is not None:
         assert array.shape == (size, size, 3)
+    # doctor's reader (its own open, draft and EXIF turn) keeps the same promise.
+    try:
+        facts = inspect_image(path, 16)
+    except UnreadableImageError as error:
+        assert str(error).startswith(f"{path}: ") and "\n" not in str(error), str(error)
+        return
+    assert facts.thumbnail.dtype == np.uint8 and facts.thumbnail.shape == (16, 16)
+    assert facts.width > 0 and facts.height > 0
+
+
+@pytest.mark.parametrize("orientation", [0, 1, 5, 8, 9, 255, 65535])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_crafted_exif_orientations(scratch, fmt, orientation):
+    """Any orientation value, valid or not, is applied in place or ignored by both readers: a result or the named
+    error, never another exception."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = scratch / f"oriented{orientation}.{fmt.lower()}"
+    picture = Image.fromarray(np.arange(12 * 17 * 3, dtype=np.uint8).reshape(12, 17, 3))
+    path.write_bytes(_encode(picture, fmt, exif=exif))
+    check_contract(path, None)
+    check_contract(path, 8)
 
 
 @FUZZ
