@@ -292,7 +292,7 @@ def halved(thumbnails: np.ndarray) -> np.ndarray:
     from cnnkit.doctor.resampling import resized
 
     thumbnails = np.asarray(thumbnails, np.uint8)
-    half = thumbnails.shape[1] // 2 if thumbnails.ndim == 3 else 0
+    half = thumbnails.shape[1] // 2
     return np.concatenate([resized(thumbnails[start:start + 1024], half).astype(np.uint8)
                            for start in range(0, len(thumbnails), 1024)] or [np.zeros((0, half, half), np.uint8)])
 
