@@ -314,7 +314,9 @@ def test_screened_tries_get_the_decision_the_full_alignment_gives():
     np.testing.assert_array_equal(half[0], np.asarray(Image.fromarray(thumbnails[0]).resize((32, 32), Image.Resampling.BILINEAR)))
     full = screened >= enough - SCREEN_MARGIN
     assert full[:3].all() and not full[3:6].all()  # copies go on to full size; some look-alikes stop halved
-    np.testing.assert_array_equal(screened[full], plain[full])
+    # At full size the search starts where the halved one ended, not from a second coarse grid: it finds what
+    # the full search finds.
+    np.testing.assert_allclose(screened[full], plain[full], atol=1e-3)
     # The halves given (the zoom-1.0 centres doctor caches) are the halves made here.
     given = aligned_correlations(thumbnails, pairs, enough, workers=1, screened=np.ones(len(pairs), bool), halves=half)
     np.testing.assert_array_equal(given, screened)
@@ -583,3 +585,24 @@ def test_grey_thumbnails_are_the_same_through_the_grey_shortcut_and_shared_decod
     np.testing.assert_array_equal(decoded.zoomed, alone.zoomed)
     # The zoomed centres, made as matrix products for many thumbnails at once, are Pillow's pixels.
     np.testing.assert_array_equal(decoded.zoomed[:-1], np.stack([pillow_zoomed_centres(t) for t in decoded.thumbnails[:-1]]))
+
+
+def test_a_search_started_where_a_halved_one_ended_finds_the_full_alignment():
+    """``aligned_search`` gives each pair's best point with its score; a full-size search started from the
+    halved thumbnails' best point (shifts doubled) ends where the full search from the coarse grid does."""
+    from cnnkit.doctor.alignment import _Pairs, aligned_scores, aligned_search, halved
+
+    def thumb(image):
+        return np.asarray(image.convert("L").resize((64, 64), Image.Resampling.BILINEAR))
+
+    originals = [texture(seed, seed % 3) for seed in range(4)]
+    copies = [image.resize((36, 36), Image.Resampling.BICUBIC).crop((2, 1, 34, 33)) for image in originals]
+    first = np.stack([thumb(image) for image in originals + originals])
+    # Each original against its copy, then against the next original (a look-alike texture).
+    second = np.stack([thumb(image) for image in copies + originals[1:] + originals[:1]])
+    scores, points = aligned_search(first, second)
+    np.testing.assert_allclose(_Pairs(first, second)(points, np.arange(len(first))), scores, atol=1e-9)
+    _, coarse_points = aligned_search(halved(first), halved(second))
+    warm = aligned_scores(first, second, start=coarse_points * np.array([1.0, 2.0, 2.0]))
+    np.testing.assert_allclose(warm, scores, atol=1e-3)
+    assert warm[:4].min() > 0.95 > warm[4:].max(), warm

@@ -170,9 +170,10 @@ class _Pairs:
 
 
 def _nelder_mead(objective, simplex: np.ndarray, xatol: float, fatol: float, maxiter: int,
-                 stop: np.ndarray | None = None) -> np.ndarray:
+                 stop: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Minimise ``objective(points, rows)`` from each row's ``simplex`` ((m, 4, 3)): scipy's
-    Nelder-Mead (not adaptive), step for step, for every row at once. Returns each row's best value.
+    Nelder-Mead (not adaptive), step for step, for every row at once. Returns each row's best value
+    and its point.
 
     ``stop`` (m,): a row whose best value gets down to it stops there (its value only falls further).
     """
@@ -234,41 +235,58 @@ def _nelder_mead(objective, simplex: np.ndarray, xatol: float, fatol: float, max
         order = np.argsort(v, axis=1)
         simplex[active] = np.take_along_axis(s, order[:, :, None], 1)
         values[active] = np.take_along_axis(v, order, 1)
-    return values[:, 0]
+    return values[:, 0], simplex[:, 0]
 
 
-def aligned_scores(first: np.ndarray, second: np.ndarray, enough: float | np.ndarray | None = None) -> np.ndarray:
+def aligned_scores(first: np.ndarray, second: np.ndarray, enough: float | np.ndarray | None = None,
+                   start: np.ndarray | None = None) -> np.ndarray:
     """The best aligned correlation of each ``(first[i], second[i])`` pair of (P, s, s) grey thumbnails.
 
     ``enough``: a pair whose coarse grid already reaches it (one for all, or one per pair) keeps the
     grid's score, and one whose fine search reaches it stops there (the search only raises the score, so
     a caller comparing with ``enough`` gets the same answer for less: on the 12,230 screened tries of
     the 60,000-image leak search, the 44 % that reach their bar stop early).
+
+    ``start``: (P, 3) points (scale, dy, dx in px of this side) where a coarser search of the same pairs
+    ended (``aligned_search``): the fine search starts there instead of from the coarse grid's best.
     """
+    return aligned_search(first, second, enough, start)[0]
+
+
+def aligned_search(first: np.ndarray, second: np.ndarray, enough: float | np.ndarray | None = None,
+                   start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``aligned_scores``, and the (P, 3) point (scale, dy, dx) where each pair's score was found."""
     first = np.asarray(first, np.float32)
     second = np.asarray(second, np.float32)
     if first.shape != second.shape or first.ndim != 3 or first.shape[1] != first.shape[2]:
         raise ValueError(f"aligned_scores takes two (pairs, s, s) stacks of square thumbnails, not {first.shape} "
                          f"and {second.shape}")
     out = np.empty(len(first))
+    where = np.zeros((len(first), 3))
     if not len(first):
-        return out
+        return out, where
     settle = np.full(len(first), np.inf) if enough is None else np.broadcast_to(np.asarray(enough, np.float64), len(first))
-    for start in range(0, len(first), BATCH):
-        pairs = _Pairs(first[start:start + BATCH], second[start:start + BATCH])
-        scores, points = pairs.grid()
-        best = scores.argmax(axis=1)
-        coarse = scores[np.arange(pairs.pairs), best]
-        out[start:start + BATCH] = coarse
-        search = np.flatnonzero(coarse < settle[start:start + BATCH])
+    for begin in range(0, len(first), BATCH):
+        pairs = _Pairs(first[begin:begin + BATCH], second[begin:begin + BATCH])
+        if start is None:
+            scores, points = pairs.grid()
+            best = scores.argmax(axis=1)
+            coarse, origin = scores[np.arange(pairs.pairs), best], points[best]
+        else:
+            origin = np.asarray(start[begin:begin + BATCH], np.float64)
+            coarse = pairs(origin, np.arange(pairs.pairs))
+        out[begin:begin + BATCH], where[begin:begin + BATCH] = coarse, origin
+        search = np.flatnonzero(coarse < settle[begin:begin + BATCH])
         if not len(search):
             continue
         half = pairs.side / 64  # half a grid step of shift
-        simplex = points[best[search]][:, None, :] + np.array([[0, 0, 0], [0.05, 0, 0], [0, half, 0], [0, 0, half]])
-        found = -_nelder_mead(lambda p, r: -pairs(p, search[r]), simplex, xatol=0.01, fatol=1e-5, maxiter=200,
-                              stop=-settle[start + search])
-        out[start + search] = np.maximum(coarse[search], found)
-    return out
+        simplex = origin[search][:, None, :] + np.array([[0, 0, 0], [0.05, 0, 0], [0, half, 0], [0, 0, half]])
+        found, point = _nelder_mead(lambda p, r: -pairs(p, search[r]), simplex, xatol=0.01, fatol=1e-5, maxiter=200,
+                                    stop=-settle[begin + search])
+        better = -found > coarse[search]
+        out[begin + search] = np.maximum(coarse[search], -found)
+        where[begin + search[better]] = point[better]
+    return out, where
 
 
 def aligned_correlation(first: np.ndarray, second: np.ndarray, enough: float | None = None) -> float:
@@ -306,10 +324,15 @@ def _aligned_pairs(thumbnails: np.ndarray, pairs: np.ndarray, sides: np.ndarray,
         # only the pairs within SCREEN_MARGIN of their score there are aligned at full size.
         rows = np.flatnonzero(screened)
         bar = enough[rows] - SCREEN_MARGIN
-        scores[rows] = aligned_scores(halves[pairs[rows, 0]], halves[pairs[rows, 1]], bar)
-        onward = ~screened
-        onward[rows] = scores[rows] >= bar
-        full = np.flatnonzero(onward)
+        scores[rows], found = aligned_search(halves[pairs[rows, 0]], halves[pairs[rows, 1]], bar)
+        onward = scores[rows] >= bar
+        # Those at full size start where the halved search ended (its shifts in full-size px): no second coarse
+        # grid, which is 60 % of a 64 px alignment.
+        warm = rows[onward]
+        ratio = thumbnails.shape[1] / halves.shape[1]
+        scores[warm] = aligned_scores(thumbnails[pairs[warm, 0]], thumbnails[pairs[warm, 1]], enough[warm],
+                                      start=found[onward] * np.array([1.0, ratio, ratio]))
+        full = np.flatnonzero(~screened)
     scores[full] = aligned_scores(thumbnails[pairs[full, 0]], thumbnails[pairs[full, 1]], enough[full])
     # One image was saved smaller (``sides`` px): its detail is gone, so compare the other at that resolution
     # too. A copy resized down to 20-24 px scored 0.94-0.99 plainly, 0.998-1.000 so.
