@@ -5,8 +5,9 @@ Two grey thumbnails of the same side are compared after warping the second onto 
 ``scipy.ndimage.affine_transform(order=1)`` does): the score is the plain pixel correlation over
 the part the warp covers (-1 below 35 % of the image). The best warp is searched the way it was
 measured (docs/doctor.md): a coarse grid (``SCALES`` x +-3 thumbnail steps of shift), then
-Nelder-Mead from its best point (scipy's algorithm and settings: the initial simplex a twentieth of
-a scale and half a step of shift, ``xatol`` 0.01, ``fatol`` 1e-5, 200 iterations).
+Nelder-Mead from its best point, or from where a search of the same pair halved ended (scipy's
+algorithm and settings: the initial simplex a twentieth of a scale and half a step of shift,
+``xatol`` 0.01, ``fatol`` 1e-5, 200 iterations).
 
 All of it runs on many pairs at once (numpy arrays of pairs, not a Python loop per pair): the
 grid as one warp per scale onto a wider canvas whose windows are the shifted warps; each
@@ -363,7 +364,8 @@ def aligned_correlations(thumbnails: np.ndarray, pairs: np.ndarray, enough: floa
 
     ``screened``: (pairs,) ``True`` where a pair is most likely a look-alike tried just in case (the leak
     search's tries): it is aligned first as ``halved`` thumbnails (``halves``: already made for every row, or
-    ``None``: made here), and at full size only when that comes within ``SCREEN_MARGIN`` of its ``enough``.
+    ``None``: made here), and at full size only when that comes within ``SCREEN_MARGIN`` of its ``enough``,
+    its search starting where the halved one ended (no second coarse grid).
     A pair screened out keeps its halved score, below ``enough``: the same decision for a third of the work.
 
     With ``sizes`` (native width, height per row): where the two images' smaller sides differ and the
