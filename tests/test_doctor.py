@@ -124,6 +124,38 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and str(data.name) in lines[0], result.output
 
 
+def test_thresholds_are_set_by_name_and_bad_settings_are_named():
+    from cnnkit.doctor import DoctorOptions, threshold_names, with_thresholds
+    from cnnkit.errors import CnnkitError
+
+    options = with_thresholds(DoctorOptions(), ["properties.dark=30", "copies.gap=0.1", "leaks.tries=2",
+                                                "leaks.shortlist=none", " copies.shortlist = 5 "])
+    assert options.properties.dark == 30.0 and options.copies.gap == 0.1 and options.leaks.tries == 2
+    assert options.leaks.shortlist is None and options.copies.shortlist == 5
+    assert options.leaks.floor == DoctorOptions().leaks.floor  # the rest as they were
+    assert DoctorOptions().properties.dark != 30.0  # the defaults are untouched
+    assert {"properties.blank", "copies.aligned", "leaks.tried"} <= set(threshold_names())
+    for setting, says in [("dark=30", "unknown name 'dark'"), ("properties.dark", "NAME=VALUE"),
+                          ("properties.dark=abc", "'abc' is not a number"), ("copies.tries=1.5", "not a whole number"),
+                          ("copies.tries=0", "at least 1"), ("leaks.floor=nan", "not a finite number")]:
+        with pytest.raises(CnnkitError, match="--threshold") as error:
+            with_thresholds(DoctorOptions(), [setting])
+        assert says in str(error.value), str(error.value)
+
+
+def test_a_threshold_set_on_the_command_line_changes_what_is_found(planted, tmp_path):
+    """The blank image is flagged below a grey spread of 4 (the default); with the bar at 0 it is not, and a bad
+    setting is one line, exit 2, before anything is written."""
+    result = runner.invoke(app, ["doctor", str(planted), *CHEAP, "--json", "--threshold", "properties.blank=0"])
+    assert result.exit_code == 0, result.output
+    assert "blank" not in json.loads(result.stdout)["kinds"]
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["doctor", str(planted), *CHEAP, "--out", str(out), "--threshold", "properties.blnk=1"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and lines[0].startswith("error: --threshold properties.blnk=1: unknown name"), result.output
+    assert not out.exists()
+
+
 def test_the_clis_defaults_are_the_librarys():
     from dataclasses import asdict
 
@@ -145,7 +177,7 @@ def test_any_kind_gets_a_section_and_a_line_of_advice():
 
 
 @pytest.mark.parametrize("args, code", [(["doctor", "--help"], 0), (["doctor", "data", "--folds", "1"], 2),
-                                        (["doctor", "nowhere"], 2)])
+                                        (["doctor", "nowhere"], 2), (["doctor", "data", "--threshold", "dark=3"], 2)])
 def test_help_usage_errors_and_a_missing_folder_do_not_import_tensorflow(args, code):
     import subprocess
     import sys

@@ -47,6 +47,11 @@ def doctor(
     outlier_z: Annotated[float | None, typer.Option(min=0.0, show_default=False,
                                                     help="Flag an image as an outlier from this robust z-score "
                                                          "of its distance to its nearest images.")] = None,
+    threshold: Annotated[list[str] | None, typer.Option(
+        "--threshold", metavar="GROUP.NAME=VALUE", show_default=False,
+        help="Set one threshold (repeatable), e.g. properties.dark=30, copies.gap=0.1, leaks.tried=0.99: groups "
+             "copies (near-duplicates within a split), leaks (held-out images) and properties. The defaults "
+             "and the experiments behind them: docs/doctor.md.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the folds and of the neighbour index.")] = DEFAULTS["seed"],
     batch_size: BatchSizeOption = DEFAULTS["batch_size"],
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
@@ -73,15 +78,16 @@ def doctor(
     """
     quiet_output()
     with user_errors():
-        from cnnkit.doctor import DoctorOptions, diagnose
+        from cnnkit.doctor import DoctorOptions, diagnose, with_thresholds
         from cnnkit.reporting.doctor_report import check_out
 
-        if out is not None:
-            check_out(out)
         given = dict(backbone=str(backbone), layers=layers, grid=grid, flip=flip, image_size=image_size,
                      weights=weights, engine=engine, precision=precision, batch_size=batch_size, folds=folds,
                      seed=seed, neighbours=neighbours, outlier_z=outlier_z, use_cache=not no_cache)
-        options = DoctorOptions(**{k: v for k, v in given.items() if v is not None or k == "image_size"})
+        options = with_thresholds(DoctorOptions(**{k: v for k, v in given.items() if v is not None or k == "image_size"}),
+                                  threshold or [])
+        if out is not None:
+            check_out(out)
         with progress_bar(quiet or json_output) as progress, features_on(cluster, workers):
             progress.live.transient = True  # gone when done: an error stays the one line it is
             diagnosis = diagnose(data, options, progress_callback(progress, "features"), stage_names(progress))

@@ -76,6 +76,58 @@ class DoctorOptions:
     use_cache: bool = True
 
 
+# The threshold groups of ``DoctorOptions`` that ``with_thresholds`` (``cnnkit doctor --threshold``) sets.
+THRESHOLD_GROUPS = ("copies", "leaks", "properties")
+
+
+def threshold_names() -> list[str]:
+    """Every ``GROUP.NAME`` ``with_thresholds`` takes (the fields of ``CopyThresholds`` and ``PropertyThresholds``)."""
+    from dataclasses import fields
+
+    defaults = DoctorOptions()
+    return [f"{group}.{f.name}" for group in THRESHOLD_GROUPS for f in fields(getattr(defaults, group))]
+
+
+def with_thresholds(options: DoctorOptions, settings: list[str]) -> DoctorOptions:
+    """``options`` with thresholds set from ``GROUP.NAME=VALUE`` strings (``copies.gap=0.1``, ``properties.dark=30``).
+
+    The defaults and the experiments behind them are in docs/doctor.md. ``shortlist`` also takes ``none``.
+
+    Raises:
+        CnnkitError: a setting that is not ``GROUP.NAME=VALUE``, an unknown name or a value of the wrong kind,
+            named as the ``--threshold`` it came from.
+    """
+    from dataclasses import replace
+
+    groups = {group: getattr(options, group) for group in THRESHOLD_GROUPS}
+    for setting in settings:
+        name, equals, text = setting.partition("=")
+        group, _, field_name = name.strip().partition(".")
+        if not equals:
+            raise CnnkitError(f"--threshold {setting}: write it as NAME=VALUE, e.g. properties.dark=30")
+        if group not in groups or field_name not in groups[group].__dataclass_fields__:
+            raise CnnkitError(f"--threshold {setting}: unknown name {name.strip()!r}; choose from "
+                              + ", ".join(threshold_names()))
+        current = getattr(groups[group], field_name)
+        text = text.strip()
+        try:
+            if field_name == "shortlist" and text.lower() == "none":
+                value = None
+            elif isinstance(current, int) or field_name in ("tries", "shortlist"):
+                value = int(text)
+            else:
+                value = float(text)
+        except ValueError:
+            kind = "a whole number" if field_name in ("tries", "shortlist") else "a number"
+            raise CnnkitError(f"--threshold {setting}: {text!r} is not {kind}") from None
+        if value is not None and (value != value or value in (float("inf"), float("-inf"))):
+            raise CnnkitError(f"--threshold {setting}: {text!r} is not a finite number")
+        if field_name in ("tries", "shortlist") and value is not None and value < 1:
+            raise CnnkitError(f"--threshold {setting}: {field_name} must be at least 1")
+        groups[group] = replace(groups[group], **{field_name: value})
+    return replace(options, **groups)
+
+
 @dataclass
 class Finding:
     """One thing wrong (or worth a look) with one file."""
