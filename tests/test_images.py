@@ -83,3 +83,33 @@ def test_header_check_passes_truncated_but_catches_the_rest(tmp_path):
     assert check_image_header(tmp_path / "notes.txt") is not None
     with pytest.raises(UnreadableImageError, match="no such file"):
         load_image(Path(tmp_path / "missing.png"))
+
+
+def test_pillows_warnings_stay_quiet_when_many_threads_decode(tmp_path):
+    """A JPEG with corrupt EXIF decodes, and Pillow's "Corrupt EXIF data" warning never reaches the user, even
+    with eight threads decoding at once (as ``cnnkit.data.pipeline`` does): ``warnings.catch_warnings`` around
+    each decode swapped the process's filter list under the other threads and let it through now and then."""
+    import io
+    import subprocess
+    import sys
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    (tmp_path / "bad_exif.jpg").write_bytes(jpeg[:2] + b"\xff\xe1\x00\x10Exif\x00\x00MM\x00*\x00\x00\x00\xff" + jpeg[2:])
+    script = (
+        "import sys, warnings\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from cnnkit.data.images import inspect_image, load_image\n"
+        f"path = {str(tmp_path / 'bad_exif.jpg')!r}\n"
+        "def work(_):\n"
+        "    for _ in range(100):\n"
+        "        assert load_image(path, 16).shape == (16, 16, 3) and inspect_image(path).width == 8\n"
+        "with ThreadPoolExecutor(8) as pool:\n"
+        "    list(pool.map(work, range(16)))\n"
+        "warnings.warn_explicit('Corrupt EXIF data.', UserWarning, 'TiffImagePlugin.py', 1, module='PIL.TiffImagePlugin')\n"
+        "warnings.warn('a warning of the caller is still shown', UserWarning)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "EXIF" not in result.stderr and "a warning of the caller is still shown" in result.stderr, result.stderr

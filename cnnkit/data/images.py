@@ -34,6 +34,24 @@ MAX_PIXELS = 180_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
+
+def _quiet_pillow() -> None:
+    """Ignore Pillow's own warnings, process-wide: it warns about odd EXIF, palette or TIFF data in files that
+    still decode (or fail with the one-line error cnnkit gives), noise to a user.
+
+    A filter added to the process's list (again if something dropped it: a ``catch_warnings`` block that was
+    entered before it was added), not ``warnings.catch_warnings`` around each decode: that swaps the process's
+    one filter list, so decoders on several threads (``cnnkit.data.pipeline``, the header checks) restored each
+    other's lists and a "Corrupt EXIF data" warning got through now and then (tests/test_images.py).
+    """
+    if not any(f[0] == "ignore" and f[3] is not None and f[3].pattern == _PILLOW_MODULES and f[2] is Warning
+               for f in warnings.filters):
+        warnings.filterwarnings("ignore", module=_PILLOW_MODULES)
+
+
+_PILLOW_MODULES = r"PIL(\.|$)"
+
+
 class UnreadableImageError(CnnkitError):
     """A file that is not a decodable image (corrupt, truncated, empty, other)."""
 
@@ -45,6 +63,7 @@ class _TooLarge(Exception):
 
 def _open(path: Path) -> Image.Image:
     """Parse only the header; refuse a decompression bomb before its pixels exist."""
+    _quiet_pillow()
     image = Image.open(path, formats=FORMATS)
     if image.width * image.height > MAX_PIXELS:
         image.close()
@@ -129,21 +148,18 @@ def load_image(path: str | Path, size: int | None = None, crop_pct: float = 1.0)
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            # Pillow warns about odd EXIF or palette data; the file still decodes.
-            warnings.simplefilter("ignore")
-            with _open(path) as image:
-                image.seek(0)
-                if size is not None and image.format == "JPEG":
-                    # Decode JPEGs at reduced scale when much larger than needed.
-                    image.draft("RGB", (size * 2, size * 2))
-                image.load()
-                ImageOps.exif_transpose(image, in_place=True)  # (not in place, it copies every image: 25 us a file)
-                image = _to_rgb(image)
-                if size is not None:
-                    box = square_crop_box(image.width, image.height, crop_pct)
-                    image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
-                return np.asarray(image, dtype=np.uint8)
+        with _open(path) as image:
+            image.seek(0)
+            if size is not None and image.format == "JPEG":
+                # Decode JPEGs at reduced scale when much larger than needed.
+                image.draft("RGB", (size * 2, size * 2))
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # (not in place, it copies every image: 25 us a file)
+            image = _to_rgb(image)
+            if size is not None:
+                box = square_crop_box(image.width, image.height, crop_pct)
+                image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+            return np.asarray(image, dtype=np.uint8)
     # Pillow's decoders raise many types on bad data (OSError, SyntaxError,
     # struct.error, IndexError, ZeroDivisionError, MemoryError, ... depending on
     # format and version); for a file not ours to trust, each means "unreadable".
@@ -162,10 +178,8 @@ def check_image_header(path: str | Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "empty file"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with _open(path):
-                pass
+        with _open(path):
+            pass
     except Exception as error:  # noqa: BLE001 - as in load_image
         return _reason(path, error)
     return None
@@ -198,26 +212,24 @@ def inspect_image(path: str | Path, side: int = 64) -> ImageFacts:
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with _open(path) as image:
-                image.seek(0)
-                mode = image.mode
-                stored = image.size  # before draft scaling: the file's own size
-                if image.format == "JPEG":
-                    image.draft(image.mode, (side * 2, side * 2))
-                image.load()
-                before = image.size
-                ImageOps.exif_transpose(image, in_place=True)  # (not in place, it copies every image: 25 us a file)
-                width, height = stored if image.size == before or image.size[0] == image.size[1] else stored[::-1]
-                if image.mode == "L":  # the same pixels as through RGB (its luma of equal channels is the value)
-                    grey = np.asarray(image.resize((side, side), Image.Resampling.BILINEAR), dtype=np.uint8)
-                    return ImageFacts(width, height, mode, False, grey)
-                rgb = _to_rgb(image).resize((side, side), Image.Resampling.BILINEAR)
-                pixels = np.asarray(rgb, dtype=np.int16)
-                spread = int(np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max())
-                grey = np.asarray(rgb.convert("L"), dtype=np.uint8)
-                return ImageFacts(width, height, mode, mode not in ("L", "LA", "1", "I", "I;16", "F")
-                                  and spread <= 2, grey)
+        with _open(path) as image:
+            image.seek(0)
+            mode = image.mode
+            stored = image.size  # before draft scaling: the file's own size
+            if image.format == "JPEG":
+                image.draft(image.mode, (side * 2, side * 2))
+            image.load()
+            before = image.size
+            ImageOps.exif_transpose(image, in_place=True)  # (not in place, it copies every image: 25 us a file)
+            width, height = stored if image.size == before or image.size[0] == image.size[1] else stored[::-1]
+            if image.mode == "L":  # the same pixels as through RGB (its luma of equal channels is the value)
+                grey = np.asarray(image.resize((side, side), Image.Resampling.BILINEAR), dtype=np.uint8)
+                return ImageFacts(width, height, mode, False, grey)
+            rgb = _to_rgb(image).resize((side, side), Image.Resampling.BILINEAR)
+            pixels = np.asarray(rgb, dtype=np.int16)
+            spread = int(np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max())
+            grey = np.asarray(rgb.convert("L"), dtype=np.uint8)
+            return ImageFacts(width, height, mode, mode not in ("L", "LA", "1", "I", "I;16", "F")
+                              and spread <= 2, grey)
     except Exception as error:  # noqa: BLE001 - as in load_image
         raise UnreadableImageError(f"{path}: {_reason(path, error)}") from None
