@@ -200,19 +200,29 @@ def _grouped_best(views: dict, pairings: list[tuple[float, float]], groups: np.n
     return np.concatenate(forked_map(share, list(zip(edges[:-1], edges[1:])), workers))
 
 
-def zoomed_thumbnails(thumbnails: np.ndarray, chunk: int = 128) -> np.ndarray:
+def zoomed_thumbnails(thumbnails: np.ndarray) -> np.ndarray:
     """(n, len(ZOOMS), SIDE, SIDE) ``uint8``: the centre 1/zoom of each grey thumbnail (any side) at each of
     ``ZOOMS``, resized to SIDE x SIDE as Pillow's BILINEAR resize does, all at once (the same
     pixels: Pillow's arithmetic, ``resampling.resized``; 55 us a 64 px thumbnail on one core, against Pillow's 120)."""
     thumbnails = np.asarray(thumbnails, np.uint8)
     out = np.empty((len(thumbnails), len(ZOOMS), SIDE, SIDE), np.uint8)
-    side = thumbnails.shape[1] if thumbnails.ndim == 3 else SIDE
     for column, zoom in enumerate(ZOOMS):
-        keep = int(round(side / zoom))
-        start = (side - keep) // 2
-        for first in range(0, len(thumbnails), chunk):
-            crop = thumbnails[first:first + chunk, start:start + keep, start:start + keep]
-            out[first:first + chunk, column] = resized(crop, SIDE)
+        out[:, column] = zoomed_centres(thumbnails, zoom)
+    return out
+
+
+def zoomed_centres(thumbnails: np.ndarray, zoom: float, rows: np.ndarray | None = None, chunk: int = 128) -> np.ndarray:
+    """(len(rows), SIDE, SIDE) ``uint8``: one column of ``zoomed_thumbnails``, for ``thumbnails[rows]`` (``None``:
+    every row), gathered a chunk at a time."""
+    count = len(thumbnails) if rows is None else len(rows)
+    out = np.empty((count, SIDE, SIDE), np.uint8)
+    side = thumbnails.shape[1] if np.ndim(thumbnails) == 3 else SIDE
+    keep = int(round(side / zoom))
+    start = (side - keep) // 2
+    for first in range(0, count, chunk):
+        picked = slice(first, first + chunk) if rows is None else rows[first:first + chunk]
+        crop = np.asarray(thumbnails[picked], np.uint8)[:, start:start + keep, start:start + keep]
+        out[first:first + chunk] = resized(crop, SIDE)
     return out
 
 
@@ -225,17 +235,7 @@ def zoom_views(thumbnails: np.ndarray, rows: np.ndarray, zooms, zoomed: np.ndarr
     rows = np.asarray(rows, np.int64)
     views = {}
     for zoom in zooms:
-        column = ZOOMS.index(zoom)
-        if zoomed is not None:
-            pictures = zoomed[rows, column]
-        else:
-            side = thumbnails.shape[1]
-            keep = int(round(side / zoom))
-            start = (side - keep) // 2
-            pictures = np.empty((len(rows), SIDE, SIDE), np.float32)
-            for first in range(0, len(rows), 512):
-                crop = np.asarray(thumbnails[rows[first:first + 512]], np.uint8)
-                pictures[first:first + 512] = resized(crop[:, start:start + keep, start:start + keep], SIDE)
+        pictures = zoomed[rows, ZOOMS.index(zoom)] if zoomed is not None else zoomed_centres(thumbnails, zoom, rows, 512)
         views[zoom] = np.concatenate([detail(pictures[first:first + 4096]) for first in range(0, len(rows), 4096)]) \
             if len(rows) else np.zeros((0, SIDE, SIDE), np.float32)
     return views
