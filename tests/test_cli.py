@@ -175,33 +175,3 @@ def test_train_from_the_command_line_and_bad_flags(tmp_path):
     assert summary["best_epoch"] >= 1 and summary["diagnosis"]
     bad = runner.invoke(app, ["finetune", str(data), "--freeze", "conv7", "--out", str(tmp_path / "r2")])
     assert bad.exit_code == 2 and "conv7" in bad.stderr and "Traceback" not in bad.stderr
-
-
-_FREED_BLOCKS = """
-import sys, numpy as np
-from cnnkit.cli import _return_large_frees_to_the_os
-def rss_mib():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) >> 10
-if sys.argv[1] == "on":
-    _return_large_frees_to_the_os()
-first = np.ones(8 << 20, np.uint8); del first  # glibc now serves blocks up to 8 MiB from its heap
-before = rss_mib()
-blocks, pins = [], []
-for _ in range(16):  # 64 MiB in 4 MiB blocks, each followed by a small heap block that outlives it
-    blocks.append(np.ones(4 << 20, np.uint8)); pins.append(bytearray(100_000))
-del blocks
-print(rss_mib() - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(__import__("os"), "confstr")
-                    or "glibc" not in (__import__("os").confstr("CS_GNU_LIBC_VERSION") or ""),
-                    reason="glibc's malloc only")
-def test_the_entry_point_makes_freed_large_arrays_leave_memory():
-    def resident_after_free(setting: str) -> int:
-        done = subprocess.run([sys.executable, "-c", _FREED_BLOCKS, setting], capture_output=True, text=True,
-                              check=True)
-        return int(done.stdout.split()[-1])
-
-    assert resident_after_free("off") >= 48  # what the setting is for: 64 MiB freed, still resident
-    assert resident_after_free("on") < 16

@@ -52,42 +52,12 @@ for module in (advise, info, backbones, predict, explain, extract, finetune, eva
 
 def main() -> None:
     """Console-script entry point (``cnnkit``, ``python -m cnnkit``)."""
-    _return_large_frees_to_the_os()
     try:
         app()
     except SystemExit as done:
         if done.code is None or isinstance(done.code, int):
             _exit_now(done.code or 0)
         raise
-
-
-# Allocations at least this large get their own mapping, unmapped when freed.
-LARGE_ALLOCATION_BYTES = 1 << 20
-
-
-def _return_large_frees_to_the_os() -> None:
-    """Make glibc's malloc give every freed block of 1 MiB or more back to the OS at once.
-
-    glibc serves a large block by ``mmap`` and unmaps it on free, but it raises
-    that threshold to the size of every mmapped block freed (up to 32 MiB), so
-    after the first few freed feature batches, numpy's large temporaries (a
-    fold's scaled copy, a batch of activations) come from the heap and stay
-    resident after they are freed: peak RSS then grows with every temporary a
-    command ever made, not with what it holds at once (extract on 8,000 images:
-    615 MiB, 476 with this). Setting the threshold with ``mallopt`` fixes it and
-    turns the adjustment off; the cost is one ``mmap`` and page faults per large
-    allocation, which the numbers it holds dwarf. A no-op where the C library
-    has no ``mallopt`` (macOS, Windows) or ignores it (musl).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    m_mmap_threshold = -3  # <malloc.h>
-    try:
-        ctypes.CDLL(None).mallopt(m_mmap_threshold, LARGE_ALLOCATION_BYTES)  # the process's own libc
-    except (OSError, AttributeError):
-        pass
 
 
 def _exit_now(code: int) -> None:
