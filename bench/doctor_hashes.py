@@ -62,6 +62,8 @@ def leak_figures(root: Path, method: str) -> dict:
                      "leaked_tests_reported": len(tests),
                      "leaked_tests_planted": len(tests & set(planted.values())) / len(tests) if tests else None,
                      "missed_kinds": sorted(kinds[name] for name in planted if name not in found)})
+        if len(found) == len(planted):
+            break  # every planted copy found: larger thresholds only report more look-alikes
     # The planted copies' own distances, by kind: how far a hash moves under each change.
     own = {}
     for name, original in planted.items():
@@ -102,7 +104,7 @@ def main() -> None:
             print(f"    planted copies' distances by kind: {figures['planted_distance_by_kind']}; nearest test image of"
                   f" every training image, percentiles 1/5/25/50: {figures['look_alike_distance_percentiles']}")
     if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        args.out.write_text(json.dumps(report, separators=(",", ":")) + "\n")
 
 
 if __name__ == "__main__":
