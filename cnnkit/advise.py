@@ -147,14 +147,14 @@ def sample_dataset(dataset: Dataset, per_class: int, seed: int = 0) -> list[Samp
 
 
 def _median_side(samples: list[Sample], limit: int = 200) -> float:
-    from PIL import Image
+    from cnnkit.data.images import open_image
 
     sides = []
     for sample in samples[:limit]:
         try:
-            with Image.open(sample.path) as image:
+            with open_image(sample.path) as image:  # the header only
                 sides.append(min(image.size))
-        except OSError:
+        except Exception:  # noqa: BLE001 - as in cnnkit.data.images: an unreadable file has no side to count
             continue
     return float(statistics.median(sides)) if sides else 0.0
 

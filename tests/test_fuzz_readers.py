@@ -255,6 +255,37 @@ def test_formats_outside_the_documented_ones_are_not_decoded(tmp_path):
             load_image(tmp_path / name)
 
 
+
+def test_the_report_thumbnails_and_advises_size_probe_open_user_images_as_the_readers_do(tmp_path, monkeypatch):
+    """Label-next's contact sheet and doctor's galleries (``thumbnail_png``) and advise's median side read users'
+    images too: the same six formats only (an EPS would start Ghostscript where installed), a bomb refused from its
+    header before any pixel is decoded, and any error is "cannot show" / "not counted", never an exception."""
+    from PIL import ImageFile
+
+    from cnnkit.advise import _median_side
+    from cnnkit.data.dataset import Sample
+    from cnnkit.reporting.label_sheet import thumbnail_png
+
+    (tmp_path / "eps.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
+    Image.new("RGB", (4, 4)).save(tmp_path / "ppm.png", "PPM")
+    (tmp_path / "bomb.png").write_bytes(_png_header(15_000, 15_000))  # over MAX_PIXELS, under Pillow's own 2x
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "good.png")
+    crafted = ["eps.jpg", "ppm.png", "bomb.png", "garbage.png"]
+    good = thumbnail_png(tmp_path / "good.png", 60)
+    assert Image.open(io.BytesIO(good)).size == (60, 40)
+
+    def no_decoding(self, *args):
+        raise AssertionError("a crafted file's pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    for name in crafted:
+        assert thumbnail_png(tmp_path / name) is None, name
+    samples = [Sample(tmp_path / name, 0) for name in crafted]
+    assert _median_side(samples) == 0.0
+    assert _median_side(samples + [Sample(tmp_path / "good.png", 0)]) == 20.0
+
+
 # -- CSV reader ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

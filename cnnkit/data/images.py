@@ -32,7 +32,7 @@ _FORMAT_NAMES = "JPEG, PNG, BMP, GIF, WebP or TIFF"
 # itself; Pillow's own check stays as a backstop inside its decoders.
 MAX_PIXELS = 180_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-
+_PILLOW_MODULES = r"PIL(\.|$)"
 
 
 def _quiet_pillow() -> None:
@@ -49,9 +49,6 @@ def _quiet_pillow() -> None:
         warnings.filterwarnings("ignore", module=_PILLOW_MODULES)
 
 
-_PILLOW_MODULES = r"PIL(\.|$)"
-
-
 class UnreadableImageError(CnnkitError):
     """A file that is not a decodable image (corrupt, truncated, empty, other)."""
 
@@ -61,8 +58,10 @@ class _TooLarge(Exception):
         self.pixels = pixels
 
 
-def _open(path: Path) -> Image.Image:
-    """Parse only the header; refuse a decompression bomb before its pixels exist."""
+def open_image(path: Path) -> Image.Image:
+    """Parse only the header, with the decoders of ``FORMATS`` only; refuse a decompression bomb before its pixels
+    exist. Every reader of a user's image opens it here (the module docstring says why that is safe); it raises
+    whatever Pillow raises on bad data, or ``_TooLarge``: callers turn any exception into "unreadable"."""
     _quiet_pillow()
     image = Image.open(path, formats=FORMATS)
     if image.width * image.height > MAX_PIXELS:
@@ -148,7 +147,7 @@ def load_image(path: str | Path, size: int | None = None, crop_pct: float = 1.0)
     """
     path = Path(path)
     try:
-        with _open(path) as image:
+        with open_image(path) as image:
             image.seek(0)
             if size is not None and image.format == "JPEG":
                 # Decode JPEGs at reduced scale when much larger than needed.
@@ -178,7 +177,7 @@ def check_image_header(path: str | Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "empty file"
-        with _open(path):
+        with open_image(path):
             pass
     except Exception as error:  # noqa: BLE001 - as in load_image
         return _reason(path, error)
@@ -212,7 +211,7 @@ def inspect_image(path: str | Path, side: int = 64) -> ImageFacts:
     """
     path = Path(path)
     try:
-        with _open(path) as image:
+        with open_image(path) as image:
             image.seek(0)
             mode = image.mode
             stored = image.size  # before draft scaling: the file's own size

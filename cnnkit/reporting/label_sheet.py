@@ -20,11 +20,15 @@ THUMBNAIL_SIDE = 160
 
 
 def thumbnail_png(path: Path, side: int = THUMBNAIL_SIDE) -> bytes | None:
-    """A PNG of the image shrunk to fit ``side`` x ``side`` (small images enlarged, pixels kept sharp)."""
+    """A PNG of the image shrunk to fit ``side`` x ``side`` (small images enlarged, pixels kept sharp); ``None``
+    where the file cannot be shown. Opened as every reader of a user's image is (``cnnkit.data.images.open_image``:
+    the six formats' decoders only, the declared size checked before any pixel exists)."""
     from PIL import Image
 
+    from cnnkit.data.images import open_image
+
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image = image.convert("RGB")
             scale = side / max(image.size)
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -32,7 +36,7 @@ def thumbnail_png(path: Path, side: int = THUMBNAIL_SIDE) -> bytes | None:
             buffer = io.BytesIO()
             image.resize(size, resample).save(buffer, "PNG")
             return buffer.getvalue()
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except Exception:  # noqa: BLE001 - as in cnnkit.data.images: on a file not ours to trust, any error means "cannot show"
         return None
 
 
