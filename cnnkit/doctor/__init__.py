@@ -23,6 +23,7 @@ pair, and an action: ``exclude`` (``--exclude issues.csv`` leaves it out of trai
 from __future__ import annotations
 
 import csv
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -78,6 +79,9 @@ class DoctorOptions:
 
 # The threshold groups of ``DoctorOptions`` that ``with_thresholds`` (``cnnkit doctor --threshold``) sets.
 THRESHOLD_GROUPS = ("copies", "leaks", "properties")
+# The thresholds that count something (whole numbers, at least 1; ``shortlist`` may also be ``none``); the rest are
+# numbers.
+COUNT_THRESHOLDS = ("tries", "shortlist")
 
 
 def threshold_names() -> list[str]:
@@ -108,21 +112,16 @@ def with_thresholds(options: DoctorOptions, settings: list[str]) -> DoctorOption
         if group not in groups or field_name not in groups[group].__dataclass_fields__:
             raise CnnkitError(f"--threshold {setting}: unknown name {name.strip()!r}; choose from "
                               + ", ".join(threshold_names()))
-        current = getattr(groups[group], field_name)
         text = text.strip()
+        count = field_name in COUNT_THRESHOLDS
         try:
-            if field_name == "shortlist" and text.lower() == "none":
-                value = None
-            elif isinstance(current, int) or field_name in ("tries", "shortlist"):
-                value = int(text)
-            else:
-                value = float(text)
+            value = None if field_name == "shortlist" and text.lower() == "none" else int(text) if count else float(text)
         except ValueError:
-            kind = "a whole number" if field_name in ("tries", "shortlist") else "a number"
-            raise CnnkitError(f"--threshold {setting}: {text!r} is not {kind}") from None
-        if value is not None and (value != value or value in (float("inf"), float("-inf"))):
+            raise CnnkitError(f"--threshold {setting}: {text!r} is not {'a whole number' if count else 'a number'}") \
+                from None
+        if value is not None and not math.isfinite(value):
             raise CnnkitError(f"--threshold {setting}: {text!r} is not a finite number")
-        if field_name in ("tries", "shortlist") and value is not None and value < 1:
+        if count and value is not None and value < 1:
             raise CnnkitError(f"--threshold {setting}: {field_name} must be at least 1")
         groups[group] = replace(groups[group], **{field_name: value})
     return replace(options, **groups)
