@@ -84,6 +84,34 @@ def test_with_a_run_the_least_sure_images_come_first(pool, tiny_run):
     assert forced.rule == "typical" and all(p.guess for p in forced.picks)
 
 
+def test_margin_picks_the_centres_of_doubtful_regions_not_their_most_doubtful_images():
+    """Two doubtful groups and a sure one: one pick per doubtful group, the image at its centre, not the
+    group's most doubtful image at its edge (the ambiguous images no label makes learnable)."""
+    import numpy as np
+    from types import SimpleNamespace
+
+    from cnnkit.labelling import margin_picks
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    vectors = np.concatenate([c + rng.normal(0, 0.5, (40, 2)) for c in centres]).astype(np.float32)
+    doubt = np.r_[np.full(40, 0.8), np.full(40, 0.8), np.full(40, 0.02)]
+    edge = int(np.argmax(np.linalg.norm(vectors[:40] - centres[0], axis=1)))
+    doubt[edge] = 1.0  # the first group's most doubtful image sits at its edge
+    top = 0.5 + (1 - doubt) / 2  # two classes: margin = 2 top - 1 = 1 - doubt
+    probabilities = np.stack([top, 1 - top], axis=1).astype(np.float32)
+    paths = [Path(f"{i:03d}.png") for i in range(len(vectors))]
+
+    picks = margin_picks(SimpleNamespace(vectors=vectors), paths, 2, probabilities, ["a", "b"], seed=0)
+    rows = sorted(int(p.path.stem) for p in picks)
+    assert rows[0] < 40 <= rows[1] < 80 and edge not in rows  # one per doubtful group, never the edge
+    for row, centre in zip(rows, centres):  # and central: nearer the centre than most of its group
+        group = vectors[(row // 40) * 40:(row // 40 + 1) * 40]
+        assert np.linalg.norm(vectors[row] - centre) < np.median(np.linalg.norm(group - centre, axis=1)) / 2
+    assert all(p.why.startswith("the run is unsure: a ") and "the centre of a group of" in p.why for p in picks)
+    assert [round(p.score, 2) for p in picks] == [0.8, 0.8]
+
+
 def test_a_run_whose_classes_are_not_the_labelled_datas_is_refused(pool, tiny_run, tmp_path):
     _, run = tiny_run
     other = make_class_tree(tmp_path / "other", {"cat": 2, "dog": 2})

@@ -19,7 +19,8 @@ def label_next(
                                          show_default=False)],
     n: Annotated[int, typer.Option("-n", "--count", min=1, help="How many images to pick.")] = 100,
     model: Annotated[Path | None, typer.Option(
-        "--model", "-m", help="A trained run: pick the images it is least sure of (else typical, diverse ones).",
+        "--model", "-m", help="A trained run: pick where it is least sure, one image per doubtful region "
+                              "(else typical, diverse ones).",
         show_default=False)] = None,
     labeled: Annotated[Path | None, typer.Option(
         "--labeled", help="The labelled data (default: the run's training data): never picked again, "
