@@ -78,7 +78,7 @@ class Pick:
     Attributes:
         path: the pool file.
         score: how strongly the rule wants it (typical: typicality, the inverse mean distance to its
-            neighbours; margin: 1 - (top1 - top2) of the run's probabilities; random: 0).
+            neighbours; margin: the image's doubt, 1 - (top1 - top2) of the run's probabilities; random: 0).
         why: one sentence a person can read.
         cluster: the group it was picked from, and ``cluster_size`` how many pool images that group holds.
         guess: the run's most probable class (``None`` without a run), ``confidence`` its probability.
@@ -399,14 +399,20 @@ def margin_picks(index, paths: Sequence[Path], n: int, probabilities: np.ndarray
     labels, model = _kmeans(index.vectors, n, seed, weights)
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :2]
     sizes = np.bincount(labels, minlength=n)
+    mean_doubt = np.bincount(labels, weights=doubt, minlength=n) / np.maximum(sizes, 1)
 
     def pick(row: int, cluster: int | None) -> Pick:
+        # The centre of a doubtful region may itself be an image the run is fairly sure of: say both.
         first, second = order[row]
-        where = f" (the centre of a group of {sizes[cluster]} images)" if cluster is not None else ""
-        return Pick(paths[row], float(doubt[row]),
-                    f"the run is unsure: {class_names[first]} {probabilities[row, first]:.2f} vs "
-                    f"{class_names[second]} {probabilities[row, second]:.2f}{where}",
-                    cluster, None if cluster is None else int(sizes[cluster]))
+        guess = (f"{class_names[first]} {probabilities[row, first]:.2f} vs {class_names[second]} "
+                 f"{probabilities[row, second]:.2f}")
+        if cluster is None:
+            why = f"the run is unsure: {guess}"
+        else:
+            size = sizes[cluster]
+            why = (f"the centre of a region of {size} image{'s' if size != 1 else ''} (the run's mean doubt "
+                   f"there: {mean_doubt[cluster]:.2f}); here {guess}")
+        return Pick(paths[row], float(doubt[row]), why, cluster, None if cluster is None else int(sizes[cluster]))
 
     picks, taken = [], set()
     for cluster in range(len(model.cluster_centers_)):
