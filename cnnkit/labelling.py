@@ -254,7 +254,7 @@ def label_next(pool: str | Path, n: int, model: str | Path | None = None, labele
         picks = typical_picks(index, readable, n, labelled_vectors, seed)
         reason = ("no run: typical, diverse images (one per k-means cluster of the pool's features, the most "
                   "typical of each of the largest clusters no labelled image is in); with no labels they beat "
-                  "random picks (Fashion-MNIST, 100 labels: +2.2 points, docs/label_next.md)")
+                  "random picks (Fashion-MNIST, 100 labels: +1.9 points, 10 seeds, docs/label_next.md)")
     else:
         picks = margin_picks(index, readable, n, probabilities, class_names, seed)
         reason = (f"a run of {len(class_names)} classes: where it is least sure (the gap between its two most "
