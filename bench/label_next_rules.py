@@ -75,19 +75,19 @@ def load_features(pool_dir: Path) -> dict[str, np.ndarray]:
 
 
 def fit_ensemble(data: dict, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The plan's three heads on the labelled ``rows``; mean probabilities on the pool and the test set."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    """The plan's three heads on the labelled ``rows``; mean probabilities on the pool and the test set.
 
+    Each head is ``cnnkit.heads.fit_head``'s pipeline with the plan's settings (no PCA, C fixed), fitted
+    without the cross-validation that only scores the one C (``cv=1``): the pipeline `auto` fits.
+    """
     from cnnkit.advise import ENSEMBLE_HEAD_C
+    from cnnkit.heads import fit_head
 
     found = {"pool": 0.0, "test": 0.0}
     labels = data["pool_y"][rows]
     for i in range(len(MEMBERS)):
-        head = make_pipeline(StandardScaler(), LogisticRegression(C=ENSEMBLE_HEAD_C, max_iter=3000,
-                                                                  class_weight="balanced"))
-        head.fit(data[f"pool{i}"][rows], labels)
+        head = fit_head(data[f"pool{i}"][rows], labels, "logreg", pca=None, cv=1,
+                        param_value=ENSEMBLE_HEAD_C).pipeline
         for name in found:
             probabilities = np.zeros((len(data[f"{name}{i}"]), len(CLASS_NAMES)))
             probabilities[:, head.classes_] = head.predict_proba(data[f"{name}{i}"])
@@ -124,12 +124,8 @@ def pick(rule: str, data: dict, labelled: list[int], n: int, seed: int, probabil
         return margin_spread(index, rest, n, probabilities[rest], seed)
     if rule == "oracle-margin":
         return margin_spread(index, rest, n, oracle[rest], seed)
-    power = float(rule.rsplit("-", 1)[1])
-    saved, labelling.DOUBT_POWER = labelling.DOUBT_POWER, power
-    try:
-        found = labelling.margin_picks(index, list(rest), n, probabilities[rest], CLASS_NAMES, seed)
-    finally:
-        labelling.DOUBT_POWER = saved
+    found = labelling.margin_picks(index, list(rest), n, probabilities[rest], CLASS_NAMES, seed,
+                                   power=float(rule.rsplit("-", 1)[1]))
     return [int(p.path) for p in found]
 
 

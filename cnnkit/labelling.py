@@ -390,12 +390,12 @@ def typical_picks(index, paths: Sequence[Path], n: int, labelled_vectors: np.nda
 
 
 def margin_picks(index, paths: Sequence[Path], n: int, probabilities: np.ndarray, class_names: Sequence[str],
-                 seed: int = 0) -> list[Pick]:
-    """One image per doubtful region: k-means weighted by doubt (``DOUBT_POWER``), the image nearest each centre."""
+                 seed: int = 0, power: float = DOUBT_POWER) -> list[Pick]:
+    """One image per doubtful region: k-means weighted by doubt to ``power``, the image nearest each centre."""
     top2 = np.sort(probabilities, axis=1)[:, -2:] if probabilities.shape[1] > 1 else None
     doubt = (1.0 - (top2[:, 1] - top2[:, 0])) if top2 is not None else np.zeros(len(paths))
     # A pool the run is sure of everywhere still gets n spread picks (plain k-means), never a zero weight sum.
-    weights = np.maximum(doubt, 1e-6) ** DOUBT_POWER
+    weights = np.maximum(doubt, 1e-6) ** power
     labels, model = _kmeans(index.vectors, n, seed, weights)
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :2]
     sizes = np.bincount(labels, minlength=n)
